@@ -1,0 +1,32 @@
+# Every target creates or reuses the virtualenv in .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/fedge sim --config examples/digits/fedge.toml --out demo-results.json
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/aggregate_bench.py
+	$(BIN)/python benchmarks/sim_bench.py
+	$(BIN)/python benchmarks/fedprox_bench.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

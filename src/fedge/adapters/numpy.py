@@ -1,0 +1,92 @@
+"""NumPy: Weights are NumPy arrays already; this adds a ready softmax-regression client.
+
+`SoftmaxRegressionClient` is the multinomial logistic regression of the FedAvg and
+FedProx papers' convex experiments, trained with minibatch SGD. It follows the same
+config conventions as the PyTorch adapter: ``local_epochs``, ``lr``, ``batch_size``,
+``proximal_mu`` (FedProx) and ``work_fraction`` (a straggler's partial work).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+
+from fedge.client import Client, Config, EvaluateResult, FitResult
+from fedge.weights import Weights
+
+FloatArray = npt.NDArray[np.floating]
+IntArray = npt.NDArray[np.integer]
+
+
+def softmax_weights(num_features: int, num_classes: int) -> Weights:
+    """Zero-initialised parameters: ``weight`` [features, classes] and ``bias``."""
+    return {
+        "weight": np.zeros((num_features, num_classes), dtype=np.float32),
+        "bias": np.zeros(num_classes, dtype=np.float32),
+    }
+
+
+def softmax_loss(weights: Weights, x: FloatArray, y: IntArray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the model on ``(x, y)``."""
+    logits = x @ weights["weight"] + weights["bias"]
+    logp = _log_softmax(logits)
+    loss = float(-logp[np.arange(len(y)), y].mean())
+    return loss, float((logits.argmax(axis=1) == y).mean())
+
+
+def _log_softmax(logits: FloatArray) -> FloatArray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # type: ignore[no-any-return]
+
+
+class SoftmaxRegressionClient(Client):
+    def __init__(self, x_train: FloatArray, y_train: IntArray, x_test: FloatArray | None = None,
+                 y_test: IntArray | None = None, *, epochs: int = 1, batch_size: int = 32,
+                 lr: float = 0.1) -> None:
+        self.x_train, self.y_train = x_train, y_train
+        self.x_test, self.y_test = x_test, y_test
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+
+    def fit(self, weights: Weights, config: Config) -> FitResult:
+        w, b = weights["weight"].copy(), weights["bias"].copy()
+        anchor_w, anchor_b = weights["weight"], weights["bias"]
+        mu = float(config.get("proximal_mu", 0.0))
+        lr = float(config.get("lr", self.lr))
+        batch = int(config.get("batch_size", self.batch_size))
+        epochs = int(config.get("local_epochs", self.epochs))
+        n = len(self.y_train)
+        per_epoch = math.ceil(n / batch)
+        steps_left = max(1, math.ceil(epochs * per_epoch * float(config.get("work_fraction", 1))))
+        rng = np.random.default_rng(int(config["seed"]))
+        onehot = np.eye(w.shape[1], dtype=w.dtype)
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            for start in range(0, n, batch):
+                if steps_left == 0:
+                    break
+                steps_left -= 1
+                idx = order[start : start + batch]
+                x, y = self.x_train[idx], self.y_train[idx]
+                logits = x @ w + b
+                probs = np.exp(_log_softmax(logits))
+                grad = (probs - onehot[y]) / len(idx)
+                grad_w, grad_b = x.T @ grad, grad.sum(axis=0)
+                if mu > 0:
+                    grad_w += mu * (w - anchor_w)
+                    grad_b += mu * (b - anchor_b)
+                w -= lr * grad_w
+                b -= lr * grad_b
+        new = {"weight": w, "bias": b}
+        loss, accuracy = softmax_loss(new, self.x_train, self.y_train)
+        return FitResult(new, n, {"train_loss": loss, "train_accuracy": accuracy})
+
+    def evaluate(self, weights: Weights, config: Config) -> EvaluateResult:
+        if self.x_test is None or self.y_test is None:
+            raise NotImplementedError("SoftmaxRegressionClient was built without test data")
+        loss, accuracy = softmax_loss(weights, self.x_test, self.y_test)
+        return EvaluateResult(loss, len(self.y_test), {"accuracy": accuracy})
+
+    def get_weights(self, config: Config) -> Weights:
+        return softmax_weights(self.x_train.shape[1], int(self.y_train.max()) + 1)

@@ -1,0 +1,132 @@
+"""PyTorch: ``nn.Module`` state_dict ⇄ Weights, and a ready `TorchClient`.
+
+`TorchClient` trains with the loop most users would write, and applies the FedProx
+proximal term ``mu/2 * ||w - w_global||^2`` when ``config["proximal_mu"] > 0``.
+Override `train_step` / `eval_step` for a custom loss or model output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sized
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedge.client import Client, Config, EvaluateResult, FitResult
+from fedge.weights import Weights
+
+Batch = Any
+Data = Any
+"""Sized and iterable over ``(inputs, targets)`` batches: a DataLoader or a list."""
+OptimizerFn = Callable[[Iterable[nn.Parameter], Config], torch.optim.Optimizer]
+
+
+def get_weights(module: nn.Module) -> Weights:
+    """A copy of the module's state_dict (parameters and buffers) as NumPy arrays."""
+    return {name: t.detach().cpu().numpy().copy() for name, t in module.state_dict().items()}
+
+
+def set_weights(module: nn.Module, weights: Weights) -> None:
+    """Load Weights into the module; names and shapes must match exactly."""
+    state = {name: torch.from_numpy(np.array(a, copy=True)) for name, a in weights.items()}
+    module.load_state_dict(state, strict=True)
+
+
+def sgd(params: Iterable[nn.Parameter], config: Config) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=float(config.get("lr", 0.01)), momentum=float(config.get("momentum", 0.0))
+    )
+
+
+class TorchClient(Client):
+    """Trains `model` on `train_data` batches and tests on `test_data` batches.
+
+    Each batch is ``(inputs, targets)``; `epochs` may be overridden per round by
+    ``config["local_epochs"]``, and a straggler's ``config["work_fraction"]`` trains
+    that fraction of the steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Data,
+        test_data: Data | None = None,
+        *,
+        epochs: int = 1,
+        loss_fn: nn.Module | None = None,
+        optimizer: OptimizerFn = sgd,
+    ) -> None:
+        self.model, self.train_data, self.test_data = model, train_data, test_data
+        self.epochs, self.optimizer = epochs, optimizer
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+
+    def get_weights(self, config: Config) -> Weights:
+        return get_weights(self.model)
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Loss of one batch (before the proximal term) and its number of examples."""
+        inputs, targets = batch
+        return self.loss_fn(self.model(inputs), targets), len(targets)
+
+    def eval_step(self, batch: Batch) -> tuple[float, int, int]:
+        """Summed loss, correct predictions and examples of one batch."""
+        inputs, targets = batch
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, targets).item() * len(targets)
+        correct = int((outputs.argmax(dim=1) == targets).sum().item())
+        return loss, correct, len(targets)
+
+    def fit(self, weights: Weights, config: Config) -> FitResult:
+        set_weights(self.model, weights)
+        torch.manual_seed(int(config["seed"]))
+        mu = float(config.get("proximal_mu", 0.0))
+        anchor = [p.detach().clone() for p in self.model.parameters()] if mu > 0 else []
+        optimizer = self.optimizer(self.model.parameters(), config)
+        epochs = int(config.get("local_epochs", self.epochs))
+        fraction = float(config.get("work_fraction", 1.0))
+        steps_left = max(1, math.ceil(epochs * len(self.train_data) * fraction))
+        self.model.train()
+        total_loss, seen = 0.0, 0
+        for _ in range(epochs):
+            for batch in self.train_data:
+                if steps_left == 0:
+                    break
+                steps_left -= 1
+                optimizer.zero_grad()
+                loss, n = self.train_step(batch)
+                total_loss, seen = total_loss + loss.item() * n, seen + n
+                if mu > 0:
+                    loss = loss + mu / 2 * _distance2(self.model.parameters(), anchor)
+                loss.backward()
+                optimizer.step()
+        return FitResult(
+            get_weights(self.model),
+            _num_examples(self.train_data),
+            {"train_loss": total_loss / max(seen, 1)},
+        )
+
+    @torch.no_grad()
+    def evaluate(self, weights: Weights, config: Config) -> EvaluateResult:
+        if self.test_data is None:
+            raise NotImplementedError("TorchClient was built without test_data")
+        set_weights(self.model, weights)
+        self.model.eval()
+        loss, correct, seen = 0.0, 0, 0
+        for batch in self.test_data:
+            b_loss, b_correct, n = self.eval_step(batch)
+            loss, correct, seen = loss + b_loss, correct + b_correct, seen + n
+        return EvaluateResult(loss / max(seen, 1), seen, {"accuracy": correct / max(seen, 1)})
+
+
+def _distance2(params: Iterable[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)]).sum()
+
+
+def _num_examples(data: Sized) -> int:
+    dataset = getattr(data, "dataset", None)  # a DataLoader knows its dataset's size
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    return sum(len(batch[1]) for batch in data)  # type: ignore[attr-defined]

@@ -1,0 +1,51 @@
+"""An app bundles what a run needs from user code: clients, initial weights, evaluation.
+
+A TOML config names a factory as ``"module:function"`` (module path relative to the
+config file). The factory is called with ``num_clients``, ``seed`` and the
+``[app.options]`` table as keyword arguments and returns an `App`. The simulator, the
+server and every node load the same app, so a deployment runs the simulated code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedge.client import Client
+from fedge.coordinator import EvaluateFn
+from fedge.errors import ConfigError
+from fedge.weights import Weights
+
+
+@dataclass
+class App:
+    client_fn: Callable[[int], Client]
+    initial_weights: Weights | None = None
+    evaluate_fn: EvaluateFn | None = None
+
+
+def load_app(target: str, base_dir: Path, **kwargs: Any) -> App:
+    """Import ``module:function`` (searching `base_dir` first) and build the App."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"app.target must look like 'module:function', got {target!r}")
+    base = str(base_dir.resolve())
+    if base not in sys.path:
+        sys.path.insert(0, base)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"app.target {target!r}: cannot import {module_name!r} "
+                          f"(looked in {base} and sys.path): {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"app.target {target!r}: {module_name} has no callable {attr!r}")
+    app = factory(**kwargs)
+    if not isinstance(app, App):
+        raise ConfigError(f"app.target {target!r} returned {type(app).__name__}, "
+                          "expected fedge.App")
+    return app

@@ -1,0 +1,39 @@
+"""Aggregation strategies, one module per algorithm, each citing its paper.
+
+`STRATEGIES` maps the lower-case name used in configuration to the class.
+"""
+
+from __future__ import annotations
+
+from fedge.strategy.base import Strategy
+from fedge.strategy.bulyan import Bulyan
+from fedge.strategy.fedavg import FedAvg
+from fedge.strategy.fedavgm import FedAvgM
+from fedge.strategy.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
+from fedge.strategy.fedprox import FedProx
+from fedge.strategy.krum import Krum, MultiKrum
+from fedge.strategy.median import FedMedian
+from fedge.strategy.trimmed_mean import FedTrimmedAvg
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.__name__.lower(): cls
+    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian,
+                FedTrimmedAvg, Krum, MultiKrum, Bulyan)
+}
+
+__all__ = [
+    "STRATEGIES",
+    "Bulyan",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedOpt",
+    "FedProx",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "Krum",
+    "MultiKrum",
+    "Strategy",
+]

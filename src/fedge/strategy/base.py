@@ -1,0 +1,105 @@
+"""The Strategy interface: who trains each round, with what settings, and how to combine.
+
+A strategy is configuration plus two pure steps, in the spirit of FedJAX's
+``init(params) -> state`` / ``apply(state, clients) -> state``:
+
+* `aggregator()` gives a fresh accumulator for one round's client updates;
+* `apply(weights, aggregate, state)` turns the aggregate into the next global weights
+  (a server optimizer lives here) and returns the new server state.
+
+Server state is a flat ``name -> ndarray`` dict, so checkpoints store it as-is.
+Strategies never import transports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedge.aggregate import Aggregator, WeightedMean
+from fedge.errors import ConfigError
+from fedge.weights import Weights
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(kw_only=True)
+class Strategy:
+    """Sampling and quorum settings shared by every strategy.
+
+    Each round trains on ``clients_per_round`` clients if set, else on
+    ``ceil(fraction_fit * available)``, never fewer than ``min_fit_clients``; a round
+    needs ``min_results`` valid results to be aggregated (else it fails and is retried).
+    Federated evaluation runs on ``fraction_evaluate`` of the clients (0 disables it).
+    """
+
+    fraction_fit: float = 1.0
+    clients_per_round: int | None = None
+    min_fit_clients: int = 1
+    fraction_evaluate: float = 0.0
+    min_evaluate_clients: int = 1
+    min_available_clients: int = 1
+    min_results: int = 1
+    accept_partial_work: bool = False
+    """Keep the partial work of stragglers (FedProx) rather than dropping them (FedAvg)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.fraction_fit <= 1.0, "fraction_fit", self.fraction_fit, "in (0, 1]")
+        _check(
+            0.0 <= self.fraction_evaluate <= 1.0,
+            "fraction_evaluate",
+            self.fraction_evaluate,
+            "in [0, 1]",
+        )
+        for key in (
+            "min_fit_clients",
+            "min_evaluate_clients",
+            "min_available_clients",
+            "min_results",
+        ):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+        if self.clients_per_round is not None:
+            _check(
+                self.clients_per_round >= 1,
+                "clients_per_round",
+                self.clients_per_round,
+                "an integer >= 1",
+            )
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def num_fit_clients(self, available: int) -> int:
+        """How many of `available` clients train this round."""
+        wanted = self.clients_per_round or math.ceil(self.fraction_fit * available)
+        return min(available, max(wanted, self.min_fit_clients))
+
+    def num_evaluate_clients(self, available: int) -> int:
+        if self.fraction_evaluate == 0.0:
+            return 0
+        wanted = math.ceil(self.fraction_evaluate * available)
+        return min(available, max(wanted, self.min_evaluate_clients))
+
+    def fit_config(self, server_round: int) -> dict[str, Any]:
+        """Settings the strategy sends to every client that trains this round."""
+        return {}
+
+    def aggregator(self) -> Aggregator:
+        return WeightedMean()
+
+    def init_state(self, weights: Weights) -> State:
+        return {}
+
+    def apply(self, weights: Weights, aggregate: Weights, state: State) -> tuple[Weights, State]:
+        """Next global weights from the current ones and this round's aggregate."""
+        return aggregate, state
+
+
+def _check(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"strategy.{key} must be {expected}, got {value!r}")

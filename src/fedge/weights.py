@@ -1,0 +1,117 @@
+"""Model weights: an ordered ``name -> ndarray`` dict, its safetensors wire form, and checks.
+
+Nothing from the network is unpickled: weights travel as safetensors bytes, and every
+decoded update is checked against the global model's names, dtypes and shapes (and for
+finite values) before it can touch an aggregate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from safetensors import SafetensorError
+from safetensors.numpy import load as _st_load
+from safetensors.numpy import save as _st_save
+
+from fedge.errors import WeightsError
+
+Array = npt.NDArray[np.generic]
+Weights = dict[str, Array]
+"""Ordered mapping of tensor name to array. ``fedge.Weights({...})`` builds one."""
+
+_ORDER_KEY = "fedge.order"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: np.dtype[np.generic]
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+Spec = dict[str, TensorSpec]
+
+
+def spec_of(weights: Mapping[str, Array]) -> Spec:
+    """The names, dtypes and shapes every update of this model must have."""
+    return {name: TensorSpec(a.dtype, tuple(a.shape)) for name, a in weights.items()}
+
+
+def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
+    """Raise `WeightsError` unless `weights` matches `spec` exactly and is finite.
+
+    `source` names the sender (e.g. ``client 3``) so the message tells who sent what.
+    """
+    missing = [n for n in spec if n not in weights]
+    if missing:
+        raise WeightsError(f"{source}: missing tensor(s) {missing}; expected {list(spec)}")
+    unexpected = [n for n in weights if n not in spec]
+    if unexpected:
+        raise WeightsError(f"{source}: unexpected tensor(s) {unexpected}; expected {list(spec)}")
+    for name, want in spec.items():
+        got = weights[name]
+        if not isinstance(got, np.ndarray):
+            raise WeightsError(
+                f"{source}: tensor {name!r} is a {type(got).__name__}, expected a numpy array"
+            )
+        if got.dtype != want.dtype:
+            raise WeightsError(
+                f"{source}: tensor {name!r} has dtype {got.dtype}, expected {want.dtype}"
+            )
+        if tuple(got.shape) != want.shape:
+            raise WeightsError(
+                f"{source}: tensor {name!r} has shape {list(got.shape)}, expected {list(want.shape)}"
+            )
+        if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
+            bad = int(np.size(got) - np.count_nonzero(np.isfinite(got)))
+            raise WeightsError(f"{source}: tensor {name!r} has {bad} NaN or Inf value(s)")
+
+
+def to_bytes(weights: Mapping[str, Array]) -> bytes:
+    """Serialize to safetensors; the tensor order is kept in the header metadata."""
+    arrays = {name: np.ascontiguousarray(a) for name, a in weights.items()}
+    return bytes(_st_save(arrays, metadata={_ORDER_KEY: json.dumps(list(arrays))}))
+
+
+def from_bytes(data: bytes | bytearray | memoryview, *, source: str = "payload") -> Weights:
+    """Decode safetensors bytes into Weights, in the order they were written."""
+    try:
+        arrays = _st_load(bytes(data))
+    except (SafetensorError, ValueError, TypeError, OverflowError) as exc:
+        raise WeightsError(f"{source}: not a valid safetensors payload ({exc})") from exc
+    return _ordered(arrays, _order_from_header(data, source), source)
+
+
+def _order_from_header(data: bytes | bytearray | memoryview, source: str) -> list[str] | None:
+    header_len = int.from_bytes(bytes(data[:8]), "little")
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    order = (header.get("__metadata__") or {}).get(_ORDER_KEY)
+    if order is None:
+        return None
+    try:
+        names = json.loads(order)
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{source}: metadata {_ORDER_KEY!r} is not JSON ({exc})") from exc
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WeightsError(f"{source}: metadata {_ORDER_KEY!r} must be a list of tensor names")
+    return names
+
+
+def _ordered(arrays: dict[str, Array], order: list[str] | None, source: str) -> Weights:
+    if order is None:
+        return dict(sorted(arrays.items()))
+    if sorted(order) != sorted(arrays):
+        raise WeightsError(
+            f"{source}: metadata names {sorted(order)} do not match tensors {sorted(arrays)}"
+        )
+    return {name: arrays[name] for name in order}
+
+
+def num_bytes(weights: Mapping[str, Array]) -> int:
+    return sum(a.nbytes for a in weights.values())
