@@ -3,8 +3,7 @@
 `WeightedMean` is streaming: each update is added when it arrives and can be dropped at
 once, so memory stays O(model) however many clients answer (as FedJAX's `fed_avg` does
 "to avoid loading all the client outputs into memory"). It accumulates in the update's
-own dtype through a small cache-sized scratch block, so it needs no temporary the size of
-the model. Robust rules need every update at once; `Buffered` keeps them.
+own dtype, in place. Robust rules need every update at once; `Buffered` keeps them.
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import numpy as np
 
 from fedge.weights import Array, Weights
 
-_BLOCK = 1 << 16  # elements per scratch block: 256 KiB of float32 stays in L2 cache
-
 
 class Aggregator(ABC):
     """Receives validated updates one at a time; `result()` gives the aggregate."""
@@ -27,6 +24,8 @@ class Aggregator(ABC):
         self.total_examples = 0
 
     def add(self, weights: Mapping[str, Array], num_examples: int) -> None:
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
         self._add(weights, num_examples)
         self.count += 1
         self.total_examples += num_examples
@@ -39,50 +38,46 @@ class Aggregator(ABC):
 
 
 class WeightedMean(Aggregator):
-    """Streaming mean weighted by `num_examples` (or unweighted with ``weighted=False``)."""
+    """Streaming mean weighted by `num_examples` (or unweighted with ``weighted=False``).
+
+    The running sum ``sum_i n_i u_i`` is kept as ``c * v``: adding ``n u`` becomes
+    ``v = v * (c / n) + u; c = n``, two in-place passes and no temporary array, so
+    folding costs less than NumPy's ``acc += n * u`` and needs no memory beyond `v`.
+    """
 
     def __init__(self, *, weighted: bool = True) -> None:
         super().__init__()
         self.weighted = weighted
-        self._sum: Weights = {}
+        self._v: Weights = {}
         self._dtypes: dict[str, np.dtype[np.generic]] = {}
+        self._c = 0.0
         self._weight = 0.0
-        self._scratch: dict[np.dtype[np.generic], Array] = {}
 
     def _add(self, weights: Mapping[str, Array], num_examples: int) -> None:
-        w = float(num_examples) if self.weighted else 1.0
-        if not self._sum:
+        n = float(num_examples) if self.weighted else 1.0
+        if not self._v:
             self._dtypes = {name: a.dtype for name, a in weights.items()}
-            self._sum = {
-                name: np.multiply(a, w, dtype=_acc_dtype(a)) for name, a in weights.items()
-            }
+            self._v = {name: np.array(a, dtype=_acc_dtype(a)) for name, a in weights.items()}
         else:
-            for name, a in weights.items():
-                self._fold(self._sum[name], a, w)
-        self._weight += w
-
-    def _fold(self, acc: Array, update: Array, w: float) -> None:
-        flat_acc, flat_up = acc.reshape(-1), np.asarray(update).reshape(-1)
-        scratch = self._scratch.get(acc.dtype)
-        if scratch is None:
-            scratch = self._scratch[acc.dtype] = np.empty(_BLOCK, dtype=acc.dtype)
-        for start in range(0, flat_acc.size, _BLOCK):
-            stop = min(start + _BLOCK, flat_acc.size)
-            tmp = scratch[: stop - start]
-            np.multiply(flat_up[start:stop], w, out=tmp, casting="unsafe")
-            np.add(flat_acc[start:stop], tmp, out=flat_acc[start:stop])
+            ratio = self._c / n
+            for name, update in weights.items():
+                v = self._v[name]
+                if ratio != 1.0:
+                    np.multiply(v, ratio, out=v)
+                np.add(v, update, out=v, casting="unsafe")
+        self._c = n
+        self._weight += n
 
     def result(self) -> Weights:
         if self._weight <= 0:
             raise ValueError("no updates with a positive weight were aggregated")
-        self._scratch.clear()
-        out = self._sum
-        for name, acc in out.items():
-            acc /= self._weight
+        out, scale = self._v, self._c / self._weight
+        for name, v in out.items():
+            np.multiply(v, scale, out=v)
             dtype = self._dtypes[name]
-            if acc.dtype != dtype:  # integer tensors (e.g. counters) round back to their dtype
-                out[name] = np.rint(acc).astype(dtype)
-        self._sum, self._weight = {}, 0.0
+            if v.dtype != dtype:  # integer tensors (e.g. counters) round back to their dtype
+                out[name] = np.rint(v).astype(dtype)
+        self._v, self._c, self._weight = {}, 0.0, 0.0
         return out
 
 

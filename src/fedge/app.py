@@ -39,13 +39,16 @@ def load_app(target: str, base_dir: Path, **kwargs: Any) -> App:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"app.target {target!r}: cannot import {module_name!r} "
-                          f"(looked in {base} and sys.path): {exc}") from exc
+        raise ConfigError(
+            f"app.target {target!r}: cannot import {module_name!r} "
+            f"(looked in {base} and sys.path): {exc}"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"app.target {target!r}: {module_name} has no callable {attr!r}")
     app = factory(**kwargs)
     if not isinstance(app, App):
-        raise ConfigError(f"app.target {target!r} returned {type(app).__name__}, "
-                          "expected fedge.App")
+        raise ConfigError(
+            f"app.target {target!r} returned {type(app).__name__}, expected fedge.App"
+        )
     return app

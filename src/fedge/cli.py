@@ -12,8 +12,11 @@ from rich.console import Console
 
 from fedge.errors import FedgeError
 
-app = typer.Typer(help="fedge: federated learning for Linux edge fleets.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="fedge: federated learning for Linux edge fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="TOML config of the run.")]
@@ -44,18 +47,33 @@ def sim(
         cfg.run.rounds = rounds
     if backend is not None:
         cfg.simulation = cfg.simulation.model_validate(
-            {**cfg.simulation.model_dump(), "backend": backend})
-    user_app = load_app(cfg.app.target, cfg.base_dir, num_clients=cfg.run.num_clients,
-                        seed=cfg.run.seed, **cfg.app.options)
+            {**cfg.simulation.model_dump(), "backend": backend}
+        )
+    user_app = load_app(
+        cfg.app.target,
+        cfg.base_dir,
+        num_clients=cfg.run.num_clients,
+        seed=cfg.run.seed,
+        **cfg.app.options,
+    )
     with ProgressObserver(cfg.run.rounds, console, disable=quiet) as observer:
         history = simulate(
-            user_app.client_fn, cfg.run.num_clients, cfg.run.rounds,
-            strategy=cfg.build_strategy(), initial_weights=user_app.initial_weights,
-            evaluate_fn=user_app.evaluate_fn, seed=cfg.run.seed, fit_config=cfg.fit,
-            evaluate_config=cfg.evaluate, backend=cfg.simulation.backend,
-            workers=cfg.simulation.workers, stragglers=cfg.simulation.stragglers,
-            dropouts=cfg.simulation.dropouts, max_round_retries=cfg.run.max_round_retries,
-            observer=observer)
+            user_app.client_fn,
+            cfg.run.num_clients,
+            cfg.run.rounds,
+            strategy=cfg.build_strategy(),
+            initial_weights=user_app.initial_weights,
+            evaluate_fn=user_app.evaluate_fn,
+            seed=cfg.run.seed,
+            fit_config=cfg.fit,
+            evaluate_config=cfg.evaluate,
+            backend=cfg.simulation.backend,
+            workers=cfg.simulation.workers,
+            stragglers=cfg.simulation.stragglers,
+            dropouts=cfg.simulation.dropouts,
+            max_round_retries=cfg.run.max_round_retries,
+            observer=observer,
+        )
     Console().print(history_table(history))
     if out is not None:
         out.write_text(json.dumps(history.to_dict(), indent=2))

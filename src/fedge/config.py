@@ -111,13 +111,16 @@ def build_strategy(table: dict[str, Any]) -> Strategy:
     name = str(params.pop("name", "fedavg")).lower()
     cls = STRATEGIES.get(name)
     if cls is None:
-        raise ConfigError(f"'strategy.name' = {name!r}: unknown strategy; "
-                          f"expected one of {sorted(STRATEGIES)}")
+        raise ConfigError(
+            f"'strategy.name' = {name!r}: unknown strategy; expected one of {sorted(STRATEGIES)}"
+        )
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ConfigError(f"unknown key(s) {['strategy.' + k for k in unknown]} for "
-                          f"{cls.__name__}; expected some of {sorted(allowed)}")
+        raise ConfigError(
+            f"unknown key(s) {['strategy.' + k for k in unknown]} for "
+            f"{cls.__name__}; expected some of {sorted(allowed)}"
+        )
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:

@@ -113,9 +113,7 @@ class Coordinator:
                 attempt += 1
                 if attempt > self.max_round_retries:
                     raise QuorumError(
-                        f"round {server_round} failed {attempt} time(s): only "
-                        f"{len(record.participants)} of the required "
-                        f"{self.strategy.min_results} results arrived",
+                        f"round {server_round} failed {attempt} time(s); last: {record.reason}",
                         history,
                     )
                 continue
@@ -137,12 +135,12 @@ class Coordinator:
         record.fit_time = time.perf_counter() - started
         if aggregate is None:
             record.status = "failed"
+            record.reason = record.reason or (
+                f"only {len(record.participants)} of the required "
+                f"{self.strategy.min_results} results arrived"
+            )
             log.warning(
-                "round %d failed: %d of %d required results (failures: %s)",
-                server_round,
-                len(record.participants),
-                self.strategy.min_results,
-                record.failures,
+                "round %d failed: %s (failures: %s)", server_round, record.reason, record.failures
             )
         else:
             self.weights, self.state = self.strategy.apply(self.weights, aggregate, self.state)
@@ -170,15 +168,20 @@ class Coordinator:
                         f"client {cid}: expected a FitResult, got {type(result).__name__}"
                     )
                 _check_examples(result.num_examples, cid)
+                if not isinstance(result.metrics, Mapping):
+                    raise WeightsError(
+                        f"client {cid}: metrics must be a dict, got {type(result.metrics).__name__}"
+                    )
                 validate(result.weights, self.spec, source=f"client {cid}")
             except WeightsError as exc:
                 record.failures[cid] = str(exc)
                 log.warning("round %d: rejected result of client %d: %s", record.round, cid, exc)
                 continue
-            aggregator.add(result.weights, result.num_examples)
+            num_examples = int(result.num_examples)  # a NumPy integer would not be JSON
+            aggregator.add(result.weights, num_examples)
             record.participants.append(cid)
-            record.num_examples += result.num_examples
-            metrics.add(result.metrics, result.num_examples)
+            record.num_examples += num_examples
+            metrics.add(result.metrics, num_examples)
             self.observer.result_received(record.round, len(record.participants), len(tasks))
         for task in tasks:
             if task.cid not in record.participants and task.cid not in record.failures:
@@ -186,7 +189,11 @@ class Coordinator:
         record.fit_metrics = metrics.mean()
         if aggregator.count < self.strategy.min_results:
             return None
-        return aggregator.result()
+        try:
+            return aggregator.result()
+        except ValueError as exc:  # e.g. a robust rule with too few results for its f
+            record.reason = f"{self.strategy.name} could not aggregate: {exc}"
+            return None
 
     def _evaluate_federated(
         self, fleet: Fleet, record: RoundRecord, rng: np.random.Generator, available: list[int]
@@ -198,13 +205,9 @@ class Coordinator:
         metrics = _WeightedMetrics()
         for outcome in fleet.run(tasks, self.weights, self.round_timeout):
             result = outcome.result
-            if (
-                outcome.error is None
-                and isinstance(result, EvaluateResult)
-                and math.isfinite(result.loss)
-                and result.num_examples > 0
-            ):
-                metrics.add({"loss": result.loss, **result.metrics}, result.num_examples)
+            if outcome.error is None and _usable_evaluation(result):
+                assert isinstance(result, EvaluateResult)
+                metrics.add({"loss": result.loss, **result.metrics}, int(result.num_examples))
             else:
                 log.warning(
                     "round %d: no usable evaluation from client %d: %s",
@@ -266,6 +269,20 @@ def _check_examples(num_examples: object, cid: int) -> None:
         raise WeightsError(
             f"client {cid}: num_examples must be a positive integer, got {num_examples!r}"
         )
+
+
+def _usable_evaluation(result: object) -> bool:
+    """A finite numeric loss over a positive number of examples, with dict metrics."""
+    return (
+        isinstance(result, EvaluateResult)
+        and isinstance(result.loss, int | float | np.number)
+        and not isinstance(result.loss, bool)
+        and math.isfinite(float(result.loss))
+        and isinstance(result.num_examples, int | np.integer)
+        and not isinstance(result.num_examples, bool)
+        and result.num_examples > 0
+        and isinstance(result.metrics, Mapping)
+    )
 
 
 def _conform(weights: Weights, spec: Spec) -> Weights:

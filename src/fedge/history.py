@@ -16,6 +16,8 @@ class RoundRecord:
     round: int
     attempt: int = 0
     status: Literal["ok", "failed"] = "ok"
+    reason: str = ""
+    """Why a failed attempt failed."""
     selected: list[int] = field(default_factory=list)
     participants: list[int] = field(default_factory=list)
     """Clients whose fit results were aggregated."""

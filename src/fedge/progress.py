@@ -15,9 +15,14 @@ class ProgressObserver(Observer):
 
     def __init__(self, rounds: int, console: Console, *, disable: bool = False) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-            console=console, disable=disable)
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=disable,
+        )
         self.rounds_bar = self.progress.add_task("rounds", total=rounds, status="")
         self.results_bar = self.progress.add_task("results", total=1, status="")
 
@@ -29,8 +34,13 @@ class ProgressObserver(Observer):
         self.progress.stop()
 
     def round_started(self, round: int, selected: int) -> None:
-        self.progress.update(self.results_bar, description=f"round {round}", total=selected,
-                             completed=0, status="training")
+        self.progress.update(
+            self.results_bar,
+            description=f"round {round}",
+            total=selected,
+            completed=0,
+            status="training",
+        )
 
     def result_received(self, round: int, received: int, selected: int) -> None:
         self.progress.update(self.results_bar, completed=received)
@@ -53,18 +63,35 @@ def history_table(history: History) -> Table:
     federated = _keys(r.evaluate_metrics for r in history.rounds)
     fit = _keys(r.fit_metrics for r in history.rounds)
     table = Table(title=f"fedge: {len(history.completed)} rounds in {history.wall_time:.2f} s")
-    for name in ["round", "clients", "status", *central, *(f"fed_{k}" for k in federated),
-                 *(f"fit_{k}" for k in fit), "time (s)"]:
+    for name in [
+        "round",
+        "clients",
+        "status",
+        *central,
+        *(f"fed_{k}" for k in federated),
+        *(f"fit_{k}" for k in fit),
+        "time (s)",
+    ]:
         table.add_column(name, justify="right")
     if history.initial_metrics:
-        table.add_row("0", "-", "initial", *(_fmt(history.initial_metrics.get(k)) for k in central),
-                      *["-"] * (len(federated) + len(fit)), "-")
+        table.add_row(
+            "0",
+            "-",
+            "initial",
+            *(_fmt(history.initial_metrics.get(k)) for k in central),
+            *["-"] * (len(federated) + len(fit)),
+            "-",
+        )
     for r in history.rounds:
         table.add_row(
-            str(r.round), f"{len(r.participants)}/{len(r.selected)}", r.status,
+            str(r.round),
+            f"{len(r.participants)}/{len(r.selected)}",
+            r.status,
             *(_fmt(r.metrics.get(k)) for k in central),
             *(_fmt(r.evaluate_metrics.get(k)) for k in federated),
-            *(_fmt(r.fit_metrics.get(k)) for k in fit), f"{r.wall_time:.3f}")
+            *(_fmt(r.fit_metrics.get(k)) for k in fit),
+            f"{r.wall_time:.3f}",
+        )
     return table
 
 

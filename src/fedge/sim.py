@@ -105,7 +105,7 @@ class LocalFleet:
         runs: Iterator[Executed] = (
             self._pool.imap(_execute_packed, args)
             if self._pool is not None
-            else (_execute(*a, client_fn=self.client_fn) for a in args)
+            else (_execute(*_private_copy(a), client_fn=self.client_fn) for a in args)
         )
         for task in tasks:
             if task.task_id in skipped:
@@ -156,6 +156,13 @@ def _execute(
     except Exception as exc:  # the client's code failed: report it, keep the round going
         log.debug("client %d failed:\n%s", cid, traceback.format_exc())
         return None, f"client {cid} raised {type(exc).__name__}: {exc}"
+
+
+def _private_copy(args: tuple[str, int, Weights, Config]) -> tuple[str, int, Weights, Config]:
+    """In-process clients get their own copy of the weights, as they would in a worker
+    process or on a device, so in-place training cannot change the global model."""
+    kind, cid, weights, config = args
+    return kind, cid, {name: a.copy() for name, a in weights.items()}, config
 
 
 _worker_client_fn: ClientFn | None = None

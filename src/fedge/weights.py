@@ -48,6 +48,10 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
 
     `source` names the sender (e.g. ``client 3``) so the message tells who sent what.
     """
+    if not isinstance(weights, Mapping):
+        raise WeightsError(
+            f"{source}: weights must map tensor names to arrays, got {type(weights).__name__}"
+        )
     missing = [n for n in spec if n not in weights]
     if missing:
         raise WeightsError(f"{source}: missing tensor(s) {missing}; expected {list(spec)}")
@@ -66,7 +70,8 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
             )
         if tuple(got.shape) != want.shape:
             raise WeightsError(
-                f"{source}: tensor {name!r} has shape {list(got.shape)}, expected {list(want.shape)}"
+                f"{source}: tensor {name!r} has shape {list(got.shape)}, "
+                f"expected {list(want.shape)}"
             )
         if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
             bad = int(np.size(got) - np.count_nonzero(np.isfinite(got)))
@@ -75,7 +80,8 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
 
 def to_bytes(weights: Mapping[str, Array]) -> bytes:
     """Serialize to safetensors; the tensor order is kept in the header metadata."""
-    arrays = {name: np.ascontiguousarray(a) for name, a in weights.items()}
+    # not np.ascontiguousarray: it turns 0-d arrays (e.g. BatchNorm's counter) into 1-d
+    arrays = {name: np.asarray(a, order="C") for name, a in weights.items()}
     return bytes(_st_save(arrays, metadata={_ORDER_KEY: json.dumps(list(arrays))}))
 
 

@@ -42,9 +42,17 @@ def _log_softmax(logits: FloatArray) -> FloatArray:
 
 
 class SoftmaxRegressionClient(Client):
-    def __init__(self, x_train: FloatArray, y_train: IntArray, x_test: FloatArray | None = None,
-                 y_test: IntArray | None = None, *, epochs: int = 1, batch_size: int = 32,
-                 lr: float = 0.1) -> None:
+    def __init__(
+        self,
+        x_train: FloatArray,
+        y_train: IntArray,
+        x_test: FloatArray | None = None,
+        y_test: IntArray | None = None,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        lr: float = 0.1,
+    ) -> None:
         self.x_train, self.y_train = x_train, y_train
         self.x_test, self.y_test = x_test, y_test
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr

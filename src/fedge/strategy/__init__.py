@@ -17,8 +17,19 @@ from fedge.strategy.trimmed_mean import FedTrimmedAvg
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.__name__.lower(): cls
-    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian,
-                FedTrimmedAvg, Krum, MultiKrum, Bulyan)
+    for cls in (
+        FedAvg,
+        FedProx,
+        FedAvgM,
+        FedAdam,
+        FedYogi,
+        FedAdagrad,
+        FedMedian,
+        FedTrimmedAvg,
+        Krum,
+        MultiKrum,
+        Bulyan,
+    )
 }
 
 __all__ = [

@@ -33,11 +33,20 @@ _BLOCK_ELEMENTS = 1 << 20  # float64 elements per distance block: 8 MiB however 
 class Krum(Strategy):
     num_malicious: int = 0
     """f, the number of Byzantine clients to tolerate; each round needs n >= 2f + 3."""
+    min_results: int = 3  # 2f + 3 with f = 0; checked against f so no round is doomed
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(_is_count(self.num_malicious, 0), "num_malicious", self.num_malicious,
-               "an integer >= 0")
+        _check(
+            _is_count(self.num_malicious, 0), "num_malicious", self.num_malicious, "an integer >= 0"
+        )
+        need = 2 * self.num_malicious + 3
+        _check(
+            self.min_results >= need,
+            "min_results",
+            self.min_results,
+            f">= 2 * num_malicious + 3 = {need} ({self.name} needs that many updates)",
+        )
 
     def aggregator(self) -> Aggregator:
         return Buffered(partial(krum, num_malicious=self.num_malicious))
@@ -51,12 +60,17 @@ class MultiKrum(Krum):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_selected is not None:
-            _check(_is_count(self.num_selected, 1), "num_selected", self.num_selected,
-                   "an integer >= 1 (or unset for n - f)")
+            _check(
+                _is_count(self.num_selected, 1),
+                "num_selected",
+                self.num_selected,
+                "an integer >= 1 (or unset for n - f)",
+            )
 
     def aggregator(self) -> Aggregator:
-        return Buffered(partial(multi_krum, num_malicious=self.num_malicious,
-                                num_selected=self.num_selected))
+        return Buffered(
+            partial(multi_krum, num_malicious=self.num_malicious, num_selected=self.num_selected)
+        )
 
 
 def krum(updates: Updates, num_malicious: int) -> Weights:

@@ -211,7 +211,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "state", "round", "total_rounds", "nodes", "metrics")
+    __slots__ = ("run_id", "state", "round", "total_rounds", "nodes", "metrics", "results_received", "results_expected")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -225,13 +225,17 @@ class StatusReply(_message.Message):
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_EXPECTED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: str
     round: int
     total_rounds: int
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    results_received: int
+    results_expected: int
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., results_received: _Optional[int] = ..., results_expected: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "cid", "address", "connected_since_unix_ms", "last_seen_unix_ms", "tasks_done")

@@ -1,0 +1,1 @@
+"""Transports move tasks and results between the coordinator and clients."""
