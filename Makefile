@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/fedge sim --config examples/digits/fedge.toml --out demo-results.json
+	$(BIN)/fedge demo --clients 10 --rounds 5 --out demo-results.json
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests

@@ -18,7 +18,7 @@ import numpy as np
 from fedge.aggregate import WeightedMean
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from common import report  # noqa: E402
+from common import report
 
 NUM_UPDATES, NUM_PARAMS, REPEATS = 100, 1_000_000, 7
 POOL = 10  # distinct update arrays, cycled, so inputs cost 10 updates of memory, not 100
@@ -46,8 +46,9 @@ def fedge_streaming(pool: list[np.ndarray], counts: list[int]) -> np.ndarray:
     return mean.result()["w"]
 
 
-def measure(fn: Callable[..., np.ndarray], pool: list[np.ndarray], counts: list[int]
-            ) -> tuple[float, int]:
+def measure(
+    fn: Callable[..., np.ndarray], pool: list[np.ndarray], counts: list[int]
+) -> tuple[float, int]:
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     fn(pool, counts)
@@ -58,8 +59,9 @@ def measure(fn: Callable[..., np.ndarray], pool: list[np.ndarray], counts: list[
 
 def main() -> None:
     pool, counts = make_updates()
-    np.testing.assert_allclose(numpy_inplace(pool, counts), fedge_streaming(pool, counts),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        numpy_inplace(pool, counts), fedge_streaming(pool, counts), rtol=1e-5, atol=1e-6
+    )
     candidates = {"numpy in-place": numpy_inplace, "fedge WeightedMean": fedge_streaming}
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(REPEATS):  # interleaved, so machine noise hits both alike
@@ -73,10 +75,21 @@ def main() -> None:
     for name, fn in candidates.items():
         median = statistics.median(times[name])
         _, peak = measure(fn, pool, counts)
-        rows.append({"method": name, "median_s": median, "time_vs_numpy": median / baseline,
-                     "extra_peak_MB": peak / 1e6, "peak_vs_update": peak / update_bytes})
-    report("aggregate", f"FedAvg of {NUM_UPDATES} updates × {NUM_PARAMS:,} float32", rows,
-           targets={"time_vs_numpy": 1.1, "peak_vs_update": 2.0})
+        rows.append(
+            {
+                "method": name,
+                "median_s": median,
+                "time_vs_numpy": median / baseline,
+                "extra_peak_MB": peak / 1e6,
+                "peak_vs_update": peak / update_bytes,
+            }
+        )
+    report(
+        "aggregate",
+        f"FedAvg of {NUM_UPDATES} updates × {NUM_PARAMS:,} float32",
+        rows,
+        targets={"time_vs_numpy": 1.1, "peak_vs_update": 2.0},
+    )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,15 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "os": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "os": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def report(name: str, title: str, rows: list[dict[str, Any]], **extra: Any) -> None:
@@ -41,8 +47,9 @@ def report(name: str, title: str, rows: list[dict[str, Any]], **extra: Any) -> N
     Console().print(table)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"title": title, "machine": machine(), "rows": rows, **extra},
-                               indent=2))
+    path.write_text(
+        json.dumps({"title": title, "machine": machine(), "rows": rows, **extra}, indent=2)
+    )
     print(f"wrote {path}")
 
 

@@ -23,7 +23,7 @@ from fedge.datasets import synthetic, train_test_split_devices
 from fedge.strategy import FedAvg, FedProx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report  # noqa: E402
+from common import report
 
 DEVICES, PER_ROUND, EPOCHS, LR, BATCH = 30, 10, 20, 0.01, 10
 
@@ -34,8 +34,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    train, test = train_test_split_devices(synthetic(1.0, 1.0, DEVICES, seed=args.seed),
-                                           seed=args.seed)
+    train, test = train_test_split_devices(
+        synthetic(1.0, 1.0, DEVICES, seed=args.seed), seed=args.seed
+    )
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
     x_test = np.concatenate([x for x, _ in test])
@@ -60,24 +61,39 @@ def main() -> None:
         for name, make in methods.items():
             started = time.perf_counter()
             history = fedge.simulate(
-                client_fn, DEVICES, args.rounds, strategy=make(),
-                initial_weights=softmax_weights(60, 10), evaluate_fn=evaluate_fn,
-                seed=args.seed, stragglers=stragglers, backend="process",
-                max_round_retries=100)
+                client_fn,
+                DEVICES,
+                args.rounds,
+                strategy=make(),
+                initial_weights=softmax_weights(60, 10),
+                evaluate_fn=evaluate_fn,
+                seed=args.seed,
+                stragglers=stragglers,
+                backend="process",
+                max_round_retries=100,
+            )
             done = history.completed
             losses = np.array([r.metrics["train_loss"] for r in done])
-            tail = losses[-max(1, len(losses) // 10):]  # last 10% of rounds: stability
-            rows.append({
-                "stragglers": f"{stragglers:.0%}", "method": name,
-                "train_loss": float(losses[-1]),
-                "test_accuracy": done[-1].metrics["test_accuracy"],
-                "loss_tail_max": float(tail.max()), "loss_tail_std": float(tail.std()),
-                "seconds": time.perf_counter() - started,
-            })
+            tail = losses[-max(1, len(losses) // 10) :]  # last 10% of rounds: stability
+            rows.append(
+                {
+                    "stragglers": f"{stragglers:.0%}",
+                    "method": name,
+                    "train_loss": float(losses[-1]),
+                    "test_accuracy": done[-1].metrics["test_accuracy"],
+                    "loss_tail_max": float(tail.max()),
+                    "loss_tail_std": float(tail.std()),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             curves[f"{name} @ {stragglers:.0%}"] = losses.tolist()
             print(rows[-1], flush=True)
-    report("fedprox", f"FedProx reproduction: Synthetic(1,1), {args.rounds} rounds", rows,
-           curves=curves)
+    report(
+        "fedprox",
+        f"FedProx reproduction: Synthetic(1,1), {args.rounds} rounds",
+        rows,
+        curves=curves,
+    )
 
 
 if __name__ == "__main__":

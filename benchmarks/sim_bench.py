@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import fedge
-from fedge.sim import Backend
 from fedge.adapters.numpy import SoftmaxRegressionClient, softmax_weights
 from fedge.datasets import synthetic
+from fedge.sim import Backend
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report  # noqa: E402
+from common import report
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDGE = Path(sys.executable).parent / "fedge"
@@ -34,13 +34,29 @@ def digits_cli() -> dict[str, object]:
         out = Path(tmp) / "results.json"
         for _ in range(3):
             started = time.perf_counter()
-            subprocess.run([str(FEDGE), "sim", "--config", "examples/digits/fedge.toml", "-q",
-                            "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(
+                [
+                    str(FEDGE),
+                    "sim",
+                    "--config",
+                    "examples/digits/fedge.toml",
+                    "-q",
+                    "--out",
+                    str(out),
+                ],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
             times.append(time.perf_counter() - started)
             accuracy = json.loads(out.read_text())["rounds"][-1]["metrics"]["accuracy"]
-    return {"job": "fedge sim digits 10 clients × 5 rounds", "backend": "inprocess",
-            "wall_s": statistics.median(times), "final_accuracy": accuracy,
-            "client_updates_per_s": 50 / statistics.median(times)}
+    return {
+        "job": "fedge sim digits 10 clients × 5 rounds",
+        "backend": "inprocess",
+        "wall_s": statistics.median(times),
+        "final_accuracy": accuracy,
+        "client_updates_per_s": 50 / statistics.median(times),
+    }
 
 
 def thousand_clients(backend: Backend) -> dict[str, object]:
@@ -51,11 +67,15 @@ def thousand_clients(backend: Backend) -> dict[str, object]:
         return SoftmaxRegressionClient(x, y, epochs=1, batch_size=10, lr=0.01)
 
     started = time.perf_counter()
-    fedge.simulate(client_fn, 1000, 1, initial_weights=softmax_weights(60, 10),
-                   backend=backend)
+    fedge.simulate(client_fn, 1000, 1, initial_weights=softmax_weights(60, 10), backend=backend)
     wall = time.perf_counter() - started
-    return {"job": "Synthetic(1,1) 1,000 clients × 1 round", "backend": backend,
-            "wall_s": wall, "final_accuracy": "-", "client_updates_per_s": 1000 / wall}
+    return {
+        "job": "Synthetic(1,1) 1,000 clients × 1 round",
+        "backend": backend,
+        "wall_s": wall,
+        "final_accuracy": "-",
+        "client_updates_per_s": 1000 / wall,
+    }
 
 
 def main() -> None:

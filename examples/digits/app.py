@@ -26,23 +26,37 @@ def _split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[train], y[train], x[test], y[test]
 
 
-def create_app(num_clients: int, seed: int, partition: str = "iid", alpha: float = 0.5,
-               epochs: int = 5, batch_size: int = 16, lr: float = 0.1) -> fedge.App:
+def create_app(
+    num_clients: int,
+    seed: int,
+    partition: str = "iid",
+    alpha: float = 0.5,
+    epochs: int = 5,
+    batch_size: int = 16,
+    lr: float = 0.1,
+) -> fedge.App:
     x_train, y_train, x_test, y_test = _split(seed)
     if partition == "iid":
         parts = iid(len(y_train), num_clients, seed)
     elif partition == "dirichlet":
         parts = dirichlet(y_train, num_clients, alpha, seed)
     else:
-        raise fedge.ConfigError(f"app.options.partition must be 'iid' or 'dirichlet', "
-                                f"got {partition!r}")
+        raise fedge.ConfigError(
+            f"app.options.partition must be 'iid' or 'dirichlet', got {partition!r}"
+        )
 
     def client_fn(cid: int) -> fedge.Client:
         idx = parts[cid]
         cut = max(1, len(idx) // 5)  # each client keeps 20% for federated evaluation
         return SoftmaxRegressionClient(
-            x_train[idx[cut:]], y_train[idx[cut:]], x_train[idx[:cut]], y_train[idx[:cut]],
-            epochs=epochs, batch_size=batch_size, lr=lr)
+            x_train[idx[cut:]],
+            y_train[idx[cut:]],
+            x_train[idx[:cut]],
+            y_train[idx[:cut]],
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+        )
 
     def evaluate_fn(weights: fedge.Weights) -> dict[str, float]:
         loss, accuracy = softmax_loss(weights, x_test, y_test)

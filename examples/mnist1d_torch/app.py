@@ -23,8 +23,12 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(1, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(16, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
         )
         self.head = nn.Linear(32 * 10, 10)
 
@@ -35,20 +39,26 @@ class Net(nn.Module):
 @cache
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x_train, y_train, x_test, y_test = load_mnist1d(num_samples=5000, seed=42)
-    return (torch.from_numpy(x_train), torch.from_numpy(y_train),
-            torch.from_numpy(x_test), torch.from_numpy(y_test))
+    return (
+        torch.from_numpy(x_train),
+        torch.from_numpy(y_train),
+        torch.from_numpy(x_test),
+        torch.from_numpy(y_test),
+    )
 
 
-def create_app(num_clients: int, seed: int, alpha: float = 1.0, epochs: int = 2,
-               batch_size: int = 32) -> fedge.App:
+def create_app(
+    num_clients: int, seed: int, alpha: float = 1.0, epochs: int = 2, batch_size: int = 32
+) -> fedge.App:
     torch.set_num_threads(1)  # many small clients: parallelism comes from processes
     x_train, y_train, x_test, y_test = _data()
     parts = dirichlet(y_train.numpy(), num_clients, alpha, seed, min_size=batch_size)
 
     def client_fn(cid: int) -> fedge.Client:
         idx = torch.from_numpy(parts[cid])
-        train = DataLoader(TensorDataset(x_train[idx], y_train[idx]), batch_size=batch_size,
-                           shuffle=True)
+        train = DataLoader(
+            TensorDataset(x_train[idx], y_train[idx]), batch_size=batch_size, shuffle=True
+        )
         return TorchClient(Net(), train, epochs=epochs)
 
     def evaluate_fn(weights: fedge.Weights) -> dict[str, float]:

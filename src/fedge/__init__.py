@@ -1,9 +1,9 @@
 """fedge: federated learning for Linux edge fleets."""
 
 from fedge import strategy
+from fedge.app import App
 from fedge.client import Client, Config, EvaluateResult, FitResult, Metrics
 from fedge.coordinator import Coordinator, Observer
-from fedge.app import App
 from fedge.errors import ConfigError, FedgeError, QuorumError, WeightsError
 from fedge.history import History, RoundRecord
 from fedge.sim import simulate

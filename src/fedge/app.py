@@ -9,6 +9,7 @@ server and every node load the same app, so a deployment runs the simulated code
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ def load_app(target: str, base_dir: Path, **kwargs: Any) -> App:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"app.target {target!r}: {module_name} has no callable {attr!r}")
+    try:  # a misspelt [app.options] key is a config error, not a traceback
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"app.target {target!r} cannot take these options: {exc}") from exc
+    except ValueError:  # no signature to check (e.g. some builtins): just call it
+        pass
     app = factory(**kwargs)
     if not isinstance(app, App):
         raise ConfigError(

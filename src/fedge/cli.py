@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedge.errors import FedgeError
 
@@ -46,6 +47,8 @@ def sim(
     if rounds is not None:
         cfg.run.rounds = rounds
     if backend is not None:
+        if backend not in ("inprocess", "process"):  # not a pydantic traceback
+            raise FedgeError(f"--backend must be 'inprocess' or 'process', got {backend!r}")
         cfg.simulation = cfg.simulation.model_validate(
             {**cfg.simulation.model_dump(), "backend": backend}
         )
@@ -79,10 +82,191 @@ def sim(
         out.write_text(json.dumps(history.to_dict(), indent=2))
 
 
+ca_app = typer.Typer(help="Project certificate authority (mutual TLS).", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
+CertsOption = Annotated[Path, typer.Option("--certs", help="Directory with the CA and certs.")]
+
+
+@ca_app.command("init")
+def ca_init(
+    dir: Annotated[Path, typer.Option("--dir", help="Where to create ca.crt and ca.key.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing CA.")] = False,
+) -> None:
+    """Create a project CA (EC P-256)."""
+    from fedge.security import init_ca
+
+    console.print(f"CA certificate: {init_ca(dir, force=force)}")
+
+
+@ca_app.command("issue")
+def ca_issue(
+    dir: Annotated[Path, typer.Option("--dir", help="The CA directory.")],
+    name: Annotated[str, typer.Option("--name", help="Identity (certificate name).")],
+    server: Annotated[bool, typer.Option("--server", help="A server certificate.")] = False,
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="Server host/IP (repeat).")
+    ] = None,
+) -> None:
+    """Issue a node, admin or (--server) server certificate signed by the CA."""
+    from fedge.security import issue
+
+    cert, key = issue(dir, name, server=server, hosts=host or ())
+    console.print(f"certificate: {cert}\nkey: {key}")
+
+
+@app.command()
+def server(
+    config: ConfigOption = Path("fedge.toml"),
+    address: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "0.0.0.0:9091",
+    certs: Annotated[Path | None, typer.Option(help="CA directory with server.crt/key.")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Durable state and checkpoints.")] = Path(
+        "fedge-state"
+    ),
+    insecure: Annotated[bool, typer.Option(help="Plaintext; loopback only.")] = False,
+    out: OutOption = None,
+    rounds: Annotated[int | None, typer.Option(help="Override run.rounds.")] = None,
+    wait_for: Annotated[int | None, typer.Option(help="Nodes needed before a round.")] = None,
+) -> None:
+    """Run the aggregator for the config's app until the run finishes."""
+    import asyncio
+    import signal
+
+    from fedge.app import load_app
+    from fedge.config import load_config
+    from fedge.transport.grpc.server import AggregatorServer, ServerSettings, run_id_for
+
+    cfg = load_config(config)
+    if rounds is not None:
+        cfg.run.rounds = rounds
+    strategy = cfg.build_strategy()
+    if wait_for is not None:
+        strategy.min_available_clients = wait_for
+    user_app = load_app(
+        cfg.app.target,
+        cfg.base_dir,
+        num_clients=cfg.run.num_clients,
+        seed=cfg.run.seed,
+        **cfg.app.options,
+    )
+    settings = ServerSettings(
+        address=address,
+        state_dir=state_dir,
+        certs=certs,
+        insecure=insecure,
+        round_timeout=cfg.run.round_timeout or 600.0,
+    )
+    aggregator = AggregatorServer(
+        user_app,
+        strategy,
+        settings,
+        rounds=cfg.run.rounds,
+        seed=cfg.run.seed,
+        fit_config=cfg.fit,
+        evaluate_config=cfg.evaluate,
+        max_round_retries=cfg.run.max_round_retries,
+        run_id=run_id_for(config.read_text() + f"rounds={cfg.run.rounds}"),
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, aggregator.request_stop)
+        history = await aggregator.serve()
+        if history is not None and out is not None:
+            out.write_text(json.dumps(history.to_dict(), indent=2))
+
+    asyncio.run(main())
+
+
+@app.command()
+def node(
+    server: Annotated[str, typer.Option(help="Aggregator HOST:PORT.")],
+    cid: Annotated[int, typer.Option(help="This node's data partition (client id).")],
+    config: ConfigOption = Path("fedge.toml"),
+    certs: Annotated[
+        Path | None, typer.Option(help="Directory with ca.crt and NAME.crt/key.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Certificate name (identity).")] = None,
+    insecure: Annotated[bool, typer.Option(help="Plaintext; loopback only.")] = False,
+) -> None:
+    """Run an edge node: dial the server, train on local data, reconnect forever."""
+    import signal
+
+    from fedge.app import load_app
+    from fedge.config import load_config
+    from fedge.transport.grpc.node import Node, NodeSettings
+    from fedge.transport.grpc.tls import require_loopback
+
+    if insecure:
+        require_loopback(server)
+    elif certs is None:
+        raise FedgeError("--certs is required (or --insecure on loopback)")
+    cfg = load_config(config)
+    user_app = load_app(
+        cfg.app.target,
+        cfg.base_dir,
+        num_clients=cfg.run.num_clients,
+        seed=cfg.run.seed,
+        **cfg.app.options,
+    )
+    identity = name or f"node-{cid}"
+    edge = Node(
+        user_app.client_fn(cid),
+        NodeSettings(server=server, cid=cid, name=identity, certs=certs, insecure=insecure),
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: edge.stop_event.set())
+    edge.run()
+
+
+@app.command()
+def status(
+    server: Annotated[str, typer.Option(help="Aggregator HOST:PORT.")],
+    certs: Annotated[Path | None, typer.Option(help="Directory with an admin certificate.")] = None,
+    name: Annotated[str, typer.Option(help="Admin certificate name.")] = "admin",
+    insecure: Annotated[bool, typer.Option(help="Plaintext; loopback only.")] = False,
+) -> None:
+    """Show the run, round, connected nodes and last metrics."""
+    from rich.table import Table
+
+    from fedge.transport.grpc.control import fetch_status
+
+    reply = fetch_status(server, certs, name, insecure)
+    console.print(
+        f"run {reply.run_id}: {reply.state}, round {reply.round}/{reply.total_rounds}"
+        f", results {reply.results_received}/{reply.results_expected}"
+    )
+    console.print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in reply.metrics.items()))
+    table = Table("node", "cid", "address")
+    for n in reply.nodes:
+        table.add_row(n.node_id, str(n.cid), n.address)
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    clients: Annotated[int, typer.Option(help="Number of node processes.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Rounds to train.")] = 5,
+    config: ConfigOption = Path("examples/digits/fedge.toml"),
+    out: OutOption = None,
+) -> None:
+    """A real fleet on this machine: CA, server and N nodes over mutual TLS."""
+    from fedge.demo import run_demo
+
+    history = run_demo(config, clients, rounds, console)
+    if history is not None:
+        from fedge.progress import history_table
+
+        Console().print(history_table(history))
+        if out is not None:
+            out.write_text(json.dumps(history.to_dict(), indent=2))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
     except FedgeError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        # escaped: "[app]" in a message is text, not rich markup; soft_wrap: one line
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedge.weights import Weights
+from fedge.weights import Array, Weights
 
 Config = dict[str, Any]
 Metrics = dict[str, float]
@@ -14,7 +15,8 @@ Metrics = dict[str, float]
 
 @dataclass
 class FitResult:
-    weights: Weights
+    weights: Mapping[str, Array]
+    """Usually a `Weights` dict; the server passes a file-backed mapping."""
     num_examples: int
     metrics: Metrics = field(default_factory=dict)
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fedge.errors import ConfigError
 from fedge.strategy import STRATEGIES, Strategy
@@ -121,6 +122,12 @@ def build_strategy(table: dict[str, Any]) -> Strategy:
             f"unknown key(s) {['strategy.' + k for k in unknown]} for "
             f"{cls.__name__}; expected some of {sorted(allowed)}"
         )
+    types = typing.get_type_hints(cls)
+    for key, value in params.items():  # e.g. fraction_fit = "high": name the key, not a '<'
+        try:
+            TypeAdapter(types[key]).validate_python(value, strict=True)
+        except ValidationError as exc:
+            raise ConfigError(f"'strategy.{key}' = {value!r}: {exc.errors()[0]['msg']}") from exc
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:

@@ -94,6 +94,8 @@ class Coordinator:
     run_id: str = "run"
     observer: Observer = field(default_factory=Observer)
     state: State = field(default_factory=dict)
+    checkpoint: Callable[[RoundRecord, History], None] | None = None
+    """Called after every attempt, before observers hear of it (the server persists here)."""
 
     def __post_init__(self) -> None:
         self.spec: Spec = spec_of(self.weights)
@@ -109,6 +111,9 @@ class Coordinator:
         while server_round <= self.rounds:
             record = self.run_round(fleet, server_round, attempt)
             history.rounds.append(record)
+            if self.checkpoint is not None:  # durable before it is announced
+                self.checkpoint(record, history)
+            self.observer.round_finished(record)
             if record.status == "failed":
                 attempt += 1
                 if attempt > self.max_round_retries:
@@ -150,7 +155,6 @@ class Coordinator:
             record.evaluate_metrics = self._evaluate_federated(fleet, record, rng, available)
             record.evaluate_time = time.perf_counter() - eval_started
         record.wall_time = time.perf_counter() - started
-        self.observer.round_finished(record)
         return record
 
     def _fit(self, fleet: Fleet, record: RoundRecord) -> Weights | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from fedge.client import Metrics
@@ -34,6 +35,25 @@ class RoundRecord:
     evaluate_time: float = 0.0
     wall_time: float = 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; `failures` keys become strings, as JSON object keys must be."""
+        return asdict(self) | {"failures": {str(k): v for k, v in self.failures.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """Inverse of `to_dict` (e.g. after a JSON round trip); unknown keys are ignored
+        so records written by a newer fedge still load."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["failures"] = {int(k): str(v) for k, v in data.get("failures", {}).items()}
+        for key in ("selected", "participants"):
+            if key in values:
+                values[key] = [int(c) for c in values[key]]
+        for key in ("metrics", "fit_metrics", "evaluate_metrics"):
+            if key in values:
+                values[key] = dict(values[key])
+        return cls(**values)
+
 
 @dataclass
 class History:
@@ -49,12 +69,17 @@ class History:
         return [r for r in self.rounds if r.status == "ok"]
 
     def to_dict(self) -> dict[str, Any]:
-        rounds = [
-            asdict(r) | {"failures": {str(k): v for k, v in r.failures.items()}}
-            for r in self.rounds
-        ]
         return {
             "initial_metrics": self.initial_metrics,
-            "rounds": rounds,
+            "rounds": [r.to_dict() for r in self.rounds],
             "wall_time": self.wall_time,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> History:
+        """Inverse of `to_dict`; the final weights are not part of it and stay None."""
+        return cls(
+            initial_metrics=dict(data.get("initial_metrics", {})),
+            rounds=[RoundRecord.from_dict(r) for r in data.get("rounds", [])],
+            wall_time=float(data.get("wall_time", 0.0)),
+        )

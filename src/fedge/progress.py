@@ -61,7 +61,7 @@ def history_table(history: History) -> Table:
     """Round, clients, status, every metric and wall time, one row per attempt."""
     central = _keys(r.metrics for r in history.rounds)
     federated = _keys(r.evaluate_metrics for r in history.rounds)
-    fit = _keys(r.fit_metrics for r in history.rounds)
+    fit: list[str] = []  # clients' own training metrics stay in --out, not in the table
     table = Table(title=f"fedge: {len(history.completed)} rounds in {history.wall_time:.2f} s")
     for name in [
         "round",

@@ -8,12 +8,14 @@ finite values) before it can touch an aggregate.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
@@ -121,3 +123,44 @@ def _ordered(arrays: dict[str, Array], order: list[str] | None, source: str) -> 
 
 def num_bytes(weights: Mapping[str, Array]) -> int:
     return sum(a.nbytes for a in weights.values())
+
+
+class FileWeights(Mapping[str, Array]):
+    """The tensors of a safetensors file, read one at a time when accessed.
+
+    A received update is validated and folded tensor by tensor, so it never has to sit
+    whole in server memory.
+    """
+
+    def __init__(self, path: Path, *, source: str = "payload") -> None:
+        try:
+            self._file: Any = safe_open(str(path), framework="numpy")
+            names: list[str] = list(self._file.keys())  # type: ignore[no-untyped-call]
+            metadata: dict[str, str] = self._file.metadata() or {}  # type: ignore[no-untyped-call]
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{source}: not a valid safetensors payload ({exc})") from exc
+        order = metadata.get(_ORDER_KEY)
+        self._names = names if order is None else _parse_order(order, names, source)
+        self.path = path
+
+    def __getitem__(self, name: str) -> Array:
+        if name not in self._names:
+            raise KeyError(name)
+        tensor: Array = self._file.get_tensor(name)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _parse_order(order: str, names: list[str], source: str) -> list[str]:
+    try:
+        parsed = json.loads(order)
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{source}: metadata {_ORDER_KEY!r} is not JSON ({exc})") from exc
+    if not isinstance(parsed, list) or sorted(map(str, parsed)) != sorted(names):
+        raise WeightsError(f"{source}: metadata names {parsed!r} do not match tensors {names}")
+    return [str(n) for n in parsed]

@@ -436,7 +436,7 @@ def test_a_round_without_quorum_is_retried_then_raises_with_the_history() -> Non
         )
 
     assert str(raised.value) == (
-        "round 1 failed 3 time(s): only 2 of the required 3 results arrived"
+        "round 1 failed 3 time(s); last: only 2 of the required 3 results arrived"
     )
     history = raised.value.history
     assert isinstance(history, fedge.History)
@@ -451,6 +451,7 @@ def test_a_round_without_quorum_is_retried_then_raises_with_the_history() -> Non
             2: "client 2 raised RuntimeError: out of memory",
             3: "client 3 raised RuntimeError: out of memory",
         }
+        assert record.reason == "only 2 of the required 3 results arrived"
         assert record.metrics == {}
     assert history.completed == []
 

@@ -99,8 +99,17 @@ def test_invalid_config_names_the_key(
 
 def test_registry_maps_lower_case_names_to_classes() -> None:
     assert set(STRATEGIES) == {
-        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-        "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+        "fedavg",
+        "fedprox",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+        "multikrum",
+        "bulyan",
     }
     for key, cls in STRATEGIES.items():
         assert cls().name.lower() == key
@@ -176,8 +185,9 @@ def test_fedopt_initial_state() -> None:
 def test_fedadam_one_step() -> None:
     strategy = FedAdam()  # eta = 0.1, beta_1 = 0.9, beta_2 = 0.99, tau = 1e-9
     w = {"w": np.array([1.0, 1.0], dtype=np.float32)}
-    new, state = strategy.apply(w, {"w": np.array([3.0, 0.0], dtype=np.float32)},
-                                strategy.init_state(w))
+    new, state = strategy.apply(
+        w, {"w": np.array([3.0, 0.0], dtype=np.float32)}, strategy.init_state(w)
+    )
     # delta = [2, -1]; m = 0.1 delta = [0.2, -0.1]
     # v = 0.99 tau^2 + 0.01 delta^2 ~= [0.04, 0.01]; sqrt(v) = [0.2, 0.1]
     # w + 0.1 * m / sqrt(v) = [1 + 0.1, 1 - 0.1]
@@ -324,8 +334,7 @@ def test_pairwise_distances_survive_large_offsets_and_span_blocks() -> None:
     # three models near 1000, 1e-3 apart, one tensor larger than a distance block
     base = 1000 + rng.standard_normal(400_000)
     models = [base + 1e-3 * rng.standard_normal(base.size) for _ in range(3)]
-    updates = [({"big": m.astype(np.float32)[:399_990], "small": m[399_990:]}, 1)
-               for m in models]
+    updates = [({"big": m.astype(np.float32)[:399_990], "small": m[399_990:]}, 1) for m in models]
     flat = [np.concatenate([w["big"].astype(np.float64), w["small"]]) for w, _ in updates]
     brute = np.array([[np.sum((p - q) ** 2) for q in flat] for p in flat])
     np.testing.assert_allclose(pairwise_sq_distances(updates), brute, rtol=1e-9)

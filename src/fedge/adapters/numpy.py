@@ -9,12 +9,13 @@ config conventions as the PyTorch adapter: ``local_epochs``, ``lr``, ``batch_siz
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
 
 from fedge.client import Client, Config, EvaluateResult, FitResult
-from fedge.weights import Weights
+from fedge.weights import Array, Weights
 
 FloatArray = npt.NDArray[np.floating]
 IntArray = npt.NDArray[np.integer]
@@ -28,9 +29,10 @@ def softmax_weights(num_features: int, num_classes: int) -> Weights:
     }
 
 
-def softmax_loss(weights: Weights, x: FloatArray, y: IntArray) -> tuple[float, float]:
+def softmax_loss(weights: Mapping[str, Array], x: FloatArray, y: IntArray) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of the model on ``(x, y)``."""
-    logits = x @ weights["weight"] + weights["bias"]
+    w: FloatArray = np.asarray(weights["weight"], dtype=np.float32)
+    logits = x @ w + np.asarray(weights["bias"], dtype=np.float32)
     logp = _log_softmax(logits)
     loss = float(-logp[np.arange(len(y)), y].mean())
     return loss, float((logits.argmax(axis=1) == y).mean())
@@ -58,8 +60,9 @@ class SoftmaxRegressionClient(Client):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
 
     def fit(self, weights: Weights, config: Config) -> FitResult:
-        w, b = weights["weight"].copy(), weights["bias"].copy()
-        anchor_w, anchor_b = weights["weight"], weights["bias"]
+        anchor_w: FloatArray = np.asarray(weights["weight"], dtype=np.float32)
+        anchor_b: FloatArray = np.asarray(weights["bias"], dtype=np.float32)
+        w, b = anchor_w.copy(), anchor_b.copy()
         mu = float(config.get("proximal_mu", 0.0))
         lr = float(config.get("lr", self.lr))
         batch = int(config.get("batch_size", self.batch_size))

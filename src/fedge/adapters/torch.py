@@ -100,7 +100,7 @@ class TorchClient(Client):
                 total_loss, seen = total_loss + loss.item() * n, seen + n
                 if mu > 0:
                     loss = loss + mu / 2 * _distance2(self.model.parameters(), anchor)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
         return FitResult(
             get_weights(self.model),
@@ -129,4 +129,4 @@ def _num_examples(data: Sized) -> int:
     dataset = getattr(data, "dataset", None)  # a DataLoader knows its dataset's size
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
-    return sum(len(batch[1]) for batch in data)  # type: ignore[attr-defined]
+    return sum(len(batch[1]) for batch in data)  # type: ignore[attr-defined,misc]

@@ -42,10 +42,14 @@ class Spool:
     """An upload being received into ``<dir>/<key>.part``; resumable by offset."""
 
     def __init__(self, directory: Path, key: str) -> None:
-        self.path = directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.part"
+        self.path = self.path_for(directory, key)
         self.size = self.path.stat().st_size if self.path.exists() else 0
         self.digest = sha256_file(self.path) if self.size else hashlib.sha256()
         self._file = self.path.open("ab")
+
+    @staticmethod
+    def path_for(directory: Path, key: str) -> Path:
+        return directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.part"
 
     def write(self, data: bytes) -> None:
         self._file.write(data)

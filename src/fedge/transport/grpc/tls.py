@@ -45,7 +45,9 @@ def require_loopback(address: str) -> None:
         infos = {info[4][0] for info in socket.getaddrinfo(host or "0.0.0.0", None)}
     except socket.gaierror as exc:
         raise FedgeError(f"cannot resolve {host!r} in {address!r}: {exc}") from exc
-    if not infos or not all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in infos):
+    if not infos or not all(
+        ipaddress.ip_address(str(ip).split("%")[0]).is_loopback for ip in infos
+    ):
         raise FedgeError(
             f"--insecure (plaintext) is only allowed on a loopback address, "
             f"got {address!r}; use TLS certificates (--certs) instead"

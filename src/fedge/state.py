@@ -1,0 +1,385 @@
+"""Durable server state — runs, rounds, nodes, metrics — in one SQLite file (WAL mode).
+
+The aggregator must survive SIGKILL or a power cut at any instant and resume, so every
+write is one SQLite transaction: after a crash the database holds each write entirely
+or not at all. WAL lets the CLI and a dashboard read while the server writes.
+
+Recovery protocol (with `fedge.checkpoint`): when a round finishes, the server first
+saves its checkpoint — with the round's `RoundRecord.to_dict()` in ``meta["record"]`` —
+and only then records the round here (recording is "announcing": the CLI sees it).
+So after any crash:
+
+    last ok round recorded here  <=  latest checkpoint round  <=  that + 1
+
+and a checkpoint is never missing for a round reported finished. On restart, resume
+from `latest_checkpoint`; if its round is not recorded yet, record it from
+``meta["record"]`` first. Nothing finished is lost and nothing is counted twice
+(`record_round` is an upsert).
+
+One `StateStore` is shared by an asyncio server and its worker threads: the connection
+allows use from any thread and a lock serialises every statement, so a read can never
+see another thread's half-done transaction. Other processes may open the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from fedge.client import Metrics
+from fedge.errors import FedgeError
+from fedge.history import History, RoundRecord
+
+log = logging.getLogger(__name__)
+
+RunStatus = Literal["running", "finished", "failed", "stopped"]
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
+
+SCHEMA_VERSION = 1
+"""Stored in ``PRAGMA user_version``; `_MIGRATIONS[i]` upgrades version i to i + 1."""
+
+_MIGRATIONS: list[list[str]] = [
+    [
+        # Timestamps are Unix seconds (REAL): easy to compare and to subtract.
+        f"""CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            config_json TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN {RUN_STATUSES!r}),
+            total_rounds INTEGER NOT NULL,
+            initial_metrics_json TEXT NOT NULL DEFAULT '{{}}',
+            wall_time REAL NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE rounds (
+            run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+            round INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+            record_json TEXT NOT NULL,
+            finished_at REAL NOT NULL,
+            PRIMARY KEY (run_id, round, attempt)
+        )""",
+        """CREATE TABLE nodes (
+            node_id TEXT PRIMARY KEY,
+            cid INTEGER NOT NULL UNIQUE,
+            address TEXT NOT NULL,
+            capabilities_json TEXT NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            tasks_done INTEGER NOT NULL DEFAULT 0
+        )""",
+    ],
+]
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+class StateError(FedgeError):
+    """The state database cannot be used, or a call refers to a run or node it lacks."""
+
+
+class StateStore:
+    """The aggregator's durable state in the SQLite database at `path` (created if missing)."""
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; every write below opens its
+            # own with BEGIN IMMEDIATE, so each one is atomic and its extent explicit.
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"{self.path}: cannot open the state database ({exc})") from exc
+        self._db.row_factory = sqlite3.Row
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StateError(
+                    f"{self.path}: SQLite refused WAL mode (journal_mode is {mode!r}); "
+                    "put the state database on a local filesystem"
+                )
+            # FULL, not NORMAL: in WAL mode NORMAL survives a process crash but may roll
+            # back the last commits after a power cut or kernel crash — a round reported
+            # finished could then vanish, and edge servers lose power. Commits are rare
+            # (a few per round, plus node bookkeeping), so one fsync each costs nothing.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StateError(f"{self.path}: not a usable fedge state database ({exc})") from exc
+        except StateError:
+            self._db.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        row = self._query_one("PRAGMA user_version")
+        return int(row[0]) if row is not None else 0
+
+    # -- runs ------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, config: Mapping[str, Any], total_rounds: int) -> None:
+        """Register a run as ``running``. Calling it again for the same run (a restarted
+        server resuming) changes nothing; a different config or round count is an error,
+        as resuming a run with other settings would mix two experiments."""
+        config_json = _dumps(config, f"config of run {run_id!r}", sort_keys=True)
+        now = time.time()
+        with self._write() as db:
+            row = db.execute(
+                "SELECT config_json, total_rounds FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO runs (run_id, config_json, status, total_rounds, created_at,"
+                    " updated_at) VALUES (?, ?, 'running', ?, ?, ?)",
+                    (run_id, config_json, total_rounds, now, now),
+                )
+                return
+            if row["config_json"] != config_json or row["total_rounds"] != total_rounds:
+                raise StateError(
+                    f"run {run_id!r} already exists with total_rounds={row['total_rounds']} "
+                    f"and config {row['config_json']}; got total_rounds={total_rounds} and "
+                    f"config {config_json}. Use a new run id for new settings."
+                )
+
+    def set_run_status(
+        self, run_id: str, status: RunStatus, *, wall_time: float | None = None
+    ) -> None:
+        """Change a run's status; pass `wall_time` (seconds) when the run ends."""
+        if status not in RUN_STATUSES:
+            raise StateError(f"run status must be one of {list(RUN_STATUSES)}, got {status!r}")
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE runs SET status = ?, wall_time = coalesce(?, wall_time), updated_at = ?"
+                " WHERE run_id = ?",
+                (status, wall_time, time.time(), run_id),
+            )
+            _require(cur.rowcount, "run", run_id)
+
+    def set_initial_metrics(self, run_id: str, metrics: Metrics) -> None:
+        """Centralized evaluation of the initial weights, which `history` returns too."""
+        metrics_json = _dumps(metrics, f"initial metrics of run {run_id!r}")
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE runs SET initial_metrics_json = ?, updated_at = ? WHERE run_id = ?",
+                (metrics_json, time.time(), run_id),
+            )
+            _require(cur.rowcount, "run", run_id)
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run as a dict (config and initial metrics decoded), or None if unknown."""
+        row = self._query_one("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        return None if row is None else _run(row)
+
+    def latest_run(self) -> dict[str, Any] | None:
+        """The most recently started run: what a restarted server should look at."""
+        row = self._query_one("SELECT * FROM runs ORDER BY created_at DESC, rowid DESC LIMIT 1")
+        return None if row is None else _run(row)
+
+    # -- rounds ----------------------------------------------------------------------
+
+    def record_round(self, run_id: str, record: RoundRecord) -> None:
+        """Store one attempt at a round; storing the same (round, attempt) again replaces
+        it, so a round redone after a crash is not counted twice."""
+        record_json = _dumps(record.to_dict(), f"round {record.round} of run {run_id!r}")
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+                raise StateError(f"unknown run {run_id!r}: call start_run first")
+            db.execute(
+                "INSERT INTO rounds (run_id, round, attempt, status, record_json, finished_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (run_id, round, attempt) DO UPDATE SET"
+                " status = excluded.status, record_json = excluded.record_json,"
+                " finished_at = excluded.finished_at",
+                (run_id, record.round, record.attempt, record.status, record_json, time.time()),
+            )
+            db.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (time.time(), run_id))
+
+    def last_round(self, run_id: str) -> int:
+        """The highest round recorded as ``ok`` for the run (0 if none)."""
+        row = self._query_one(
+            "SELECT max(round) FROM rounds WHERE run_id = ? AND status = 'ok'", (run_id,)
+        )
+        return int(row[0] or 0) if row is not None else 0
+
+    def history(self, run_id: str) -> History:
+        """The run's `History` rebuilt from the database, by round then attempt.
+
+        ``History.weights`` stays None: the weights live in checkpoints."""
+        with self._snapshot() as db:
+            run = db.execute(
+                "SELECT initial_metrics_json, wall_time FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            rows = db.execute(
+                "SELECT record_json FROM rounds WHERE run_id = ? ORDER BY round, attempt",
+                (run_id,),
+            ).fetchall()
+        if run is None:
+            raise StateError(f"unknown run {run_id!r}")
+        return History(
+            initial_metrics=json.loads(run["initial_metrics_json"]),
+            rounds=[RoundRecord.from_dict(json.loads(r["record_json"])) for r in rows],
+            wall_time=float(run["wall_time"]),
+        )
+
+    # -- nodes -----------------------------------------------------------------------
+
+    def upsert_node(
+        self, node_id: str, cid: int, address: str, capabilities: Mapping[str, Any]
+    ) -> None:
+        """A node joined (or re-joined): keep its first-seen time and task count."""
+        caps_json = _dumps(capabilities, f"capabilities of node {node_id!r}", sort_keys=True)
+        now = time.time()
+        with self._write() as db:
+            owner = db.execute("SELECT node_id FROM nodes WHERE cid = ?", (cid,)).fetchone()
+            if owner is not None and owner["node_id"] != node_id:
+                raise StateError(
+                    f"client id {cid} already belongs to node {owner['node_id']!r}; "
+                    f"cannot give it to node {node_id!r}"
+                )
+            db.execute(
+                "INSERT INTO nodes (node_id, cid, address, capabilities_json, first_seen,"
+                " last_seen) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET cid = excluded.cid,"
+                " address = excluded.address, capabilities_json = excluded.capabilities_json,"
+                " last_seen = excluded.last_seen",
+                (node_id, cid, address, caps_json, now, now),
+            )
+
+    def touch_node(self, node_id: str) -> None:
+        """The node was heard from (heartbeat, result): move its last-seen time."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE nodes SET last_seen = ? WHERE node_id = ?", (time.time(), node_id)
+            )
+            _require(cur.rowcount, "node", node_id)
+
+    def increment_tasks(self, node_id: str) -> None:
+        """The node finished a task; finishing one also counts as being seen."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE nodes SET tasks_done = tasks_done + 1, last_seen = ? WHERE node_id = ?",
+                (time.time(), node_id),
+            )
+            _require(cur.rowcount, "node", node_id)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node ever seen, by client id, with capabilities decoded."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM nodes ORDER BY cid").fetchall()
+        return [
+            {
+                "node_id": r["node_id"],
+                "cid": r["cid"],
+                "address": r["address"],
+                "capabilities": json.loads(r["capabilities_json"]),
+                "first_seen": r["first_seen"],
+                "last_seen": r["last_seen"],
+                "tasks_done": r["tasks_done"],
+            }
+            for r in rows
+        ]
+
+    # -- internals -------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction. IMMEDIATE takes the write lock up front, so a
+        second process writing the same file waits (up to `timeout`) instead of failing
+        half-way through with SQLITE_BUSY."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StateError(f"{self.path}: cannot start a write ({exc})") from exc
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StateError(f"{self.path}: write failed ({exc})") from exc
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StateError(f"{self.path}: write failed ({exc})") from exc
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: several SELECTs see one consistent state, even while
+        another process writes the file."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def _query_one(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
+        return row
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path}: schema version {version} is newer than this fedge "
+                    f"supports ({SCHEMA_VERSION}); upgrade fedge"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target - 1]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+                log.info("state database %s: schema migrated to version %d", self.path, target)
+
+
+def _run(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "run_id": row["run_id"],
+        "config": json.loads(row["config_json"]),
+        "status": row["status"],
+        "total_rounds": row["total_rounds"],
+        "initial_metrics": json.loads(row["initial_metrics_json"]),
+        "wall_time": row["wall_time"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def _dumps(value: object, what: str, *, sort_keys: bool = False) -> str:
+    try:
+        return json.dumps(value, sort_keys=sort_keys)
+    except (TypeError, ValueError) as exc:
+        raise StateError(f"{what} is not JSON-serializable ({exc})") from exc
+
+
+def _require(rowcount: int, kind: str, key: str) -> None:
+    if rowcount == 0:
+        raise StateError(f"unknown {kind} {key!r}")

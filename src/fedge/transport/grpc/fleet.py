@@ -1,0 +1,246 @@
+"""The server side of the fleet: connected nodes, open tasks, and the `Fleet` the
+coordinator drives.
+
+The coordinator runs in its own thread; gRPC handlers run on the asyncio loop. They
+meet here: `GrpcFleet` (coordinator thread) hands tasks to the loop, and accepted
+results come back through a thread-safe queue, one at a time, so each update is
+validated and folded while the next is still arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import queue
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedge.client import EvaluateResult, FitResult
+from fedge.coordinator import Outcome, Task
+from fedge.errors import FedgeError
+from fedge.proto.fedge.v1 import fleet_pb2 as pb
+from fedge.weights import Spec, Weights, spec_of, to_bytes
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(FedgeError):
+    """The server is shutting down; the coordinator thread unwinds with this."""
+
+
+@dataclass
+class Session:
+    """One live connection of a node; a newer connection with the same name replaces it."""
+
+    node_id: str
+    cid: int
+    token: str
+    address: str
+    queue: asyncio.Queue[pb.TaskHeader | None] = field(default_factory=asyncio.Queue)
+    connected_since: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    streaming: bool = False
+
+
+@dataclass
+class Model:
+    version: str
+    sha256: bytes
+    size: int
+    path: Path
+
+
+@dataclass
+class OpenTask:
+    task: Task
+    header: pb.TaskHeader
+    done: bool = False
+
+
+class FleetState:
+    """Everything the gRPC handlers share. Touched only from the event loop thread."""
+
+    def __init__(self, work_dir: Path, run_id: str) -> None:
+        self.run_id = run_id
+        self.models_dir = work_dir / "models"
+        self.uploads_dir = work_dir / "uploads"
+        for d in (self.models_dir, self.uploads_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.sessions: dict[str, Session] = {}
+        self.models: OrderedDict[str, Model] = OrderedDict()
+        self.open: dict[str, OpenTask] = {}
+        self.closed: OrderedDict[str, int] = OrderedDict()  # task id -> round, bounded
+        self.spec: Spec = {}
+        self.results: queue.Queue[Outcome] = queue.Queue()
+        self.changed = asyncio.Event()
+        self.round = 0
+        self.expected = 0
+        self.received = 0
+        self.stopping = False
+
+    # --- nodes -----------------------------------------------------------------
+
+    def join(self, node_id: str, cid: int, address: str) -> Session:
+        for other in self.sessions.values():
+            if other.cid == cid and other.node_id != node_id and other.streaming:
+                raise ValueError(f"cid {cid} is already served by node {other.node_id!r}")
+        old = self.sessions.get(node_id)
+        if old is not None:
+            old.queue.put_nowait(None)  # ends the older Tasks stream
+        session = Session(node_id, cid, secrets.token_hex(16), address)
+        self.sessions[node_id] = session
+        return session
+
+    def available(self) -> list[int]:
+        return sorted(s.cid for s in self.sessions.values() if s.streaming)
+
+    def stream_opened(self, session: Session) -> None:
+        session.streaming = True
+        for open_task in self.open.values():  # re-push work it may have lost
+            if open_task.task.cid == session.cid and not open_task.done:
+                session.queue.put_nowait(open_task.header)
+        self._notify()
+
+    def stream_closed(self, session: Session) -> None:
+        session.streaming = False
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def wait_available(self, count: int) -> list[int]:
+        while not self.stopping:
+            available = self.available()
+            if len(available) >= count:
+                return available
+            event = self.changed
+            try:
+                await asyncio.wait_for(event.wait(), timeout=10)
+            except TimeoutError:
+                log.info("waiting for nodes: %d of %d connected", len(available), count)
+        raise Stopped("server is stopping")
+
+    # --- tasks -----------------------------------------------------------------
+
+    def open_tasks(self, tasks: Sequence[Task], model: Model, deadline: float) -> None:
+        self.open = {}
+        self.round, self.expected, self.received = tasks[0].round if tasks else 0, len(tasks), 0
+        by_cid = {s.cid: s for s in self.sessions.values() if s.streaming}
+        for task in tasks:
+            header = pb.TaskHeader(
+                task_id=task.task_id,
+                run_id=self.run_id,
+                round=task.round,
+                kind=pb.TASK_KIND_FIT if task.kind == "fit" else pb.TASK_KIND_EVALUATE,
+                config_json=_json(task.config),
+                model_version=model.version,
+                model_sha256=model.sha256,
+                model_size=model.size,
+                deadline_unix_ms=int(deadline * 1000),
+            )
+            self.open[task.task_id] = OpenTask(task, header)
+            session = by_cid.get(task.cid)
+            if session is not None:
+                session.queue.put_nowait(header)
+
+    def close_tasks(self) -> None:
+        for task_id, open_task in self.open.items():
+            self.closed[task_id] = open_task.task.round
+        while len(self.closed) > 10_000:
+            self.closed.popitem(last=False)
+        self.open = {}
+
+    def accept(
+        self, task_id: str, result: FitResult | EvaluateResult | None, error: str | None = None
+    ) -> None:
+        open_task = self.open[task_id]
+        open_task.done = True
+        if open_task.task.kind == "fit" and error is None:
+            self.received += 1
+        self.results.put(Outcome(open_task.task, result=result, error=error))
+
+    def publish(self, data: bytes, weights: Weights) -> Model:
+        digest = hashlib.sha256(data).digest()
+        version = digest.hex()[:16]
+        if version not in self.models:
+            path = self.models_dir / f"{version}.safetensors"
+            path.write_bytes(data)
+            self.models[version] = Model(version, digest, len(data), path)
+            while len(self.models) > 2:  # nodes may still read the previous version
+                _, old = self.models.popitem(last=False)
+                old.path.unlink(missing_ok=True)
+        self.spec = spec_of(weights)
+        return self.models[version]
+
+
+def _json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=float)
+
+
+class GrpcFleet:
+    """The coordinator's view of the gRPC fleet (called from the coordinator thread)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, state: FleetState, default_timeout: float = 600.0
+    ) -> None:
+        self.loop, self.state, self.default_timeout = loop, state, default_timeout
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        async def run() -> Any:
+            return fn(*args)
+
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        return future.result()
+
+    def wait_available(self, count: int) -> list[int]:
+        future = asyncio.run_coroutine_threadsafe(self.state.wait_available(count), self.loop)
+        result: list[int] = future.result()
+        return result
+
+    def run(
+        self, tasks: Sequence[Task], weights: Weights, timeout: float | None
+    ) -> Iterator[Outcome]:
+        data = to_bytes(weights)
+        model: Model = self._call(self.state.publish, data, weights)
+        del data
+        deadline = time.time() + (timeout or self.default_timeout)
+        self._call(self.state.open_tasks, tasks, model, deadline)
+        pending = len(tasks)
+        try:
+            while pending and not self.state.stopping:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    break
+                try:
+                    outcome = self.state.results.get(timeout=min(remaining, 0.5))
+                except queue.Empty:
+                    continue
+                pending -= 1
+                yield outcome
+                _cleanup(outcome)
+        finally:
+            self._call(self.state.close_tasks)
+            while not self.state.results.empty():  # results that raced the close
+                _cleanup(self.state.results.get_nowait())
+        if self.state.stopping:
+            raise Stopped("server is stopping")
+
+
+def _cleanup(outcome: Outcome) -> None:
+    """Delete the spooled file of a consumed fit result."""
+    result = outcome.result
+    if isinstance(result, FitResult):
+        path = getattr(result.weights, "path", None)
+        if isinstance(path, Path):
+            path.unlink(missing_ok=True)

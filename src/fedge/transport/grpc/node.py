@@ -1,0 +1,338 @@
+"""The edge node: a long-lived process that dials out to the server and runs tasks.
+
+It joins with its capabilities, keeps the server's task stream open, and runs each task
+in a worker thread while heartbeats go on. After any failure — server down at start,
+server restart, dropped stream — it reconnects with exponential backoff and jitter. A
+result whose upload was not acknowledged is kept and re-sent (resuming from the offset
+the server already holds); the server counts it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from fedge.client import Client, EvaluateResult, FitResult
+from fedge.errors import WeightsError
+from fedge.proto.fedge.v1 import fleet_pb2 as pb
+from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
+from fedge.transport.grpc.chunks import bytes_chunks
+from fedge.transport.grpc.tls import NODE_NAME_METADATA, channel_credentials
+from fedge.weights import from_bytes, to_bytes
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter, so a fleet does not reconnect in lockstep."""
+
+    initial: float = 0.2
+    maximum: float = 10.0
+    attempt: int = 0
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.initial * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class PendingUpload:
+    header: pb.UploadHeader
+    payload: bytes = b""
+
+
+@dataclass
+class NodeSettings:
+    server: str
+    cid: int
+    name: str
+    certs: Path | None = None
+    insecure: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Node:
+    def __init__(self, client: Client, settings: NodeSettings) -> None:
+        self.client, self.settings = client, settings
+        self.stop_event = threading.Event()
+        self._stub: pb_grpc.FleetStub | None = None
+        self._channel: grpc.Channel | None = None
+        self._token = ""
+        self._connected = threading.Event()
+        self._tasks: queue.Queue[pb.TaskHeader] = queue.Queue()
+        self._seen: OrderedDict[str, None] = OrderedDict()  # task ids taken, bounded
+        self._model: tuple[bytes, bytes] | None = None  # (sha256, payload) of the last model
+        self._metadata = ((NODE_NAME_METADATA, settings.name),) if settings.insecure else ()
+        self.tasks_done = 0
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until `stop()`; never gives up on the server."""
+        worker = threading.Thread(target=self._work, name="fedge-worker", daemon=True)
+        worker.start()
+        backoff = Backoff()
+        while not self.stop_event.is_set():
+            try:
+                self._serve_session(backoff)
+            except grpc.RpcError as exc:
+                log.info(
+                    "connection to %s lost: %s %s", self.settings.server, exc.code(), exc.details()
+                )
+            finally:
+                self._connected.clear()
+            self.stop_event.wait(backoff.next())
+        self._close_channel()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._stub is not None and self._token:
+            with contextlib.suppress(grpc.RpcError):
+                self._stub.Leave(
+                    pb.LeaveRequest(session_token=self._token, reason="stopped"),
+                    timeout=2,
+                    metadata=self._metadata,
+                )
+        self._close_channel()
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+    def _serve_session(self, backoff: Backoff) -> None:
+        self._close_channel()
+        self._channel = self._make_channel()
+        stub = pb_grpc.FleetStub(self._channel)
+        reply = stub.Join(
+            pb.JoinRequest(cid=self.settings.cid, capabilities=_capabilities(self.settings.labels)),
+            timeout=10,
+            metadata=self._metadata,
+            wait_for_ready=False,
+        )
+        self._stub, self._token = stub, reply.session_token
+        log.info("joined %s as %s (cid %d)", self.settings.server, reply.node_id, self.settings.cid)
+        stream = stub.Tasks(
+            pb.TasksRequest(node_id=reply.node_id, session_token=reply.session_token),
+            metadata=self._metadata,
+        )
+        heartbeat = threading.Thread(
+            target=self._heartbeat,
+            daemon=True,
+            args=(stub, reply.session_token, reply.heartbeat_interval_s or 5.0, stream),
+        )
+        heartbeat.start()
+        self._connected.set()
+        backoff.reset()
+        for message in stream:
+            if message.HasField("task") and message.task.task_id not in self._seen:
+                self._seen[message.task.task_id] = None
+                while len(self._seen) > 1000:
+                    self._seen.popitem(last=False)
+                self._tasks.put(message.task)
+            if self.stop_event.is_set():
+                stream.cancel()
+
+    def _make_channel(self) -> grpc.Channel:
+        options = [
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if self.settings.insecure:
+            return grpc.insecure_channel(self.settings.server, options=options)
+        if self.settings.certs is None:
+            raise ValueError("certs are required unless insecure")
+        creds = channel_credentials(self.settings.certs, self.settings.name)
+        return grpc.secure_channel(self.settings.server, creds, options=options)
+
+    def _heartbeat(
+        self, stub: pb_grpc.FleetStub, token: str, interval: float, stream: grpc.Future
+    ) -> None:
+        while not self.stop_event.wait(interval) and self._token == token:
+            try:
+                stub.Heartbeat(
+                    pb.HeartbeatRequest(session_token=token),
+                    timeout=interval,
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError as exc:
+                log.info("heartbeat failed (%s); reconnecting", exc.code())
+                stream.cancel()
+                return
+
+    # --- work --------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                task = self._tasks.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                upload = self._execute(task)
+            except grpc.RpcError as exc:
+                log.warning(
+                    "task %s: model download failed (%s); it will be re-sent",
+                    task.task_id,
+                    exc.code(),
+                )
+                self._seen.pop(task.task_id, None)
+                continue
+            self._deliver(upload)
+            self.tasks_done += 1
+
+    def _execute(self, task: pb.TaskHeader) -> PendingUpload:
+        weights = from_bytes(self._download(task), source=f"model {task.model_version}")
+        config = json.loads(task.config_json)
+        try:
+            if task.kind == pb.TASK_KIND_FIT:
+                result = self.client.fit(weights, config)
+                if not isinstance(result, FitResult):
+                    raise TypeError(f"fit() returned {type(result).__name__}, not FitResult")
+                payload = to_bytes(result.weights)
+                return PendingUpload(
+                    pb.UploadHeader(
+                        task_id=task.task_id,
+                        num_examples=result.num_examples,
+                        metrics=_floats(result.metrics),
+                        encoding="safetensors",
+                        size=len(payload),
+                        sha256=hashlib.sha256(payload).digest(),
+                    ),
+                    payload,
+                )
+            evaluation = self.client.evaluate(weights, config)
+            if not isinstance(evaluation, EvaluateResult):
+                raise TypeError(f"evaluate() returned {type(evaluation).__name__}")
+            return PendingUpload(
+                pb.UploadHeader(
+                    task_id=task.task_id,
+                    num_examples=evaluation.num_examples,
+                    metrics=_floats(evaluation.metrics),
+                    loss=float(evaluation.loss),
+                )
+            )
+        except Exception as exc:  # the user's code failed: tell the server, keep serving
+            log.exception("task %s failed", task.task_id)
+            return PendingUpload(
+                pb.UploadHeader(task_id=task.task_id, error=f"{type(exc).__name__}: {exc}")
+            )
+
+    def _download(self, task: pb.TaskHeader) -> bytes:
+        if self._model is not None and self._model[0] == task.model_sha256:
+            return self._model[1]
+        data = bytearray()
+        backoff = Backoff()
+        while True:
+            self._connected.wait()
+            assert self._stub is not None
+            try:
+                for chunk in self._stub.Download(
+                    pb.DownloadRequest(model_version=task.model_version, offset=len(data)),
+                    metadata=self._metadata,
+                    timeout=600,
+                ):
+                    data += chunk.data
+                break
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or self.stop_event.is_set():
+                    raise
+                self.stop_event.wait(backoff.next())
+        payload = bytes(data)
+        if len(payload) != task.model_size or hashlib.sha256(payload).digest() != task.model_sha256:
+            raise WeightsError(f"model {task.model_version}: size or sha256 mismatch; will retry")
+        self._model = (task.model_sha256, payload)
+        return payload
+
+    def _deliver(self, upload: PendingUpload) -> None:
+        """Upload until acknowledged, resuming after reconnects; counted once by the server."""
+        backoff = Backoff()
+        while not self.stop_event.is_set():
+            self._connected.wait(timeout=1.0)
+            if not self._connected.is_set() or self._stub is None:
+                continue
+            try:
+                reply = self._upload_once(self._stub, upload)
+            except grpc.RpcError as exc:
+                if exc.code() in RETRYABLE:
+                    log.info(
+                        "upload of %s interrupted (%s); retrying", upload.header.task_id, exc.code()
+                    )
+                    self.stop_event.wait(backoff.next())
+                    continue
+                log.warning(
+                    "upload of %s rejected: %s %s", upload.header.task_id, exc.code(), exc.details()
+                )
+                return
+            if reply.accepted:
+                return
+            self.stop_event.wait(backoff.next())
+
+    def _upload_once(self, stub: pb_grpc.FleetStub, upload: PendingUpload) -> pb.UploadReply:
+        offset = 0
+        if upload.payload:
+            status = stub.QueryUpload(
+                pb.QueryUploadRequest(task_id=upload.header.task_id),
+                timeout=30,
+                metadata=self._metadata,
+            )
+            if status.complete:
+                return pb.UploadReply(accepted=True, duplicate=True)
+            offset = int(status.received_bytes)
+        header = pb.UploadHeader()
+        header.CopyFrom(upload.header)
+        header.offset = offset
+        reply: pb.UploadReply = stub.Upload(
+            _messages(header, upload.payload, offset), timeout=600, metadata=self._metadata
+        )
+        return reply
+
+
+def _messages(header: pb.UploadHeader, payload: bytes, offset: int) -> Iterator[pb.UploadMessage]:
+    yield pb.UploadMessage(header=header)
+    for start, data in bytes_chunks(payload, offset):
+        yield pb.UploadMessage(chunk=pb.Chunk(data=data, offset=start))
+
+
+def _floats(metrics: Mapping[str, object]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _capabilities(labels: dict[str, str]) -> pb.Capabilities:
+    from fedge import __version__
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return pb.Capabilities(
+        cpu_count=os.cpu_count() or 1,
+        memory_bytes=memory,
+        accelerator="none",
+        framework="numpy",
+        fedge_version=__version__,
+        labels=labels,
+    )

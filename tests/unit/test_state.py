@@ -1,0 +1,385 @@
+"""The state store: schema and WAL set up on open, runs/rounds/nodes round-trip, History
+rebuilt exactly, and everything still there after a "restart" — including after SIGKILL
+in the middle of writing rounds and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.checkpoint import latest_checkpoint, list_checkpoints
+from fedge.errors import FedgeError
+from fedge.history import History, RoundRecord
+from fedge.state import SCHEMA_VERSION, StateError, StateStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> StateStore:
+    return StateStore(tmp_path / "state.db")
+
+
+def sample_history() -> History:
+    return History(
+        initial_metrics={"loss": 2.3, "accuracy": 0.1},
+        rounds=[
+            RoundRecord(
+                round=1,
+                selected=[0, 1, 2],
+                participants=[0, 2],
+                failures={1: "timeout after 30.0 s"},
+                num_examples=120,
+                metrics={"loss": 1.5},
+                fit_metrics={"train_loss": 1.7},
+                evaluate_metrics={"loss": 1.6, "accuracy": 0.4},
+                fit_time=1.25,
+                evaluate_time=0.5,
+                wall_time=1.875,
+            ),
+            RoundRecord(round=2, status="failed", selected=[3], failures={3: "crashed"}),
+            RoundRecord(round=2, attempt=1, selected=[0, 3], participants=[0, 3], wall_time=0.1),
+        ],
+        wall_time=12.5,
+    )
+
+
+# -- schema -------------------------------------------------------------------------
+
+
+def test_schema_is_created_and_versioned(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.db"
+    StateStore(path).close()
+    db = sqlite3.connect(path)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"runs", "rounds", "nodes"} <= tables
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_wal_mode_is_on(store: StateStore, tmp_path: Path) -> None:
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    # WAL is a property of the file: another connection sees it too
+    other = sqlite3.connect(tmp_path / "state.db")
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()
+
+
+def test_reopening_keeps_schema_and_does_not_migrate_twice(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "state.db") as first:
+        first.start_run("r", {}, 1)
+    with StateStore(tmp_path / "state.db") as second:
+        assert second.schema_version == SCHEMA_VERSION
+        assert second.get_run("r") is not None
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    StateStore(tmp_path / "state.db").close()
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="newer than this fedge supports"):
+        StateStore(tmp_path / "state.db")
+
+
+def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateError, match="not a usable fedge state database") as info:
+        StateStore(path)
+    assert str(path) in str(info.value) and isinstance(info.value, FedgeError)
+
+
+# -- runs ---------------------------------------------------------------------------
+
+
+def test_start_run_and_get_run(store: StateStore) -> None:
+    assert store.get_run("r1") is None and store.latest_run() is None
+    store.start_run("r1", {"strategy": "FedAvg", "lr": 0.1}, total_rounds=10)
+    run = store.get_run("r1")
+    assert run is not None
+    assert run["config"] == {"strategy": "FedAvg", "lr": 0.1}
+    assert (run["status"], run["total_rounds"]) == ("running", 10)
+    assert run["created_at"] <= run["updated_at"]
+
+
+def test_start_run_is_idempotent(store: StateStore) -> None:
+    store.start_run("r1", {"a": 1, "b": [1, 2]}, total_rounds=3)
+    store.set_run_status("r1", "stopped")
+    store.start_run("r1", {"b": [1, 2], "a": 1}, total_rounds=3)  # key order does not matter
+    run = store.get_run("r1")
+    assert run is not None and run["status"] == "stopped"
+    assert len([store.latest_run()]) == 1
+
+
+def test_start_run_with_other_settings_is_refused(store: StateStore) -> None:
+    store.start_run("r1", {"lr": 0.1}, total_rounds=3)
+    with pytest.raises(StateError, match="already exists with total_rounds=3"):
+        store.start_run("r1", {"lr": 0.2}, total_rounds=3)
+    with pytest.raises(StateError, match="already exists"):
+        store.start_run("r1", {"lr": 0.1}, total_rounds=4)
+
+
+def test_set_run_status(store: StateStore) -> None:
+    store.start_run("r1", {}, 3)
+    store.set_run_status("r1", "finished", wall_time=42.0)
+    run = store.get_run("r1")
+    assert run is not None and (run["status"], run["wall_time"]) == ("finished", 42.0)
+    store.set_run_status("r1", "running")  # wall_time kept when not given
+    run = store.get_run("r1")
+    assert run is not None and (run["status"], run["wall_time"]) == ("running", 42.0)
+    with pytest.raises(StateError, match="must be one of"):
+        store.set_run_status("r1", "done")  # type: ignore[arg-type]
+    with pytest.raises(StateError, match="unknown run 'nope'"):
+        store.set_run_status("nope", "failed")
+
+
+def test_latest_run_is_the_last_started(store: StateStore) -> None:
+    for run_id in ("b", "a", "c"):
+        store.start_run(run_id, {}, 1)
+    latest = store.latest_run()
+    assert latest is not None and latest["run_id"] == "c"
+
+
+def test_unserializable_config_is_refused(store: StateStore) -> None:
+    with pytest.raises(StateError, match="config of run 'r1' is not JSON-serializable"):
+        store.start_run("r1", {"fn": print}, 1)
+    assert store.get_run("r1") is None
+
+
+# -- rounds -------------------------------------------------------------------------
+
+
+def test_history_rebuild_equals_original(store: StateStore) -> None:
+    original = sample_history()
+    store.start_run("r1", {}, total_rounds=2)
+    store.set_initial_metrics("r1", original.initial_metrics)
+    for record in reversed(original.rounds):  # stored out of order, read back in order
+        store.record_round("r1", record)
+    store.set_run_status("r1", "finished", wall_time=original.wall_time)
+    rebuilt = store.history("r1")
+    assert rebuilt == original
+    assert rebuilt.rounds[0].failures == {1: "timeout after 30.0 s"}  # int keys again
+    assert store.last_round("r1") == 2
+
+
+def test_record_round_is_an_upsert(store: StateStore) -> None:
+    store.start_run("r1", {}, 3)
+    store.record_round("r1", RoundRecord(round=1, metrics={"loss": 2.0}))
+    store.record_round("r1", RoundRecord(round=1, metrics={"loss": 1.0}))
+    assert store.history("r1").rounds == [RoundRecord(round=1, metrics={"loss": 1.0})]
+
+
+def test_rounds_of_runs_are_kept_apart(store: StateStore) -> None:
+    store.start_run("a", {}, 3)
+    store.start_run("b", {}, 3)
+    store.record_round("a", RoundRecord(round=1))
+    assert store.history("b").rounds == []
+    assert (store.last_round("a"), store.last_round("b")) == (1, 0)
+
+
+def test_failed_rounds_do_not_count_as_done(store: StateStore) -> None:
+    store.start_run("r1", {}, 3)
+    store.record_round("r1", RoundRecord(round=1))
+    store.record_round("r1", RoundRecord(round=2, status="failed"))
+    assert store.last_round("r1") == 1
+
+
+def test_rounds_need_a_run(store: StateStore) -> None:
+    with pytest.raises(StateError, match="unknown run 'ghost'"):
+        store.record_round("ghost", RoundRecord(round=1))
+    with pytest.raises(StateError, match="unknown run 'ghost'"):
+        store.history("ghost")
+    with pytest.raises(StateError, match="unknown run 'ghost'"):
+        store.set_initial_metrics("ghost", {"loss": 1.0})
+
+
+def test_round_record_dict_round_trip_through_json() -> None:
+    import json
+
+    for record in sample_history().rounds:
+        assert RoundRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    history = sample_history()
+    assert History.from_dict(json.loads(json.dumps(history.to_dict()))) == history
+
+
+# -- nodes --------------------------------------------------------------------------
+
+
+def test_nodes_upsert_touch_increment(store: StateStore) -> None:
+    store.upsert_node("node-b", 1, "10.0.0.2:5000", {"cpu": 4, "accelerator": None})
+    store.upsert_node("node-a", 0, "10.0.0.1:5000", {"cpu": 2})
+    first = {n["node_id"]: n for n in store.nodes()}
+    assert [n["cid"] for n in store.nodes()] == [0, 1]
+    assert first["node-b"]["capabilities"] == {"cpu": 4, "accelerator": None}
+    assert first["node-b"]["tasks_done"] == 0
+
+    time.sleep(0.01)
+    store.touch_node("node-a")
+    store.increment_tasks("node-b")
+    store.increment_tasks("node-b")
+    after = {n["node_id"]: n for n in store.nodes()}
+    assert after["node-a"]["last_seen"] > first["node-a"]["last_seen"]
+    assert after["node-b"]["tasks_done"] == 2
+
+    # re-join from a new address: identity, first_seen and task count survive
+    store.upsert_node("node-b", 1, "10.0.0.9:6000", {"cpu": 8})
+    again = {n["node_id"]: n for n in store.nodes()}["node-b"]
+    assert again["address"] == "10.0.0.9:6000" and again["capabilities"] == {"cpu": 8}
+    assert again["first_seen"] == first["node-b"]["first_seen"]
+    assert again["tasks_done"] == 2
+    assert len(store.nodes()) == 2
+
+
+def test_unknown_node_and_taken_cid(store: StateStore) -> None:
+    with pytest.raises(StateError, match="unknown node 'x'"):
+        store.touch_node("x")
+    with pytest.raises(StateError, match="unknown node 'x'"):
+        store.increment_tasks("x")
+    store.upsert_node("a", 0, "h:1", {})
+    with pytest.raises(StateError, match="client id 0 already belongs to node 'a'"):
+        store.upsert_node("b", 0, "h:2", {})
+
+
+# -- durability ---------------------------------------------------------------------
+
+
+def test_reopened_store_sees_everything(tmp_path: Path) -> None:
+    original = sample_history()
+    with StateStore(tmp_path / "state.db") as store:
+        store.start_run("r1", {"seed": 3}, total_rounds=2)
+        store.set_initial_metrics("r1", original.initial_metrics)
+        for record in original.rounds:
+            store.record_round("r1", record)
+        store.set_run_status("r1", "finished", wall_time=original.wall_time)
+        store.upsert_node("n", 5, "h:1", {"cpu": 1})
+        store.increment_tasks("n")
+    with StateStore(tmp_path / "state.db") as restarted:
+        run = restarted.latest_run()
+        assert run is not None and run["run_id"] == "r1" and run["config"] == {"seed": 3}
+        assert restarted.history("r1") == original
+        assert [(n["node_id"], n["cid"], n["tasks_done"]) for n in restarted.nodes()] == [
+            ("n", 5, 1)
+        ]
+
+
+def test_used_from_several_threads(store: StateStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store.start_run("r1", {}, 100)
+    store.upsert_node("n", 0, "h:1", {})
+
+    def work(r: int) -> None:
+        store.record_round("r1", RoundRecord(round=r))
+        store.increment_tasks("n")
+        store.history("r1")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(1, 101)))
+    assert [r.round for r in store.history("r1").rounds] == list(range(1, 101))
+    assert store.nodes()[0]["tasks_done"] == 100
+
+
+# The SIGKILL test. A child process plays the aggregator: each round it saves the
+# checkpoint (with the round's record in its meta) and *then* records the round in the
+# store — the order fedge.state documents. On every (re)start it resumes from the latest
+# checkpoint, first recording that round if the kill landed between the two writes.
+# Invariant checked after every kill, before the restart:
+#     last ok round in the store  <=  latest checkpoint round  <=  that + 1,
+# the store's rounds are exactly 1..last (no gaps, no duplicates), and the checkpoint's
+# weights are bit-exactly those of its round — so resuming from it loses nothing.
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from fedge.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+    from fedge.history import RoundRecord
+    from fedge.state import StateStore
+
+    root = Path(sys.argv[1])
+    store = StateStore(root / "state.db")
+    store.start_run("run", {"seed": 0}, total_rounds=10**9)
+    ckpt = latest_checkpoint(root / "ckpt")
+    if ckpt is None:
+        done, weights = 0, {"w": np.zeros(32768), "step": np.zeros((), np.int64)}
+    else:
+        done, weights = ckpt.round, ckpt.weights
+        if store.last_round("run") < done:  # killed after the checkpoint, before the record
+            store.record_round("run", RoundRecord.from_dict(ckpt.meta["record"]))
+    print(done, flush=True)
+    r = done
+    while True:
+        r += 1
+        weights = {"w": weights["w"] * 0.5 + r, "step": weights["step"] + 1}
+        record = RoundRecord(round=r, participants=[r % 7], failures={r % 5: "timeout"})
+        meta = {"run_id": "run", "record": record.to_dict()}
+        save_checkpoint(root / "ckpt", Checkpoint(r, weights, meta=meta), keep=2)
+        store.record_round("run", record)
+    """
+)
+
+
+def expected_weights(round: int) -> dict[str, np.ndarray]:
+    w = np.zeros(32768)
+    for r in range(1, round + 1):
+        w = w * 0.5 + r
+    return {"w": w, "step": np.array(round, dtype=np.int64)}
+
+
+@pytest.mark.integration
+def test_sigkill_during_writes_leaves_a_resumable_state(tmp_path: Path) -> None:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = os.environ | {"PYTHONPATH": str(src)}
+    resumed_from: list[int] = []
+    for kill in range(6):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line, f"child died at start: {child.communicate()[1]}"
+            resumed_from.append(int(line))
+            time.sleep(rng.uniform(0.02, 0.3))
+            assert child.poll() is None, f"child died: {child.communicate()[1]}"
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            child.kill()
+            child.communicate()
+        context = f"(seed {seed}, kill {kill})"
+
+        with StateStore(tmp_path / "state.db") as store:
+            recorded = store.last_round("run")
+            rounds = [r.round for r in store.history("run").rounds]
+        ckpt = latest_checkpoint(tmp_path / "ckpt")
+        assert ckpt is not None, context
+        assert recorded <= ckpt.round <= recorded + 1, context
+        assert rounds == list(range(1, recorded + 1)), context
+        for name, want in expected_weights(ckpt.round).items():
+            assert ckpt.weights[name].tobytes() == want.tobytes(), context
+        assert ckpt.meta["record"]["round"] == ckpt.round, context
+        assert len(list_checkpoints(tmp_path / "ckpt")) <= 2, context
+
+    # every restart resumed from where the previous process was killed, never from before
+    assert resumed_from[0] == 0
+    assert resumed_from == sorted(resumed_from) and resumed_from[-1] > 0
