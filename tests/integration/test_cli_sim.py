@@ -161,3 +161,28 @@ def test_bad_command_line_overrides_are_reported(
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
     assert expected in run.stderr
+
+
+def test_an_error_prints_as_one_line_with_brackets_kept(tmp_path: Path) -> None:
+    (tmp_path / "picky.py").write_text(
+        textwrap.dedent(
+            """
+            import fedge
+
+            def create_app(num_clients, seed, **options):
+                raise fedge.ConfigError(
+                    "[app.options] needs data_dir: the directory with this site's records, "
+                    "e.g. data_dir = '/var/lib/hospital-a/records' " + "x" * 80
+                )
+            """
+        )
+    )
+    config = tmp_path / "fedge.toml"
+    config.write_text('[app]\ntarget = "picky:create_app"\n')
+
+    run = fedge("sim", "--config", config, "--quiet", cwd=tmp_path)
+
+    assert run.returncode != 0
+    assert run.stderr.startswith("error: [app.options] needs data_dir")  # not taken as markup
+    assert run.stderr.rstrip("\n").count("\n") == 0, "one line, however long"
+    assert "x" * 80 in run.stderr
