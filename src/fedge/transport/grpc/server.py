@@ -431,15 +431,13 @@ class AggregatorServer:
         self._stop: asyncio.Event
 
     def _checkpoint(self, record: RoundRecord, history: History) -> None:
+        """Checkpoint first, then record: a round is never reported without its weights."""
+        if record.status == "ok":
+            meta = {"run_id": self.run_id, "history": history.to_dict()}
+            ckpt = Checkpoint(record.round, self.coordinator.weights, self.coordinator.state, meta)
+            save_checkpoint(self.checkpoints, ckpt)
+            self.last_metrics = dict(record.metrics or record.evaluate_metrics)
         self.store.record_round(self.run_id, record)
-        if record.status != "ok":
-            return
-        meta = {"run_id": self.run_id, "history": history.to_dict()}
-        save_checkpoint(
-            self.checkpoints,
-            Checkpoint(record.round, self.coordinator.weights, self.coordinator.state, meta),
-        )
-        self.last_metrics = dict(record.metrics or record.evaluate_metrics)
 
     def request_stop(self) -> None:
         self.state.stopping = True
