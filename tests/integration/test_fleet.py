@@ -332,13 +332,6 @@ def test_nodes_started_before_the_server_join_when_it_comes_up(
 # --- 5 ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: after a server restart, nodes drop their in-flight upload on NOT_FOUND "
-    "(the resumed round is not open yet) and then ignore the re-sent task, whose "
-    "deterministic id is already in Node._seen; the round closes at round_timeout "
-    "with partial results (see report)",
-    strict=False,
-)
 def test_server_killed_mid_run_resumes(tmp_path: Path, procs: Processes, pki: Path) -> None:
     from fedge.checkpoint import latest_checkpoint
 
@@ -402,12 +395,6 @@ def test_node_killed_during_fit(tmp_path: Path, procs: Processes, pki: Path) -> 
     assert sorted(rounds[3]["participants"]) == [0, 1, 2]
 
 
-@pytest.mark.xfail(
-    reason="BUG: a node whose upload arrives after its round closed gets FAILED_PRECONDITION, "
-    "which Node._deliver treats as retryable and retries forever: its worker never runs "
-    "another task (see report)",
-    strict=True,
-)
 def test_a_straggler_takes_part_in_the_next_round(
     tmp_path: Path, procs: Processes, pki: Path
 ) -> None:

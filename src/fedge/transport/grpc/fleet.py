@@ -107,15 +107,15 @@ class FleetState:
         for open_task in self.open.values():  # re-push work it may have lost
             if open_task.task.cid == session.cid and not open_task.done:
                 session.queue.put_nowait(open_task.header)
-        self._notify()
+        self.notify()
 
     def stream_closed(self, session: Session) -> None:
         session.streaming = False
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
-        self._notify()
+        self.notify()
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
 

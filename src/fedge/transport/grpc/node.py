@@ -289,6 +289,8 @@ class Node:
                 log.warning(
                     "upload of %s rejected: %s %s", upload.header.task_id, exc.code(), exc.details()
                 )
+                # the server may push this task again (e.g. a resumed round): run it anew
+                self._seen.pop(upload.header.task_id, None)
                 return
             if reply.accepted:
                 return

@@ -213,7 +213,7 @@ class FleetServicer(pb_grpc.FleetServicer):
             closed_round = self.state.closed.get(task_id)
             if closed_round is not None:
                 await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.ABORTED,
                     f"task {task_id!r} belongs to round {closed_round}, "
                     "which is closed; the result was not counted",
                 )
@@ -298,7 +298,7 @@ class FleetServicer(pb_grpc.FleetServicer):
         if header.task_id not in self.state.open:  # the round closed while we validated
             path.unlink(missing_ok=True)
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.ABORTED,
                 f"{source}: the round closed before the upload completed",
             )
         weights = FileWeights(path, source=source)
@@ -441,6 +441,7 @@ class AggregatorServer:
 
     def request_stop(self) -> None:
         self.state.stopping = True
+        self.state.notify()  # wake a coordinator waiting for nodes
         self._stop.set()
 
     async def serve(self) -> History | None:

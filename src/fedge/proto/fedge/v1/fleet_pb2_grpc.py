@@ -101,7 +101,9 @@ class FleetServicer:
     def Upload(self, request_iterator, context):
         """One result: an UploadHeader, then the payload's chunks (none for evaluate results).
         Idempotent by task id: a result that was already accepted is acknowledged with
-        duplicate=true and not counted twice.
+        duplicate=true and not counted twice. A result for a closed round is refused with
+        ABORTED (final: do not retry); INVALID_ARGUMENT, DATA_LOSS, NOT_FOUND and
+        RESOURCE_EXHAUSTED name what was wrong with the upload.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
