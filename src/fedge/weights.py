@@ -18,6 +18,7 @@ import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
+from safetensors.numpy import save_file as _st_save_file
 
 from fedge.errors import WeightsError
 
@@ -87,6 +88,12 @@ def to_bytes(weights: Mapping[str, Array]) -> bytes:
     return bytes(_st_save(arrays, metadata={_ORDER_KEY: json.dumps(list(arrays))}))
 
 
+def to_file(weights: Mapping[str, Array], path: Path) -> None:
+    """Write safetensors straight to a file: one transient copy of the model, not two."""
+    arrays = {name: np.asarray(a, order="C") for name, a in weights.items()}
+    _st_save_file(arrays, str(path), metadata={_ORDER_KEY: json.dumps(list(arrays))})
+
+
 def from_bytes(data: bytes | bytearray | memoryview, *, source: str = "payload") -> Weights:
     """Decode safetensors bytes into Weights, in the order they were written."""
     try:
@@ -142,6 +149,11 @@ class FileWeights(Mapping[str, Array]):
         order = metadata.get(_ORDER_KEY)
         self._names = names if order is None else _parse_order(order, names, source)
         self.path = path
+
+    def close(self) -> None:
+        """Release the file mapping now rather than when garbage-collected."""
+        self._file = None
+        self._names = []
 
     def __getitem__(self, name: str) -> Array:
         if name not in self._names:

@@ -10,9 +10,9 @@ validated and folded while the next is still arriving.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
+import os
 import queue
 import secrets
 import time
@@ -27,7 +27,8 @@ from fedge.client import EvaluateResult, FitResult
 from fedge.coordinator import Outcome, Task
 from fedge.errors import FedgeError
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
-from fedge.weights import Spec, Weights, spec_of, to_bytes
+from fedge.transport.grpc.chunks import sha256_file
+from fedge.weights import FileWeights, Spec, Weights, spec_of, to_file
 
 log = logging.getLogger(__name__)
 
@@ -170,18 +171,14 @@ class FleetState:
             self.received += 1
         self.results.put(Outcome(open_task.task, result=result, error=error))
 
-    def publish(self, data: bytes, weights: Weights) -> Model:
-        digest = hashlib.sha256(data).digest()
-        version = digest.hex()[:16]
-        if version not in self.models:
-            path = self.models_dir / f"{version}.safetensors"
-            path.write_bytes(data)
-            self.models[version] = Model(version, digest, len(data), path)
+    def publish(self, model: Model, spec: Spec) -> Model:
+        if model.version not in self.models:
+            self.models[model.version] = model
             while len(self.models) > 2:  # nodes may still read the previous version
                 _, old = self.models.popitem(last=False)
                 old.path.unlink(missing_ok=True)
-        self.spec = spec_of(weights)
-        return self.models[version]
+        self.spec = spec
+        return self.models[model.version]
 
 
 def _json(config: dict[str, Any]) -> str:
@@ -203,6 +200,16 @@ class GrpcFleet:
         future: Future[Any] = asyncio.run_coroutine_threadsafe(run(), self.loop)
         return future.result()
 
+    def _write_model(self, weights: Weights) -> Model:
+        """Serialize the global model to a file the Download handler streams from."""
+        tmp = self.state.models_dir / "publishing.tmp"
+        to_file(weights, tmp)
+        digest = sha256_file(tmp).digest()
+        version = digest.hex()[:16]
+        path = self.state.models_dir / f"{version}.safetensors"
+        os.replace(tmp, path)
+        return Model(version, digest, path.stat().st_size, path)
+
     def wait_available(self, count: int) -> list[int]:
         future = asyncio.run_coroutine_threadsafe(self.state.wait_available(count), self.loop)
         result: list[int] = future.result()
@@ -211,9 +218,7 @@ class GrpcFleet:
     def run(
         self, tasks: Sequence[Task], weights: Weights, timeout: float | None
     ) -> Iterator[Outcome]:
-        data = to_bytes(weights)
-        model: Model = self._call(self.state.publish, data, weights)
-        del data
+        model: Model = self._call(self.state.publish, self._write_model(weights), spec_of(weights))
         deadline = time.time() + (timeout or self.default_timeout)
         self._call(self.state.open_tasks, tasks, model, deadline)
         pending = len(tasks)
@@ -240,7 +245,6 @@ class GrpcFleet:
 def _cleanup(outcome: Outcome) -> None:
     """Delete the spooled file of a consumed fit result."""
     result = outcome.result
-    if isinstance(result, FitResult):
-        path = getattr(result.weights, "path", None)
-        if isinstance(path, Path):
-            path.unlink(missing_ok=True)
+    if isinstance(result, FitResult) and isinstance(result.weights, FileWeights):
+        result.weights.close()
+        result.weights.path.unlink(missing_ok=True)

@@ -196,15 +196,13 @@ class Node:
                 continue
             try:
                 upload = self._execute(task)
-            except grpc.RpcError as exc:
-                log.warning(
-                    "task %s: model download failed (%s); it will be re-sent",
-                    task.task_id,
-                    exc.code(),
-                )
+            except Exception as exc:  # a failed download: forget the task so a re-push runs it
+                log.warning("task %s: model download failed (%s)", task.task_id, exc)
+                self._model = None
                 self._seen.pop(task.task_id, None)
                 continue
             self._deliver(upload)
+            del upload  # do not hold a model-sized payload while idle
             self.tasks_done += 1
 
     def _execute(self, task: pb.TaskHeader) -> PendingUpload:

@@ -63,7 +63,7 @@ class ServerSettings:
 class FleetServicer(pb_grpc.FleetServicer):
     def __init__(self, state: FleetState, settings: ServerSettings, store: StateStore) -> None:
         self.state, self.settings, self.store = state, settings, store
-        self._validations = asyncio.Semaphore(2)
+        self._validations = asyncio.Semaphore(1)  # one upload in memory at a time
 
     async def _identity(self, context: grpc.aio.ServicerContext) -> str:
         name = peer_identity(context, self.settings.insecure)
@@ -271,7 +271,7 @@ class FleetServicer(pb_grpc.FleetServicer):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"{source}: payload exceeds its declared size {header.size} bytes",
                     )
-                spool.write(chunk.data)
+                await asyncio.to_thread(spool.write, chunk.data)  # keep the loop free
         finally:
             spool.close()
         if spool.size < header.size:
