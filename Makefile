@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate_bench.py
 	$(BIN)/python benchmarks/sim_bench.py
 	$(BIN)/python benchmarks/fedprox_bench.py
+	$(BIN)/python benchmarks/fleet_bench.py
+	$(BIN)/python benchmarks/scale_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
