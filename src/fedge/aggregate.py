@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from fedge.weights import Array, Weights
+from fedge.weights import Array, FileWeights, Weights
 
 
 class Aggregator(ABC):
@@ -56,8 +56,10 @@ class WeightedMean(Aggregator):
     def _add(self, weights: Mapping[str, Array], num_examples: int) -> None:
         n = float(num_examples) if self.weighted else 1.0
         if not self._v:
-            self._dtypes = {name: a.dtype for name, a in weights.items()}
-            self._v = {name: np.array(a, dtype=_acc_dtype(a)) for name, a in weights.items()}
+            owned = isinstance(weights, FileWeights)  # freshly read from disk: ours to keep
+            for name, a in weights.items():
+                self._dtypes[name] = a.dtype
+                self._v[name] = np.array(a, dtype=_acc_dtype(a), copy=not owned)
         else:
             ratio = self._c / n
             for name, update in weights.items():

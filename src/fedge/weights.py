@@ -8,7 +8,7 @@ finite values) before it can touch an aggregate.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,20 @@ Weights = dict[str, Array]
 """Ordered mapping of tensor name to array. ``fedge.Weights({...})`` builds one."""
 
 _ORDER_KEY = "fedge.order"
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,8 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
 
     `source` names the sender (e.g. ``client 3``) so the message tells who sent what.
     """
+    if isinstance(weights, FileWeights) and weights.checked == spec:
+        return  # this very file already passed (the server checks before acknowledging)
     if not isinstance(weights, Mapping):
         raise WeightsError(
             f"{source}: weights must map tensor names to arrays, got {type(weights).__name__}"
@@ -62,23 +78,30 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
     if unexpected:
         raise WeightsError(f"{source}: unexpected tensor(s) {unexpected}; expected {list(spec)}")
     for name, want in spec.items():
-        got = weights[name]
-        if not isinstance(got, np.ndarray):
+        if isinstance(weights, FileWeights):
+            dtype, shape = weights.layout(name, source)
+            blocks: Iterable[Array] = weights.blocks(name)
+        else:
+            got = weights[name]
+            if not isinstance(got, np.ndarray):
+                raise WeightsError(
+                    f"{source}: tensor {name!r} is a {type(got).__name__}, expected a numpy array"
+                )
+            dtype, shape, blocks = got.dtype, tuple(got.shape), (got,)
+        if dtype != want.dtype:
             raise WeightsError(
-                f"{source}: tensor {name!r} is a {type(got).__name__}, expected a numpy array"
+                f"{source}: tensor {name!r} has dtype {dtype}, expected {want.dtype}"
             )
-        if got.dtype != want.dtype:
+        if shape != want.shape:
             raise WeightsError(
-                f"{source}: tensor {name!r} has dtype {got.dtype}, expected {want.dtype}"
+                f"{source}: tensor {name!r} has shape {list(shape)}, expected {list(want.shape)}"
             )
-        if tuple(got.shape) != want.shape:
-            raise WeightsError(
-                f"{source}: tensor {name!r} has shape {list(got.shape)}, "
-                f"expected {list(want.shape)}"
-            )
-        if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
-            bad = int(np.size(got) - np.count_nonzero(np.isfinite(got)))
-            raise WeightsError(f"{source}: tensor {name!r} has {bad} NaN or Inf value(s)")
+        if np.issubdtype(dtype, np.inexact):
+            bad = sum(int(b.size - np.count_nonzero(np.isfinite(b))) for b in blocks)
+            if bad:
+                raise WeightsError(f"{source}: tensor {name!r} has {bad} NaN or Inf value(s)")
+    if isinstance(weights, FileWeights):
+        weights.checked = dict(spec)
 
 
 def to_bytes(weights: Mapping[str, Array]) -> bytes:
@@ -149,6 +172,28 @@ class FileWeights(Mapping[str, Array]):
         order = metadata.get(_ORDER_KEY)
         self._names = names if order is None else _parse_order(order, names, source)
         self.path = path
+        self.checked: Spec | None = None
+        """The spec this file was validated against, so it is read once, not twice."""
+
+    def layout(self, name: str, source: str) -> tuple[np.dtype[np.generic], tuple[int, ...]]:
+        """dtype and shape from the header, without reading the data."""
+        view = self._file.get_slice(name)
+        code = view.get_dtype()
+        if code not in _DTYPES:
+            raise WeightsError(f"{source}: tensor {name!r} has unsupported dtype {code}")
+        return np.dtype(_DTYPES[code]), tuple(view.get_shape())
+
+    def blocks(self, name: str, rows: int = 1 << 20) -> Iterator[Array]:
+        """The tensor in slices along its first axis, so checking it needs little memory."""
+        view = self._file.get_slice(name)
+        shape = view.get_shape()
+        if len(shape) == 0 or shape[0] == 0:
+            yield self[name]
+            return
+        per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)))
+        step = max(1, rows // per_row)
+        for start in range(0, shape[0], step):
+            yield view[start : min(start + step, shape[0])]
 
     def close(self) -> None:
         """Release the file mapping now rather than when garbage-collected."""

@@ -35,7 +35,7 @@ from fedge.strategy import Strategy
 from fedge.transport.grpc.chunks import Spool, read_chunks
 from fedge.transport.grpc.fleet import FleetState, GrpcFleet, OpenTask, Session, Stopped
 from fedge.transport.grpc.tls import peer_identity, require_loopback, server_credentials
-from fedge.weights import FileWeights, validate
+from fedge.weights import FileWeights, Spec, validate
 
 log = logging.getLogger(__name__)
 
@@ -291,17 +291,17 @@ class FleetServicer(pb_grpc.FleetServicer):
         path = spool.path.with_suffix(".safetensors")
         os.replace(spool.path, path)
         async with self._validations:
-            error = await asyncio.to_thread(_check_file, path, self.state.spec, source)
-        if error is not None:
+            weights, error = await asyncio.to_thread(_check_file, path, self.state.spec, source)
+        if weights is None:
             path.unlink(missing_ok=True)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         if header.task_id not in self.state.open:  # the round closed while we validated
             path.unlink(missing_ok=True)
             await context.abort(
                 grpc.StatusCode.ABORTED,
                 f"{source}: the round closed before the upload completed",
             )
-        weights = FileWeights(path, source=source)
+        assert weights is not None
         self.state.accept(header.task_id, FitResult(weights, int(header.num_examples), metrics))
         return pb.UploadReply(accepted=True, received_bytes=spool.size)
 
@@ -320,12 +320,14 @@ class FleetServicer(pb_grpc.FleetServicer):
         return pb.LeaveReply()
 
 
-def _check_file(path: Path, spec: object, source: str) -> str | None:
+def _check_file(path: Path, spec: Spec, source: str) -> tuple[FileWeights | None, str | None]:
+    """Validate a received file block by block; the coordinator then folds it unread again."""
     try:
-        validate(FileWeights(path, source=source), spec, source=source)  # type: ignore[arg-type]
+        weights = FileWeights(path, source=source)
+        validate(weights, spec, source=source)
     except WeightsError as exc:
-        return str(exc)
-    return None
+        return None, str(exc)
+    return weights, None
 
 
 class ControlServicer(pb_grpc.ControlServicer):
