@@ -59,7 +59,7 @@ class WeightedMean(Aggregator):
             owned = isinstance(weights, FileWeights)  # freshly read from disk: ours to keep
             for name, a in weights.items():
                 self._dtypes[name] = a.dtype
-                self._v[name] = np.array(a, dtype=_acc_dtype(a), copy=not owned)
+                self._v[name] = np.array(a, dtype=_acc_dtype(a), copy=None if owned else True)
         else:
             ratio = self._c / n
             for name, update in weights.items():
