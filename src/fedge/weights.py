@@ -177,7 +177,7 @@ class FileWeights(Mapping[str, Array]):
 
     def layout(self, name: str, source: str) -> tuple[np.dtype[np.generic], tuple[int, ...]]:
         """dtype and shape from the header, without reading the data."""
-        view = self._file.get_slice(name)
+        view = self._open().get_slice(name)
         code = view.get_dtype()
         if code not in _DTYPES:
             raise WeightsError(f"{source}: tensor {name!r} has unsupported dtype {code}")
@@ -185,7 +185,7 @@ class FileWeights(Mapping[str, Array]):
 
     def blocks(self, name: str, rows: int = 1 << 20) -> Iterator[Array]:
         """The tensor in slices along its first axis, so checking it needs little memory."""
-        view = self._file.get_slice(name)
+        view = self._open().get_slice(name)
         shape = view.get_shape()
         if len(shape) == 0 or shape[0] == 0:
             yield self[name]
@@ -195,15 +195,19 @@ class FileWeights(Mapping[str, Array]):
         for start in range(0, shape[0], step):
             yield view[start : min(start + step, shape[0])]
 
+    def _open(self) -> Any:
+        if self._file is None:  # reopened after close(): mapped pages count as memory
+            self._file = safe_open(str(self.path), framework="numpy")
+        return self._file
+
     def close(self) -> None:
-        """Release the file mapping now rather than when garbage-collected."""
+        """Unmap the file: while results wait in a queue, their pages should not count."""
         self._file = None
-        self._names = []
 
     def __getitem__(self, name: str) -> Array:
         if name not in self._names:
             raise KeyError(name)
-        tensor: Array = self._file.get_tensor(name)
+        tensor: Array = self._open().get_tensor(name)
         return tensor
 
     def __iter__(self) -> Iterator[str]:

@@ -325,6 +325,7 @@ def _check_file(path: Path, spec: Spec, source: str) -> tuple[FileWeights | None
     try:
         weights = FileWeights(path, source=source)
         validate(weights, spec, source=source)
+        weights.close()
     except WeightsError as exc:
         return None, str(exc)
     return weights, None
