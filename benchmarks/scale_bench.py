@@ -16,7 +16,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,13 +26,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from fedge.demo import free_port
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.security import init_ca, issue, load_credentials
 from fedge.weights import from_bytes, to_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report  # noqa: E402
+from common import report
 
 PARAMS = 100_000
 LOADGEN_PROCESSES = 4
@@ -48,12 +48,6 @@ class _Unused(fedge.Client):
 def create_app(num_clients, seed):
     return fedge.App(lambda cid: _Unused(), {{"w": np.zeros({PARAMS}, np.float32)}})
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def one_node(address: str, certs: Path, cid: int, stop: asyncio.Event) -> None:
