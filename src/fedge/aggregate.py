@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from fedge.weights import Array, FileWeights, Weights
+from fedge.weights import Array, FileWeights, Weights, blocks
 
 
 class Aggregator(ABC):
@@ -62,11 +62,14 @@ class WeightedMean(Aggregator):
                 self._v[name] = np.array(a, dtype=_acc_dtype(a), copy=None if owned else True)
         else:
             ratio = self._c / n
-            for name, update in weights.items():
-                v = self._v[name]
+            for name, v in self._v.items():
                 if ratio != 1.0:
                     np.multiply(v, ratio, out=v)
-                np.add(v, update, out=v, casting="unsafe")
+                flat, start = v.reshape(-1), 0  # a view: `v` is contiguous, made here
+                for block in blocks(weights, name):  # a file-backed update never sits whole
+                    part = flat[start : start + block.size]
+                    np.add(part, block, out=part, casting="unsafe")
+                    start += block.size
         self._c = n
         self._weight += n
 

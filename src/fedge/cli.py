@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,9 +25,21 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="TOML config 
 OutOption = Annotated[Path | None, typer.Option("--out", help="Write per-round results (JSON).")]
 
 
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    log_level: Annotated[
+        LogLevel, typer.Option(help="What fedge logs to stderr.", case_sensitive=False)
+    ] = LogLevel.warning,
+) -> None:
     """fedge: federated learning for Linux edge fleets."""
+    logging.getLogger().setLevel(log_level.value.upper())
 
 
 @app.command()
@@ -141,13 +154,6 @@ def server(
     strategy = cfg.build_strategy()
     if wait_for is not None:
         strategy.min_available_clients = wait_for
-    user_app = load_app(
-        cfg.app.target,
-        cfg.base_dir,
-        num_clients=cfg.run.num_clients,
-        seed=cfg.run.seed,
-        **cfg.app.options,
-    )
     settings = ServerSettings(
         address=address,
         state_dir=state_dir,
@@ -155,8 +161,14 @@ def server(
         insecure=insecure,
         round_timeout=cfg.run.round_timeout or 600.0,
     )
-    aggregator = AggregatorServer(
-        user_app,
+    aggregator = AggregatorServer(  # the app is not kept: the initial weights go after round 1
+        load_app(
+            cfg.app.target,
+            cfg.base_dir,
+            num_clients=cfg.run.num_clients,
+            seed=cfg.run.seed,
+            **cfg.app.options,
+        ),
         strategy,
         settings,
         rounds=cfg.run.rounds,
@@ -217,6 +229,8 @@ def node(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop_event.set())
     edge.run()
+    if edge.replaced is not None:
+        raise FedgeError(f"node {identity!r} stopped: {edge.replaced}")
 
 
 @app.command()

@@ -79,15 +79,15 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
         raise WeightsError(f"{source}: unexpected tensor(s) {unexpected}; expected {list(spec)}")
     for name, want in spec.items():
         if isinstance(weights, FileWeights):
-            dtype, shape = weights.layout(name, source)
-            blocks: Iterable[Array] = weights.blocks(name)
+            dtype, shape = weights.layout(name)
+            parts: Iterable[Array] = weights.blocks(name)
         else:
             got = weights[name]
             if not isinstance(got, np.ndarray):
                 raise WeightsError(
                     f"{source}: tensor {name!r} is a {type(got).__name__}, expected a numpy array"
                 )
-            dtype, shape, blocks = got.dtype, tuple(got.shape), (got,)
+            dtype, shape, parts = got.dtype, tuple(got.shape), (got,)
         if dtype != want.dtype:
             raise WeightsError(
                 f"{source}: tensor {name!r} has dtype {dtype}, expected {want.dtype}"
@@ -97,7 +97,9 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
                 f"{source}: tensor {name!r} has shape {list(shape)}, expected {list(want.shape)}"
             )
         if np.issubdtype(dtype, np.inexact):
-            bad = sum(int(b.size - np.count_nonzero(np.isfinite(b))) for b in blocks)
+            bad = 0
+            for part in parts:
+                bad += part.size - int(np.count_nonzero(np.isfinite(part)))
             if bad:
                 raise WeightsError(f"{source}: tensor {name!r} has {bad} NaN or Inf value(s)")
     if isinstance(weights, FileWeights):
@@ -156,65 +158,91 @@ def num_bytes(weights: Mapping[str, Array]) -> int:
 
 
 class FileWeights(Mapping[str, Array]):
-    """The tensors of a safetensors file, read one at a time when accessed.
+    """The tensors of a safetensors file, read from disk when accessed, never memory-mapped.
 
-    A received update is validated and folded tensor by tensor, so it never has to sit
-    whole in server memory.
+    A received update is validated and folded block by block, so it never has to sit
+    whole in server memory. Plain reads instead of a mapping matter: mapped pages that
+    were touched count in the process's RSS until unmapped; page-cache pages do not.
     """
 
+    BLOCK_BYTES = 4 << 20
+
     def __init__(self, path: Path, *, source: str = "payload") -> None:
-        try:
-            self._file: Any = safe_open(str(path), framework="numpy")
-            names: list[str] = list(self._file.keys())  # type: ignore[no-untyped-call]
-            metadata: dict[str, str] = self._file.metadata() or {}  # type: ignore[no-untyped-call]
+        try:  # the library checks the header: offsets in bounds, sizes match dtypes and shapes
+            with safe_open(str(path), framework="numpy") as checked:
+                names: list[str] = list(checked.keys())
+                metadata: dict[str, str] = checked.metadata() or {}
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{source}: not a valid safetensors payload ({exc})") from exc
         order = metadata.get(_ORDER_KEY)
         self._names = names if order is None else _parse_order(order, names, source)
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            self._header: dict[str, Any] = json.loads(f.read(header_len))
+        self._data_start = 8 + header_len
         self.path = path
+        self.source = source
         self.checked: Spec | None = None
         """The spec this file was validated against, so it is read once, not twice."""
 
-    def layout(self, name: str, source: str) -> tuple[np.dtype[np.generic], tuple[int, ...]]:
+    def layout(self, name: str) -> tuple[np.dtype[np.generic], tuple[int, ...]]:
         """dtype and shape from the header, without reading the data."""
-        view = self._open().get_slice(name)
-        code = view.get_dtype()
+        entry = self._header[name]
+        code = entry["dtype"]
         if code not in _DTYPES:
-            raise WeightsError(f"{source}: tensor {name!r} has unsupported dtype {code}")
-        return np.dtype(_DTYPES[code]), tuple(view.get_shape())
+            raise WeightsError(f"{self.source}: tensor {name!r} has unsupported dtype {code}")
+        return np.dtype(_DTYPES[code]).newbyteorder("<"), tuple(entry["shape"])
 
-    def blocks(self, name: str, rows: int = 1 << 20) -> Iterator[Array]:
-        """The tensor in slices along its first axis, so checking it needs little memory."""
-        view = self._open().get_slice(name)
-        shape = view.get_shape()
-        if len(shape) == 0 or shape[0] == 0:
-            yield self[name]
-            return
-        per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)))
-        step = max(1, rows // per_row)
-        for start in range(0, shape[0], step):
-            yield view[start : min(start + step, shape[0])]
+    def blocks(self, name: str) -> Iterator[Array]:
+        """The tensor flattened, in consecutive blocks of at most `BLOCK_BYTES`.
 
-    def _open(self) -> Any:
-        if self._file is None:  # reopened after close(): mapped pages count as memory
-            self._file = safe_open(str(self.path), framework="numpy")
-        return self._file
-
-    def close(self) -> None:
-        """Unmap the file: while results wait in a queue, their pages should not count."""
-        self._file = None
+        Each block is a view of one reused buffer: use it before asking for the next.
+        """
+        dtype, shape = self.layout(name)
+        count = int(np.prod(shape, dtype=np.int64))
+        buffer = np.empty(max(1, min(count, self.BLOCK_BYTES // dtype.itemsize)), dtype)
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(self._data_start + self._header[name]["data_offsets"][0])
+            for start in range(0, count, buffer.size):
+                block = buffer[: min(buffer.size, count - start)]
+                self._read_into(f, block, name)
+                yield block
 
     def __getitem__(self, name: str) -> Array:
         if name not in self._names:
             raise KeyError(name)
-        tensor: Array = self._open().get_tensor(name)
+        dtype, shape = self.layout(name)
+        tensor: Array = np.empty(shape, dtype)
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(self._data_start + self._header[name]["data_offsets"][0])
+            self._read_into(f, tensor.reshape(-1), name)
         return tensor
+
+    def _read_into(self, f: Any, flat: Array, name: str) -> None:
+        view = flat.data.cast("B")
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise WeightsError(f"{self.source}: tensor {name!r} is cut short in {self.path}")
+            done += n
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header and name != "__metadata__"  # Mapping's would read it
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def blocks(weights: Mapping[str, Array], name: str) -> Iterator[Array]:
+    """One tensor flattened, in blocks: a file-backed update is streamed from disk."""
+    if isinstance(weights, FileWeights):
+        yield from weights.blocks(name)
+    else:
+        yield np.asarray(weights[name]).reshape(-1)
 
 
 def _parse_order(order: str, names: list[str], source: str) -> list[str]:

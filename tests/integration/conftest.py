@@ -167,6 +167,57 @@ def pki(tmp_path: Path) -> Path:
     return certs
 
 
+def start_server(
+    procs: Processes,
+    config: Path,
+    address: str,
+    state: Path,
+    out: Path,
+    *,
+    certs: Path | None,
+    wait: int,
+    name: str = "server",
+) -> subprocess.Popen[bytes]:
+    security = ["--certs", str(certs)] if certs is not None else ["--insecure"]
+    return procs.start(
+        name,
+        "server",
+        "--config", config,
+        "--address", address,
+        *security,
+        "--state-dir", state,
+        "--out", out,
+        "--wait-for", str(wait),
+    )  # fmt: skip
+
+
+def start_node(
+    procs: Processes,
+    config: Path,
+    address: str,
+    cid: int,
+    certs: Path,
+    name: str | None = None,
+    *options: str,
+) -> subprocess.Popen[bytes]:
+    """A node with identity ``node-CID``; `name` names its log, `options` go before ``node``."""
+    return procs.start(
+        name or f"node-{cid}",
+        *options,
+        "node",
+        "--server", address,
+        "--config", config,
+        "--cid", str(cid),
+        "--certs", certs,
+        "--name", f"node-{cid}",
+    )  # fmt: skip
+
+
+def finished(proc: subprocess.Popen[bytes], procs: Processes, name: str = "server") -> None:
+    code = wait_exit(proc)
+    assert code == 0, procs.log(name)
+
+
 def wait_for(
     condition: Callable[[], Any], what: str, timeout: float = TIMEOUT, interval: float = 0.1
 ) -> Any:

@@ -22,58 +22,17 @@ from conftest import (
     assert_metrics_close,
     assert_weights_close,
     checkpoint_rounds,
+    finished,
     free_port,
     simulate_config,
+    start_node,
+    start_server,
     status_or_none,
-    wait_exit,
     wait_for,
     write_config,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def start_server(
-    procs: Processes,
-    config: Path,
-    address: str,
-    state: Path,
-    out: Path,
-    *,
-    certs: Path | None,
-    wait: int,
-    name: str = "server",
-) -> subprocess.Popen[bytes]:
-    security = ["--certs", str(certs)] if certs is not None else ["--insecure"]
-    return procs.start(
-        name,
-        "server",
-        "--config", config,
-        "--address", address,
-        *security,
-        "--state-dir", state,
-        "--out", out,
-        "--wait-for", str(wait),
-    )  # fmt: skip
-
-
-def start_node(
-    procs: Processes, config: Path, address: str, cid: int, certs: Path, name: str | None = None
-) -> subprocess.Popen[bytes]:
-    return procs.start(
-        name or f"node-{cid}",
-        "node",
-        "--server", address,
-        "--config", config,
-        "--cid", str(cid),
-        "--certs", certs,
-        "--name", f"node-{cid}",
-    )  # fmt: skip
-
-
-def finished(proc: subprocess.Popen[bytes], procs: Processes, name: str = "server") -> None:
-    code = wait_exit(proc)
-    assert code == 0, procs.log(name)
 
 
 # --- 1 ---------------------------------------------------------------------------------

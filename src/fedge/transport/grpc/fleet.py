@@ -49,6 +49,8 @@ class Session:
     connected_since: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     streaming: bool = False
+    replaced_by: str | None = None
+    """The address of the newer connection that took this identity over."""
 
 
 @dataclass
@@ -64,6 +66,7 @@ class OpenTask:
     task: Task
     header: pb.TaskHeader
     done: bool = False
+    received_bytes: int = 0
 
 
 class FleetState:
@@ -79,6 +82,7 @@ class FleetState:
         self.models: OrderedDict[str, Model] = OrderedDict()
         self.open: dict[str, OpenTask] = {}
         self.closed: OrderedDict[str, int] = OrderedDict()  # task id -> round, bounded
+        self.upload_locks: dict[str, asyncio.Lock] = {}  # one receiver per task's spool
         self.spec: Spec = {}
         self.results: queue.Queue[Outcome] = queue.Queue()
         self.changed = asyncio.Event()
@@ -95,6 +99,7 @@ class FleetState:
                 raise ValueError(f"cid {cid} is already served by node {other.node_id!r}")
         old = self.sessions.get(node_id)
         if old is not None:
+            old.replaced_by = address
             old.queue.put_nowait(None)  # ends the older Tasks stream
         session = Session(node_id, cid, secrets.token_hex(16), address)
         self.sessions[node_id] = session
@@ -161,12 +166,17 @@ class FleetState:
         while len(self.closed) > 10_000:
             self.closed.popitem(last=False)
         self.open = {}
+        self.upload_locks = {}
 
     def accept(
-        self, task_id: str, result: FitResult | EvaluateResult | None, error: str | None = None
+        self,
+        task_id: str,
+        result: FitResult | EvaluateResult | None,
+        error: str | None = None,
+        received_bytes: int = 0,
     ) -> None:
         open_task = self.open[task_id]
-        open_task.done = True
+        open_task.done, open_task.received_bytes = True, received_bytes
         if open_task.task.kind == "fit" and error is None:
             self.received += 1
         self.results.put(Outcome(open_task.task, result=result, error=error))
@@ -246,5 +256,4 @@ def _cleanup(outcome: Outcome) -> None:
     """Delete the spooled file of a consumed fit result."""
     result = outcome.result
     if isinstance(result, FitResult) and isinstance(result.weights, FileWeights):
-        result.weights.close()
         result.weights.path.unlink(missing_ok=True)

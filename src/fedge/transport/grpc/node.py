@@ -44,6 +44,10 @@ RETRYABLE = {
 }
 
 
+class Replaced(Exception):
+    """Another process connected with this node's identity; the newer one serves it."""
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter, so a fleet does not reconnect in lockstep."""
@@ -90,6 +94,8 @@ class Node:
         self._model: tuple[bytes, bytes] | None = None  # (sha256, payload) of the last model
         self._metadata = ((NODE_NAME_METADATA, settings.name),) if settings.insecure else ()
         self.tasks_done = 0
+        self.replaced: str | None = None
+        """Why the node stopped by itself: the server's message when it was replaced."""
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -101,6 +107,10 @@ class Node:
         while not self.stop_event.is_set():
             try:
                 self._serve_session(backoff)
+            except Replaced as exc:
+                log.error("stopping: %s", exc)
+                self.replaced = str(exc)
+                self.stop_event.set()
             except grpc.RpcError as exc:
                 log.info(
                     "connection to %s lost: %s %s", self.settings.server, exc.code(), exc.details()
@@ -149,14 +159,19 @@ class Node:
         heartbeat.start()
         self._connected.set()
         backoff.reset()
-        for message in stream:
-            if message.HasField("task") and message.task.task_id not in self._seen:
-                self._seen[message.task.task_id] = None
-                while len(self._seen) > 1000:
-                    self._seen.popitem(last=False)
-                self._tasks.put(message.task)
-            if self.stop_event.is_set():
-                stream.cancel()
+        try:
+            for message in stream:
+                if message.HasField("task") and message.task.task_id not in self._seen:
+                    self._seen[message.task.task_id] = None
+                    while len(self._seen) > 1000:
+                        self._seen.popitem(last=False)
+                    self._tasks.put(message.task)
+                if self.stop_event.is_set():
+                    stream.cancel()
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.ABORTED:  # only sent to a replaced connection
+                raise Replaced(exc.details()) from exc
+            raise
 
     def _make_channel(self) -> grpc.Channel:
         options = [
@@ -278,7 +293,8 @@ class Node:
             try:
                 reply = self._upload_once(self._stub, upload)
             except grpc.RpcError as exc:
-                if exc.code() in RETRYABLE:
+                # OUT_OF_RANGE: the server's spool moved since we asked; ask again
+                if exc.code() in RETRYABLE or exc.code() == grpc.StatusCode.OUT_OF_RANGE:
                     log.info(
                         "upload of %s interrupted (%s); retrying", upload.header.task_id, exc.code()
                     )
@@ -305,6 +321,13 @@ class Node:
             if status.complete:
                 return pb.UploadReply(accepted=True, duplicate=True)
             offset = int(status.received_bytes)
+            if offset:
+                log.info(
+                    "resuming upload of %s at byte %d of %d",
+                    upload.header.task_id,
+                    offset,
+                    len(upload.payload),
+                )
         header = pb.UploadHeader()
         header.CopyFrom(upload.header)
         header.offset = offset

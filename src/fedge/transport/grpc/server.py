@@ -28,6 +28,7 @@ from fedge.client import EvaluateResult, FitResult
 from fedge.coordinator import Coordinator, Observer
 from fedge.errors import FedgeError, WeightsError
 from fedge.history import History, RoundRecord
+from fedge.malloc import return_large_buffers
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.state import StateStore
@@ -39,6 +40,7 @@ from fedge.weights import FileWeights, Spec, validate
 
 log = logging.getLogger(__name__)
 
+REPLACED = "replaced by a newer connection"
 HEARTBEAT_INTERVAL = 5.0
 KEEPALIVE_INTERVAL = 15.0
 GRPC_OPTIONS = [
@@ -131,7 +133,13 @@ class FleetServicer(pb_grpc.FleetServicer):
                 except TimeoutError:
                     yield pb.TaskMessage(keepalive=pb.Keepalive(unix_ms=int(time.time() * 1000)))
                     continue
-                if header is None:  # replaced by a newer connection, or shutting down
+                if header is None and session.replaced_by is not None:
+                    await context.abort(  # the node stops: two processes must not flap
+                        grpc.StatusCode.ABORTED,
+                        f"{REPLACED}: identity {session.node_id!r} connected again "
+                        f"from {session.replaced_by}",
+                    )
+                if header is None:  # the node left, or the server is shutting down
                     return
                 yield pb.TaskMessage(task=header)
         finally:
@@ -162,7 +170,7 @@ class FleetServicer(pb_grpc.FleetServicer):
         await self._identity(context)
         open_task = self.state.open.get(request.task_id)
         if open_task is not None and open_task.done:
-            return pb.QueryUploadReply(received_bytes=open_task.header.model_size, complete=True)
+            return pb.QueryUploadReply(received_bytes=open_task.received_bytes, complete=True)
         spool_path = Spool.path_for(self.state.uploads_dir, request.task_id)
         size = spool_path.stat().st_size if spool_path.exists() else 0
         return pb.QueryUploadReply(received_bytes=size, complete=False)
@@ -179,6 +187,18 @@ class FleetServicer(pb_grpc.FleetServicer):
         assert first is not None
         header = first.header
         open_task = await self._open_task(header.task_id, session, context)
+        lock = self.state.upload_locks.setdefault(header.task_id, asyncio.Lock())
+        async with lock:  # a re-sent upload waits until the cut one has let go of the spool
+            return await self._receive(header, open_task, session, request_iterator, context)
+
+    async def _receive(
+        self,
+        header: pb.UploadHeader,
+        open_task: OpenTask,
+        session: Session,
+        request_iterator: AsyncIterator[pb.UploadMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.UploadReply:
         if open_task.done:
             return pb.UploadReply(
                 accepted=True, duplicate=True, message="already counted", received_bytes=header.size
@@ -250,6 +270,7 @@ class FleetServicer(pb_grpc.FleetServicer):
                 f"1..{limit} (the configured maximum)",
             )
         spool = Spool(self.state.uploads_dir, header.task_id)
+        writing: asyncio.Future[None] | None = None
         try:
             if header.offset != spool.size:
                 await context.abort(
@@ -271,8 +292,12 @@ class FleetServicer(pb_grpc.FleetServicer):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"{source}: payload exceeds its declared size {header.size} bytes",
                     )
-                await asyncio.to_thread(spool.write, chunk.data)  # keep the loop free
+                # off the loop; shielded, so a cut stream never closes the file mid-write
+                writing = asyncio.ensure_future(asyncio.to_thread(spool.write, chunk.data))
+                await asyncio.shield(writing)
         finally:
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])
             spool.close()
         if spool.size < header.size:
             return pb.UploadReply(
@@ -302,7 +327,8 @@ class FleetServicer(pb_grpc.FleetServicer):
                 f"{source}: the round closed before the upload completed",
             )
         assert weights is not None
-        self.state.accept(header.task_id, FitResult(weights, int(header.num_examples), metrics))
+        fit = FitResult(weights, int(header.num_examples), metrics)
+        self.state.accept(header.task_id, fit, received_bytes=spool.size)
         return pb.UploadReply(accepted=True, received_bytes=spool.size)
 
     async def Heartbeat(
@@ -325,7 +351,6 @@ def _check_file(path: Path, spec: Spec, source: str) -> tuple[FileWeights | None
     try:
         weights = FileWeights(path, source=source)
         validate(weights, spec, source=source)
-        weights.close()
     except WeightsError as exc:
         return None, str(exc)
     return weights, None
@@ -450,6 +475,7 @@ class AggregatorServer:
     async def serve(self) -> History | None:
         """Serve until the run finishes (returns its history) or a stop is requested."""
         loop = asyncio.get_running_loop()
+        return_large_buffers()  # uploads pass through in 1 MiB chunks on several threads
         self._stop = asyncio.Event()
         self.state = FleetState(self.settings.state_dir, self.run_id)
         server = grpc.aio.server(options=GRPC_OPTIONS)
