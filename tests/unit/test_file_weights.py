@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 
 from fedge.aggregate import WeightedMean
 from fedge.errors import WeightsError
-from fedge.malloc import return_large_buffers
 from fedge.weights import FileWeights, Weights, spec_of, to_file, validate
 
 MODEL: Weights = {
@@ -113,7 +111,3 @@ def test_folding_file_backed_updates_equals_folding_arrays(
     for name in want:
         assert got[name].dtype == want[name].dtype
         np.testing.assert_array_equal(got[name], want[name])
-
-
-def test_allocator_settings_apply_on_glibc_only() -> None:
-    assert return_large_buffers() is (platform.libc_ver()[0] == "glibc")

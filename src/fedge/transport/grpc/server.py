@@ -28,7 +28,7 @@ from fedge.client import EvaluateResult, FitResult
 from fedge.coordinator import Coordinator, Observer
 from fedge.errors import FedgeError, WeightsError
 from fedge.history import History, RoundRecord
-from fedge.malloc import return_large_buffers
+from fedge.malloc import limit_arenas
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.state import StateStore
@@ -475,7 +475,7 @@ class AggregatorServer:
     async def serve(self) -> History | None:
         """Serve until the run finishes (returns its history) or a stop is requested."""
         loop = asyncio.get_running_loop()
-        return_large_buffers()  # uploads pass through in 1 MiB chunks on several threads
+        limit_arenas()  # uploads pass through in 1 MiB chunks on several threads
         self._stop = asyncio.Event()
         self.state = FleetState(self.settings.state_dir, self.run_id)
         server = grpc.aio.server(options=GRPC_OPTIONS)
