@@ -302,15 +302,20 @@ def test_server_killed_mid_run_resumes(tmp_path: Path, procs: Processes, pki: Pa
     state, out = tmp_path / "state", tmp_path / "out.json"
     server = start_server(procs, config, address, state, out, certs=pki, wait=4, name="server-1")
     nodes = [start_node(procs, config, address, cid, pki) for cid in range(4)]
-    wait_for(lambda: checkpoint_rounds(state), "the checkpoint of round 1", interval=0.02)
-    assert server.poll() is None
-    server.send_signal(signal.SIGKILL)
-    server.wait()
-    assert max(checkpoint_rounds(state)) < 4
+    # killed twice: right after round 1 is checkpointed, then while nodes fit round 3
+    for after, pause in ((1, 0.0), (2, 0.3)):
+        wait_for(lambda a=after: a in checkpoint_rounds(state), f"round {after}", interval=0.02)
+        time.sleep(pause)
+        assert server.poll() is None, procs.log(f"server-{after}")
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        assert max(checkpoint_rounds(state)) < 4
+        server = start_server(
+            procs, config, address, state, out, certs=pki, wait=4, name=f"server-{after + 1}"
+        )
 
-    server = start_server(procs, config, address, state, out, certs=pki, wait=4, name="server-2")
     sim, sim_weights = simulate_config(plain, tmp_path / "simout")
-    finished(server, procs, "server-2")
+    finished(server, procs, "server-3")
     assert all(n.poll() is None for n in nodes), "nodes were not restarted"
     fleet = json.loads(out.read_text())
     assert_metrics_close(fleet, sim)
