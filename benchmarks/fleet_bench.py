@@ -116,6 +116,7 @@ class Fleet:
         for cid in range(nodes):
             issue(self.certs, f"node-{cid}")
         self.address = f"127.0.0.1:{free_port()}"
+        self.env = {**ENV, "XDG_CACHE_HOME": str(work / "cache")}  # the nodes' model caches
         self.out = work / "history.json"
         self.server: subprocess.Popen[bytes] | None = None
         self.nodes: list[subprocess.Popen[bytes]] = []
@@ -136,7 +137,7 @@ class Fleet:
                 "--certs", str(self.certs), "--state-dir", str(self.work / "state"),
                 "--out", str(self.out), "--rounds", str(rounds), "--wait-for", str(wait_for),
             ],
-            env=ENV,
+            env=self.env,
             stderr=log,
         )  # fmt: skip
         self.wait_until(lambda s: True, timeout=60)
@@ -150,7 +151,7 @@ class Fleet:
                 *FEDGE, "node", "--server", self.address, "--config", str(self.config),
                 "--cid", str(cid), "--certs", str(self.certs), "--name", f"node-{cid}",
             ]  # fmt: skip
-            self.nodes.append(subprocess.Popen(command, env=ENV, stderr=log))
+            self.nodes.append(subprocess.Popen(command, env=self.env, stderr=log))
 
     def status(self) -> Any:
         return fetch_status(self.address, self.certs, timeout=1.0)
@@ -328,7 +329,8 @@ def _transfer(
 
     from fedge.proto.fedge.v1 import fleet_pb2 as pb
     from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
-    from fedge.transport.grpc.node import _messages
+    from fedge.transport.grpc.chunks import bytes_chunks
+    from fedge.transport.grpc.node import upload_messages
     from fedge.transport.grpc.tls import channel_credentials
 
     with grpc.secure_channel(address, channel_credentials(certs, f"node-{cid}")) as channel:
@@ -351,7 +353,7 @@ def _transfer(
         )  # fmt: skip
         barrier.wait(timeout=120)
         t2 = time.perf_counter()
-        reply = stub.Upload(_messages(header, payload, 0), timeout=300)
+        reply = stub.Upload(upload_messages(header, bytes_chunks(payload)), timeout=300)
         t3 = time.perf_counter()
         assert reply.accepted, reply.message
         stream.cancel()

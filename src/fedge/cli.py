@@ -200,6 +200,10 @@ def node(
     ] = None,
     name: Annotated[str | None, typer.Option(help="Certificate name (identity).")] = None,
     insecure: Annotated[bool, typer.Option(help="Plaintext; loopback only.")] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Models and results in transit [default: $XDG_CACHE_HOME/fedge/NAME]."),
+    ] = None,
 ) -> None:
     """Run an edge node: dial the server, train on local data, reconnect forever."""
     import signal
@@ -214,17 +218,24 @@ def node(
     elif certs is None:
         raise FedgeError("--certs is required (or --insecure on loopback)")
     cfg = load_config(config)
-    user_app = load_app(
+    client_fn = load_app(  # only the client is kept: not the app's initial weights
         cfg.app.target,
         cfg.base_dir,
         num_clients=cfg.run.num_clients,
         seed=cfg.run.seed,
         **cfg.app.options,
-    )
+    ).client_fn
     identity = name or f"node-{cid}"
     edge = Node(
-        user_app.client_fn(cid),
-        NodeSettings(server=server, cid=cid, name=identity, certs=certs, insecure=insecure),
+        client_fn(cid),
+        NodeSettings(
+            server=server,
+            cid=cid,
+            name=identity,
+            certs=certs,
+            insecure=insecure,
+            cache_dir=cache_dir,
+        ),
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop_event.set())

@@ -46,7 +46,7 @@ def run_demo(config: Path, clients: int, rounds: int, console: Console) -> Histo
         address = f"127.0.0.1:{free_port()}"
         out = work / "results.json"
         fedge = [sys.executable, "-m", "fedge"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(work / "cache")}
         procs: list[subprocess.Popen[bytes]] = []
         server_log = (work / "server.log").open("wb")
         try:

@@ -153,6 +153,12 @@ def _ordered(arrays: dict[str, Array], order: list[str] | None, source: str) -> 
     return {name: arrays[name] for name in order}
 
 
+def read_file(path: Path, *, source: str = "payload") -> Weights:
+    """Decode a safetensors file into Weights, in order, with one copy and no mapping."""
+    stored = FileWeights(path, source=source)
+    return {name: stored[name] for name in stored}
+
+
 def num_bytes(weights: Mapping[str, Array]) -> int:
     return sum(a.nbytes for a in weights.values())
 

@@ -107,6 +107,7 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.cache = logs.parent / "cache"  # the nodes' model caches
         self.procs: list[subprocess.Popen[bytes]] = []
         self._files: list[Any] = []
 
@@ -120,7 +121,7 @@ class Processes:
             cwd=cwd or self.logs,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(self.cache)},
             start_new_session=True,
         )
         self.procs.append(proc)

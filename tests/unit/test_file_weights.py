@@ -9,7 +9,7 @@ import pytest
 
 from fedge.aggregate import WeightedMean
 from fedge.errors import WeightsError
-from fedge.weights import FileWeights, Weights, spec_of, to_file, validate
+from fedge.weights import FileWeights, Weights, read_file, spec_of, to_file, validate
 
 MODEL: Weights = {
     "conv": np.arange(2 * 3 * 50, dtype=np.float32).reshape(50, 3, 2) / 7,
@@ -39,6 +39,16 @@ def test_tensors_read_back_bit_exactly_in_order(tmp_path: Path) -> None:
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
         assert fw.layout(name) == (want.dtype, want.shape)
+
+
+def test_read_file_decodes_the_whole_model_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    to_file(MODEL, path)
+    decoded = read_file(path)
+    assert list(decoded) == list(MODEL)
+    for name, want in MODEL.items():
+        np.testing.assert_array_equal(decoded[name], want)
+        assert decoded[name].dtype == want.dtype and decoded[name].shape == want.shape
 
 
 def test_blocks_cover_the_flattened_tensor(tmp_path: Path, small_blocks: None) -> None:
