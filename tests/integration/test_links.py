@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import struct
@@ -25,7 +26,7 @@ from conftest import (
 
 pytestmark = pytest.mark.integration
 
-ELEMENTS = 3_000_000  # float32: a 12 MB update, twelve 1 MiB upload chunks
+ELEMENTS = 5_000_000  # float32: 20 MB, so nodes move it through files (> SPILL_BYTES)
 
 # Node `cid` answers `w + (cid + 1) / 1000` for `cid + 1` examples: an update counted
 # twice would move the weighted mean, so the final weights show how often each counted.
@@ -145,7 +146,7 @@ def test_an_upload_cut_mid_way_resumes_and_counts_once(
     address = f"127.0.0.1:{free_port()}"
     state, out = tmp_path / "state", tmp_path / "out.json"
     server = start_server(procs, config, address, state, out, certs=pki, wait=2)
-    relay = CuttingRelay(address, cut_after=5 << 20)  # after 5 of node 1's 12 MB upload
+    relay = CuttingRelay(address, cut_after=8 << 20)  # after 8 of node 1's 20 MB upload
     try:
         start_node(procs, config, address, 0, pki)
         start_node(procs, config, relay.address, 1, pki, None, "--log-level", "info")
@@ -171,6 +172,13 @@ def test_an_upload_cut_mid_way_resumes_and_counts_once(
     for _ in range(2):
         expected = (1 * (expected + np.float32(0.001)) + 2 * (expected + np.float32(0.002))) / 3
     np.testing.assert_allclose(ckpt.weights["w"], expected, rtol=1e-6)
+
+    # each node's cache holds one model, named by its hash, and no result in transit
+    for cid in range(2):
+        cache = procs.cache / "fedge" / f"node-{cid}"
+        wait_for(lambda c=cache: not any((c / "results").iterdir()), "results to be deleted")
+        (model,) = (cache / "models").iterdir()
+        assert model.name == hashlib.sha256(model.read_bytes()).hexdigest() + ".safetensors"
 
 
 def test_a_second_process_with_the_same_identity_replaces_the_first(

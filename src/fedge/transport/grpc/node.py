@@ -6,10 +6,11 @@ server restart, dropped stream — it reconnects with exponential backoff and ji
 result whose upload was not acknowledged is kept and re-sent (resuming from the offset
 the server already holds); the server counts it once.
 
-Models and results pass through files in the node's cache directory, never whole in
-memory as bytes: the model is streamed to disk (and kept there, by hash), decoded with
+Large models and results pass through files in the node's cache directory, never whole
+in memory as bytes: the model is streamed to disk (and kept there, by hash), decoded with
 one copy, and a result is written straight from its arrays and uploaded from the file.
 On a device with little memory that is the difference between 2× and 6× the model.
+Small ones (up to `SPILL_BYTES`) stay in memory, where they cost less than a file.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from fedge.client import Client, EvaluateResult, FitResult
 from fedge.errors import WeightsError
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
-from fedge.transport.grpc.chunks import Spool, read_chunks, sha256_file
+from fedge.transport.grpc.chunks import MemorySpool, Spool, bytes_chunks, read_chunks, sha256_file
 from fedge.transport.grpc.tls import NODE_NAME_METADATA, channel_credentials
-from fedge.weights import read_file, to_file
+from fedge.weights import Array, Weights, from_bytes, num_bytes, read_file, to_bytes, to_file
 
 log = logging.getLogger(__name__)
+
+SPILL_BYTES = 16 << 20
+"""Models and results larger than this go through files instead of memory."""
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -73,8 +77,8 @@ class Backoff:
 @dataclass
 class PendingUpload:
     header: pb.UploadHeader
-    payload: Path | None = None
-    """The encoded result (fit tasks); deleted once the server has answered."""
+    payload: bytes | Path | None = None
+    """The encoded result of a fit task; a file is deleted once the server has answered."""
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Node:
             d.mkdir(parents=True, exist_ok=True)
         for stale in self._results.iterdir():  # results of an earlier process: not pending
             stale.unlink()
+        self._model: tuple[bytes, bytes | Path] | None = None  # (sha256, model) last used
         self._metadata = ((NODE_NAME_METADATA, settings.name),) if settings.insecure else ()
         self.tasks_done = 0
         self.replaced: str | None = None
@@ -236,12 +241,12 @@ class Node:
             try:
                 self._deliver(upload)
             finally:
-                if upload.payload is not None:
+                if isinstance(upload.payload, Path):
                     upload.payload.unlink(missing_ok=True)
             self.tasks_done += 1
 
     def _execute(self, task: pb.TaskHeader) -> PendingUpload:
-        weights = read_file(self._download(task), source=f"model {task.model_version}")
+        weights = _decode(self._download(task), source=f"model {task.model_version}")
         config = json.loads(task.config_json)
         try:
             if task.kind == pb.TASK_KIND_FIT:
@@ -249,16 +254,15 @@ class Node:
                 if not isinstance(result, FitResult):
                     raise TypeError(f"fit() returned {type(result).__name__}, not FitResult")
                 del weights  # the client may still hold them; we do not need to
-                payload = self._results / f"{hashlib.sha256(task.task_id.encode()).hexdigest()}"
-                to_file(result.weights, payload)
+                payload, size, digest = self._encode(result.weights, task.task_id)
                 return PendingUpload(
                     pb.UploadHeader(
                         task_id=task.task_id,
                         num_examples=result.num_examples,
                         metrics=_floats(result.metrics),
                         encoding="safetensors",
-                        size=payload.stat().st_size,
-                        sha256=sha256_file(payload).digest(),
+                        size=size,
+                        sha256=digest,
                     ),
                     payload,
                 )
@@ -279,12 +283,27 @@ class Node:
                 pb.UploadHeader(task_id=task.task_id, error=f"{type(exc).__name__}: {exc}")
             )
 
-    def _download(self, task: pb.TaskHeader) -> Path:
-        """The task's model file: from the cache, or streamed to disk (resuming by offset)."""
-        path = self._models / f"{task.model_sha256.hex()}.safetensors"
-        if path.exists():
+    def _encode(
+        self, weights: Mapping[str, Array], task_id: str
+    ) -> tuple[bytes | Path, int, bytes]:
+        """(payload, size, sha256) of a result: bytes when small, else a file in the cache."""
+        if num_bytes(weights) <= SPILL_BYTES:
+            data = to_bytes(weights)
+            return data, len(data), hashlib.sha256(data).digest()
+        path = self._results / hashlib.sha256(task_id.encode()).hexdigest()
+        to_file(weights, path)
+        return path, path.stat().st_size, sha256_file(path).digest()
+
+    def _download(self, task: pb.TaskHeader) -> bytes | Path:
+        """The task's model: cached, or streamed into memory or (when large) to disk."""
+        sha = task.model_sha256
+        if self._model is not None and self._model[0] == sha:
+            return self._model[1]
+        path = self._models / f"{sha.hex()}.safetensors"
+        if path.exists():  # from an earlier process
+            self._model = (sha, path)
             return path
-        spool = Spool(self._models, task.model_sha256.hex())
+        spool = Spool(self._models, sha.hex()) if task.model_size > SPILL_BYTES else MemorySpool()
         backoff = Backoff()
         try:
             while True:
@@ -304,14 +323,19 @@ class Node:
                     self.stop_event.wait(backoff.next())
         finally:
             spool.close()
-        if spool.size != task.model_size or spool.digest.digest() != task.model_sha256:
+        if spool.size != task.model_size or spool.digest.digest() != sha:
             spool.discard()
             raise WeightsError(f"model {task.model_version}: size or sha256 mismatch; will retry")
-        os.replace(spool.path, path)
-        for other in self._models.iterdir():  # keep one model, the current one
+        model: bytes | Path = path
+        if isinstance(spool, MemorySpool):
+            model = bytes(spool.data)
+        else:
+            os.replace(spool.path, path)
+        for other in self._models.iterdir():  # keep one model file at most: the current one
             if other != path:
                 other.unlink(missing_ok=True)
-        return path
+        self._model = (sha, model)
+        return model
 
     def _deliver(self, upload: PendingUpload) -> None:
         """Upload until acknowledged, resuming after reconnects; counted once by the server."""
@@ -342,7 +366,7 @@ class Node:
 
     def _upload_once(self, stub: pb_grpc.FleetStub, upload: PendingUpload) -> pb.UploadReply:
         offset = 0
-        if upload.payload is not None:
+        if upload.payload is not None:  # a fit result: resume where the server stands
             status = stub.QueryUpload(
                 pb.QueryUploadRequest(task_id=upload.header.task_id),
                 timeout=30,
@@ -361,11 +385,23 @@ class Node:
         header = pb.UploadHeader()
         header.CopyFrom(upload.header)
         header.offset = offset
-        chunks = read_chunks(upload.payload, offset) if upload.payload is not None else ()
+        chunks: Iterable[tuple[int, bytes]] = ()
+        if isinstance(upload.payload, bytes):
+            chunks = bytes_chunks(upload.payload, offset)
+        elif upload.payload is not None:
+            chunks = read_chunks(upload.payload, offset)
         reply: pb.UploadReply = stub.Upload(
             upload_messages(header, chunks), timeout=600, metadata=self._metadata
         )
         return reply
+
+
+def _decode(model: bytes | Path, source: str) -> Weights:
+    return (
+        from_bytes(model, source=source)
+        if isinstance(model, bytes)
+        else read_file(model, source=source)
+    )
 
 
 def upload_messages(
