@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 RunStatus = Literal["running", "finished", "failed", "stopped"]
 RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; `_MIGRATIONS[i]` upgrades version i to i + 1."""
 
 _MIGRATIONS: list[list[str]] = [
@@ -76,6 +76,23 @@ _MIGRATIONS: list[list[str]] = [
             last_seen REAL NOT NULL,
             tasks_done INTEGER NOT NULL DEFAULT 0
         )""",
+    ],
+    [
+        # A client id moves to the node that joined with it last (the server refuses a
+        # takeover only while the holder is connected), so the earlier holder keeps no cid.
+        """CREATE TABLE nodes_v2 (
+            node_id TEXT PRIMARY KEY,
+            cid INTEGER UNIQUE,
+            address TEXT NOT NULL,
+            capabilities_json TEXT NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            tasks_done INTEGER NOT NULL DEFAULT 0
+        )""",
+        "INSERT INTO nodes_v2 SELECT node_id, cid, address, capabilities_json, first_seen,"
+        " last_seen, tasks_done FROM nodes",
+        "DROP TABLE nodes",
+        "ALTER TABLE nodes_v2 RENAME TO nodes",
     ],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -250,16 +267,12 @@ class StateStore:
     def upsert_node(
         self, node_id: str, cid: int, address: str, capabilities: Mapping[str, Any]
     ) -> None:
-        """A node joined (or re-joined): keep its first-seen time and task count."""
+        """A node joined (or re-joined) with `cid`: it holds that client id from now on (an
+        earlier holder lets go of it); its first-seen time and task count are kept."""
         caps_json = _dumps(capabilities, f"capabilities of node {node_id!r}", sort_keys=True)
         now = time.time()
         with self._write() as db:
-            owner = db.execute("SELECT node_id FROM nodes WHERE cid = ?", (cid,)).fetchone()
-            if owner is not None and owner["node_id"] != node_id:
-                raise StateError(
-                    f"client id {cid} already belongs to node {owner['node_id']!r}; "
-                    f"cannot give it to node {node_id!r}"
-                )
+            db.execute("UPDATE nodes SET cid = NULL WHERE cid = ? AND node_id != ?", (cid, node_id))
             db.execute(
                 "INSERT INTO nodes (node_id, cid, address, capabilities_json, first_seen,"
                 " last_seen) VALUES (?, ?, ?, ?, ?, ?)"
@@ -269,27 +282,28 @@ class StateStore:
                 (node_id, cid, address, caps_json, now, now),
             )
 
-    def touch_node(self, node_id: str) -> None:
-        """The node was heard from (heartbeat, result): move its last-seen time."""
+    def record_activity(
+        self, last_seen: Mapping[str, float], tasks_done: Mapping[str, int]
+    ) -> None:
+        """What the server saw of its nodes, in one transaction per round rather than one
+        fsync per heartbeat: last-seen times (never moved back) and finished tasks.
+        A node whose join is not recorded yet is skipped (its join records it)."""
         with self._write() as db:
-            cur = db.execute(
-                "UPDATE nodes SET last_seen = ? WHERE node_id = ?", (time.time(), node_id)
+            db.executemany(
+                "UPDATE nodes SET last_seen = MAX(last_seen, ?) WHERE node_id = ?",
+                [(seen, node_id) for node_id, seen in last_seen.items()],
             )
-            _require(cur.rowcount, "node", node_id)
-
-    def increment_tasks(self, node_id: str) -> None:
-        """The node finished a task; finishing one also counts as being seen."""
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE nodes SET tasks_done = tasks_done + 1, last_seen = ? WHERE node_id = ?",
-                (time.time(), node_id),
+            db.executemany(
+                "UPDATE nodes SET tasks_done = tasks_done + ? WHERE node_id = ?",
+                [(count, node_id) for node_id, count in tasks_done.items()],
             )
-            _require(cur.rowcount, "node", node_id)
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every node ever seen, by client id, with capabilities decoded."""
+        """Every node ever seen, by client id (``None``: gave it up), capabilities decoded."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM nodes ORDER BY cid").fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM nodes ORDER BY cid IS NULL, cid, node_id"
+            ).fetchall()
         return [
             {
                 "node_id": r["node_id"],

@@ -67,6 +67,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
 def test_simulation_and_fleet_agree(tmp_path: Path, procs: Processes, pki: Path) -> None:
     from fedge.checkpoint import latest_checkpoint
+    from fedge.state import StateStore
 
     config = write_config(tmp_path / "run", num_clients=4, rounds=3)
     address = f"127.0.0.1:{free_port()}"
@@ -84,6 +85,9 @@ def test_simulation_and_fleet_agree(tmp_path: Path, procs: Processes, pki: Path)
     ckpt = latest_checkpoint(state / "checkpoints")
     assert ckpt is not None and ckpt.round == 3
     assert_weights_close(ckpt.weights, sim_weights)
+    with StateStore(state / "state.db") as store:  # what the server recorded of its nodes
+        nodes = [(n["node_id"], n["cid"], n["tasks_done"]) for n in store.nodes()]
+    assert nodes == [(f"node-{cid}", cid, 3) for cid in range(4)]
 
 
 # --- 3 ---------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def test_round_record_dict_round_trip_through_json() -> None:
 # -- nodes --------------------------------------------------------------------------
 
 
-def test_nodes_upsert_touch_increment(store: StateStore) -> None:
+def test_nodes_upsert_and_activity(store: StateStore) -> None:
     store.upsert_node("node-b", 1, "10.0.0.2:5000", {"cpu": 4, "accelerator": None})
     store.upsert_node("node-a", 0, "10.0.0.1:5000", {"cpu": 2})
     first = {n["node_id"]: n for n in store.nodes()}
@@ -224,31 +224,53 @@ def test_nodes_upsert_touch_increment(store: StateStore) -> None:
     assert first["node-b"]["capabilities"] == {"cpu": 4, "accelerator": None}
     assert first["node-b"]["tasks_done"] == 0
 
-    time.sleep(0.01)
-    store.touch_node("node-a")
-    store.increment_tasks("node-b")
-    store.increment_tasks("node-b")
+    later = first["node-a"]["last_seen"] + 5
+    store.record_activity({"node-a": later, "node-b": 0.0}, {"node-b": 2})
+    store.record_activity({}, {"node-b": 1, "not-joined-yet": 1})  # skipped, no error
     after = {n["node_id"]: n for n in store.nodes()}
-    assert after["node-a"]["last_seen"] > first["node-a"]["last_seen"]
-    assert after["node-b"]["tasks_done"] == 2
+    assert after["node-a"]["last_seen"] == later
+    assert after["node-b"]["last_seen"] == first["node-b"]["last_seen"]  # never moves back
+    assert after["node-b"]["tasks_done"] == 3
 
     # re-join from a new address: identity, first_seen and task count survive
     store.upsert_node("node-b", 1, "10.0.0.9:6000", {"cpu": 8})
     again = {n["node_id"]: n for n in store.nodes()}["node-b"]
     assert again["address"] == "10.0.0.9:6000" and again["capabilities"] == {"cpu": 8}
     assert again["first_seen"] == first["node-b"]["first_seen"]
-    assert again["tasks_done"] == 2
+    assert again["tasks_done"] == 3
     assert len(store.nodes()) == 2
 
 
-def test_unknown_node_and_taken_cid(store: StateStore) -> None:
-    with pytest.raises(StateError, match="unknown node 'x'"):
-        store.touch_node("x")
-    with pytest.raises(StateError, match="unknown node 'x'"):
-        store.increment_tasks("x")
+def test_a_client_id_moves_to_the_node_that_joined_with_it_last(store: StateStore) -> None:
     store.upsert_node("a", 0, "h:1", {})
-    with pytest.raises(StateError, match="client id 0 already belongs to node 'a'"):
-        store.upsert_node("b", 0, "h:2", {})
+    store.upsert_node("b", 1, "h:2", {})
+    store.upsert_node("a", 1, "h:1", {})  # the partitions were swapped
+    store.upsert_node("b", 0, "h:2", {})
+    assert {n["node_id"]: n["cid"] for n in store.nodes()} == {"a": 1, "b": 0}
+    store.upsert_node("c", 1, "h:3", {})  # a replacement device takes over cid 1
+    assert [(n["node_id"], n["cid"]) for n in store.nodes()] == [("b", 0), ("c", 1), ("a", None)]
+
+
+def test_a_version_1_database_is_migrated_keeping_its_nodes(tmp_path: Path) -> None:
+    from fedge.state import _MIGRATIONS
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    for statement in _MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute(
+        "INSERT INTO nodes (node_id, cid, address, capabilities_json, first_seen, last_seen,"
+        " tasks_done) VALUES ('old', 3, 'h:1', '{}', 1.0, 2.0, 7)"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with StateStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        (node,) = store.nodes()
+        assert (node["node_id"], node["cid"], node["tasks_done"]) == ("old", 3, 7)
+        store.upsert_node("new", 3, "h:2", {})  # possible only since version 2
+        assert {n["node_id"]: n["cid"] for n in store.nodes()} == {"new": 3, "old": None}
 
 
 # -- durability ---------------------------------------------------------------------
@@ -263,7 +285,7 @@ def test_reopened_store_sees_everything(tmp_path: Path) -> None:
             store.record_round("r1", record)
         store.set_run_status("r1", "finished", wall_time=original.wall_time)
         store.upsert_node("n", 5, "h:1", {"cpu": 1})
-        store.increment_tasks("n")
+        store.record_activity({}, {"n": 1})
     with StateStore(tmp_path / "state.db") as restarted:
         run = restarted.latest_run()
         assert run is not None and run["run_id"] == "r1" and run["config"] == {"seed": 3}
@@ -281,7 +303,7 @@ def test_used_from_several_threads(store: StateStore) -> None:
 
     def work(r: int) -> None:
         store.record_round("r1", RoundRecord(round=r))
-        store.increment_tasks("n")
+        store.record_activity({}, {"n": 1})
         store.history("r1")
 
     with ThreadPoolExecutor(8) as pool:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,6 +467,10 @@ class AggregatorServer:
             save_checkpoint(self.checkpoints, ckpt)
             self.last_metrics = dict(record.metrics or record.evaluate_metrics)
         self.store.record_round(self.run_id, record)
+        sessions = list(self.state.sessions.values())  # a snapshot, from this thread
+        node_of = {s.cid: s.node_id for s in sessions}
+        done = Counter(node_of[cid] for cid in record.participants if cid in node_of)
+        self.store.record_activity({s.node_id: s.last_seen for s in sessions}, done)
 
     def request_stop(self) -> None:
         self.state.stopping = True
