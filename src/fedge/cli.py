@@ -139,6 +139,9 @@ def server(
     out: OutOption = None,
     rounds: Annotated[int | None, typer.Option(help="Override run.rounds.")] = None,
     wait_for: Annotated[int | None, typer.Option(help="Nodes needed before a round.")] = None,
+    max_upload_mb: Annotated[
+        int, typer.Option(min=1, help="Largest result a node may upload, in MiB.")
+    ] = 2048,
 ) -> None:
     """Run the aggregator for the config's app until the run finishes."""
     import asyncio
@@ -159,6 +162,7 @@ def server(
         state_dir=state_dir,
         certs=certs,
         insecure=insecure,
+        max_upload_bytes=max_upload_mb << 20,
         round_timeout=cfg.run.round_timeout or 600.0,
     )
     aggregator = AggregatorServer(  # the app is not kept: the initial weights go after round 1
@@ -238,7 +242,7 @@ def node(
         ),
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: edge.stop_event.set())
+        signal.signal(sig, lambda *_: edge.stop())
     edge.run()
     if edge.replaced is not None:
         raise FedgeError(f"node {identity!r} stopped: {edge.replaced}")

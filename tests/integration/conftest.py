@@ -178,6 +178,7 @@ def start_server(
     certs: Path | None,
     wait: int,
     name: str = "server",
+    options: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     security = ["--certs", str(certs)] if certs is not None else ["--insecure"]
     return procs.start(
@@ -189,6 +190,7 @@ def start_server(
         "--state-dir", state,
         "--out", out,
         "--wait-for", str(wait),
+        *options,
     )  # fmt: skip
 
 

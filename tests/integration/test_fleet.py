@@ -140,7 +140,9 @@ def test_bad_uploads_are_rejected_and_the_run_continues(tmp_path: Path, procs: P
     )
     address = f"127.0.0.1:{free_port()}"
     state, out = tmp_path / "state", tmp_path / "out.json"
-    server = start_server(procs, config, address, state, out, certs=None, wait=2)
+    server = start_server(
+        procs, config, address, state, out, certs=None, wait=2, options=("--max-upload-mb", "1")
+    )
     procs.start(
         "node-0", "node", "--server", address, "--config", config, "--cid", "0",
         "--insecure", "--name", "node-0",
@@ -213,10 +215,10 @@ def test_bad_uploads_are_rejected_and_the_run_continues(tmp_path: Path, procs: P
         Code.NOT_FOUND, "unknown task id", good,
         **fit_header(task, good, task_id="no-such-task"),
     )  # fmt: skip
-    # a declared size over the maximum
+    # a declared size over the maximum (--max-upload-mb 1)
     rogue.rejected(
-        Code.RESOURCE_EXHAUSTED, "configured maximum", b"",
-        **fit_header(task, good, size=(2 << 30) + 1),
+        Code.RESOURCE_EXHAUSTED, "outside 1..1048576 (the configured maximum)", b"",
+        **fit_header(task, good, size=(1 << 20) + 1),
     )  # fmt: skip
     # finally a good upload: accepted, and the run finishes
     reply = rogue.upload(good, **fit_header(task, good))

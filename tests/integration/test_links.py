@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import socket
 import struct
 import textwrap
@@ -206,3 +207,20 @@ def test_a_second_process_with_the_same_identity_replaces_the_first(
     # every round waits for both cids; after the older one left, only the newer had cid 1
     assert [r["status"] for r in rounds] == ["ok"] * 8
     assert all(sorted(r["participants"]) == [0, 1] for r in rounds)
+
+
+def test_a_node_stopped_with_sigterm_leaves_at_once(
+    tmp_path: Path, procs: Processes, pki: Path
+) -> None:
+    config = write_config(tmp_path / "run", num_clients=2, rounds=1)
+    address = f"127.0.0.1:{free_port()}"
+    start_server(procs, config, address, tmp_path / "state", tmp_path / "o.json", certs=pki, wait=2)
+    node = start_node(procs, config, address, 0, pki, None, "--log-level", "info")
+    wait_for(
+        lambda: (s := status_or_none(address, pki)) is not None and len(s.nodes) == 1,
+        "node 0 to connect",
+    )
+    node.send_signal(signal.SIGTERM)
+    # well before the task stream's next keepalive (15 s), which used to be the wait
+    assert wait_exit(node, timeout=8) == 0, procs.log("node-0")
+    wait_for(lambda: len(status_or_none(address, pki).nodes) == 0, "node 0 to be gone", 5)

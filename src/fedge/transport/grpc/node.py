@@ -118,6 +118,7 @@ class Node:
         self._metadata = ((NODE_NAME_METADATA, settings.name),) if settings.insecure else ()
         self.tasks_done = 0
         self.replaced: str | None = None
+        self._stream: grpc.Future | None = None
         """Why the node stopped by itself: the server's message when it was replaced."""
 
     # --- lifecycle ---------------------------------------------------------------
@@ -141,18 +142,20 @@ class Node:
             finally:
                 self._connected.clear()
             self.stop_event.wait(backoff.next())
-        self._close_channel()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        if self._stub is not None and self._token:
-            with contextlib.suppress(grpc.RpcError):
+        if self._stub is not None and self._token and self.replaced is None:
+            with contextlib.suppress(grpc.RpcError):  # so the server stops selecting us now
                 self._stub.Leave(
                     pb.LeaveRequest(session_token=self._token, reason="stopped"),
                     timeout=2,
                     metadata=self._metadata,
                 )
         self._close_channel()
+
+    def stop(self) -> None:
+        """Make `run()` leave the fleet and return; safe to call from a signal handler."""
+        self.stop_event.set()
+        if self._stream is not None:
+            self._stream.cancel()  # wakes the task stream now, not at the next keepalive
 
     def _close_channel(self) -> None:
         if self._channel is not None:
@@ -174,6 +177,9 @@ class Node:
             pb.TasksRequest(node_id=reply.node_id, session_token=reply.session_token),
             metadata=self._metadata,
         )
+        self._stream = stream
+        if self.stop_event.is_set():  # stopped while joining
+            stream.cancel()
         heartbeat = threading.Thread(
             target=self._heartbeat,
             daemon=True,
@@ -189,8 +195,6 @@ class Node:
                     while len(self._seen) > 1000:
                         self._seen.popitem(last=False)
                     self._tasks.put(message.task)
-                if self.stop_event.is_set():
-                    stream.cancel()
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.ABORTED:  # only sent to a replaced connection
                 raise Replaced(exc.details()) from exc
