@@ -11,22 +11,26 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.client import Client
-from fedge.coordinator import EvaluateFn
 from fedge.errors import ConfigError
 from fedge.weights import Weights
+
+if TYPE_CHECKING:  # a node loads the app too, and needs no coordinator
+    from fedge.coordinator import Workflow
 
 
 @dataclass
 class App:
     client_fn: Callable[[int], Client]
     initial_weights: Weights | None = None
-    evaluate_fn: EvaluateFn | None = None
+    evaluate_fn: Callable[[Weights], Mapping[str, float]] | None = None
+    workflow: Workflow | None = None
+    """How each round runs on the server (default: `fedge.coordinator.fit_round`)."""
 
 
 def load_app(target: str, base_dir: Path, **kwargs: Any) -> App:

@@ -37,8 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fedge.errors import FedgeError
-from fedge.strategy.base import State
-from fedge.weights import Array, Weights
+from fedge.weights import Array, State, Weights
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,8 @@ class Checkpoint:
     state: State = field(default_factory=dict)
     """The strategy's server state (e.g. FedOpt moments)."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """JSON-serializable extras: run id, the round's record, RNG state, ..."""
+    """JSON-serializable extras: the run id and the round's record. Never the history,
+    which grows with the run and lives in the state database."""
 
 
 def checkpoint_name(round: int) -> str:

@@ -6,13 +6,18 @@ import json
 import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from fedge.errors import FedgeError
+
+if TYPE_CHECKING:
+    from fedge.app import App
+    from fedge.config import RunConfig
+    from fedge.coordinator import Workflow
 
 app = typer.Typer(
     help="fedge: federated learning for Linux edge fleets.",
@@ -42,19 +47,37 @@ def _root(
     logging.getLogger().setLevel(log_level.value.upper())
 
 
+ModelOutOption = Annotated[
+    Path | None, typer.Option("--model-out", help="Write the final global model (safetensors).")
+]
+
+
+def _app_of(cfg: RunConfig) -> App:
+    from fedge.app import load_app
+
+    return load_app(
+        cfg.app.target,
+        cfg.base_dir,
+        num_clients=cfg.run.num_clients,
+        seed=cfg.run.seed,
+        **cfg.app.options,
+    )
+
+
 @app.command()
 def sim(
     config: ConfigOption = Path("fedge.toml"),
     out: OutOption = None,
+    model_out: ModelOutOption = None,
     rounds: Annotated[int | None, typer.Option(help="Override run.rounds.")] = None,
     backend: Annotated[str | None, typer.Option(help="inprocess or process.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress view.")] = False,
 ) -> None:
     """Simulate a federation on this machine, with the app named in the config."""
-    from fedge.app import load_app
     from fedge.config import load_config
     from fedge.progress import ProgressObserver, history_table
     from fedge.sim import simulate
+    from fedge.weights import to_file
 
     cfg = load_config(config)
     if rounds is not None:
@@ -65,13 +88,7 @@ def sim(
         cfg.simulation = cfg.simulation.model_validate(
             {**cfg.simulation.model_dump(), "backend": backend}
         )
-    user_app = load_app(
-        cfg.app.target,
-        cfg.base_dir,
-        num_clients=cfg.run.num_clients,
-        seed=cfg.run.seed,
-        **cfg.app.options,
-    )
+    user_app = _app_of(cfg)
     with ProgressObserver(cfg.run.rounds, console, disable=quiet) as observer:
         history = simulate(
             user_app.client_fn,
@@ -88,11 +105,21 @@ def sim(
             stragglers=cfg.simulation.stragglers,
             dropouts=cfg.simulation.dropouts,
             max_round_retries=cfg.run.max_round_retries,
+            max_examples=cfg.limits.max_examples,
+            workflow=user_app.workflow or _fit_round(),
             observer=observer,
         )
     Console().print(history_table(history))
     if out is not None:
         out.write_text(json.dumps(history.to_dict(), indent=2))
+    if model_out is not None and history.weights is not None:
+        to_file(history.weights, model_out)
+
+
+def _fit_round() -> Workflow:
+    from fedge.coordinator import fit_round
+
+    return fit_round
 
 
 ca_app = typer.Typer(help="Project certificate authority (mutual TLS).", no_args_is_help=True)
@@ -127,6 +154,14 @@ def ca_issue(
     console.print(f"certificate: {cert}\nkey: {key}")
 
 
+ServerOption = Annotated[str, typer.Option("--server", help="Aggregator HOST:PORT.")]
+AdminCertsOption = Annotated[
+    Path | None, typer.Option("--certs", help="Directory with an admin certificate.")
+]
+AdminOption = Annotated[str, typer.Option("--name", help="Admin certificate name.")]
+InsecureOption = Annotated[bool, typer.Option(help="Plaintext; loopback only.")]
+
+
 @app.command()
 def server(
     config: ConfigOption = Path("fedge.toml"),
@@ -135,125 +170,131 @@ def server(
     state_dir: Annotated[Path, typer.Option(help="Durable state and checkpoints.")] = Path(
         "fedge-state"
     ),
-    insecure: Annotated[bool, typer.Option(help="Plaintext; loopback only.")] = False,
+    insecure: InsecureOption = False,
     out: OutOption = None,
+    model_out: ModelOutOption = None,
     rounds: Annotated[int | None, typer.Option(help="Override run.rounds.")] = None,
-    wait_for: Annotated[int | None, typer.Option(help="Nodes needed before a round.")] = None,
+    wait_for: Annotated[int | None, typer.Option(help="Clients needed before a round.")] = None,
     max_upload_mb: Annotated[
-        int, typer.Option(min=1, help="Largest result a node may upload, in MiB.")
-    ] = 2048,
+        int | None, typer.Option(min=1, help="Override limits.max_upload_mb.")
+    ] = None,
+    new_run: Annotated[
+        bool, typer.Option("--new-run", help="Start a new run; earlier runs are kept.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the latest run as it was.")
+    ] = False,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="Seconds between node heartbeats; silent for 3 of them: not selected."
+        ),
+    ] = 5.0,
 ) -> None:
-    """Run the aggregator for the config's app until the run finishes."""
+    """Run the aggregator for the config's app until the run finishes.
+
+    Started again on the same state directory it resumes the run (after a crash too);
+    with a changed config it refuses and names the change, unless --resume or --new-run.
+    """
     import asyncio
     import signal
 
-    from fedge.app import load_app
     from fedge.config import load_config
-    from fedge.transport.grpc.server import AggregatorServer, ServerSettings, run_id_for
+    from fedge.fleet.runs import RunService
+    from fedge.fleet.server import Aggregator, ServerSettings
+    from fedge.transport.grpc.server import GrpcTransport
+    from fedge.weights import to_file
 
     cfg = load_config(config)
     if rounds is not None:
         cfg.run.rounds = rounds
-    strategy = cfg.build_strategy()
-    if wait_for is not None:
-        strategy.min_available_clients = wait_for
-    settings = ServerSettings(
-        address=address,
-        state_dir=state_dir,
-        certs=certs,
-        insecure=insecure,
-        max_upload_bytes=max_upload_mb << 20,
-        round_timeout=cfg.run.round_timeout or 600.0,
-    )
-    aggregator = AggregatorServer(  # the app is not kept: the initial weights go after round 1
-        load_app(
-            cfg.app.target,
-            cfg.base_dir,
-            num_clients=cfg.run.num_clients,
-            seed=cfg.run.seed,
-            **cfg.app.options,
-        ),
-        strategy,
-        settings,
-        rounds=cfg.run.rounds,
-        seed=cfg.run.seed,
-        fit_config=cfg.fit,
-        evaluate_config=cfg.evaluate,
-        max_round_retries=cfg.run.max_round_retries,
-        run_id=run_id_for(config.read_text() + f"rounds={cfg.run.rounds}"),
+    if max_upload_mb is not None:
+        cfg.limits.max_upload_mb = max_upload_mb
+    transport = GrpcTransport(address, certs, insecure)
+    runs = RunService.open(state_dir, cfg, new_run=new_run, resume=resume)
+    aggregator = Aggregator(  # the app is not kept: the initial weights go after round 1
+        _app_of(runs.config),
+        runs,
+        ServerSettings(state_dir, wait_for=wait_for, heartbeat_interval=heartbeat_interval),
     )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, aggregator.request_stop)
-        history = await aggregator.serve()
-        if history is not None and out is not None:
-            out.write_text(json.dumps(history.to_dict(), indent=2))
+            loop.add_signal_handler(sig, aggregator.request_stop, f"signal {sig.name}")
+        await aggregator.serve(transport)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+        if aggregator.state == "finished" and out is not None:
+            out.write_text(json.dumps(runs.history().to_dict(), indent=2))
+        if aggregator.state == "finished" and model_out is not None:
+            weights = runs.latest_weights()
+            if weights is not None:
+                to_file(weights, model_out)
+    finally:
+        runs.store.close()
 
 
 @app.command()
 def node(
-    server: Annotated[str, typer.Option(help="Aggregator HOST:PORT.")],
+    server: ServerOption,
     cid: Annotated[int, typer.Option(help="This node's data partition (client id).")],
     config: ConfigOption = Path("fedge.toml"),
     certs: Annotated[
         Path | None, typer.Option(help="Directory with ca.crt and NAME.crt/key.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Certificate name (identity).")] = None,
-    insecure: Annotated[bool, typer.Option(help="Plaintext; loopback only.")] = False,
+    insecure: InsecureOption = False,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Models and results in transit [default: $XDG_CACHE_HOME/fedge/NAME]."),
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="KEY=VALUE shown to the operator.")
     ] = None,
 ) -> None:
     """Run an edge node: dial the server, train on local data, reconnect forever."""
     import signal
 
-    from fedge.app import load_app
     from fedge.config import load_config
-    from fedge.transport.grpc.node import Node, NodeSettings
+    from fedge.node.runtime import Node, NodeSettings
+    from fedge.transport.grpc.link import GrpcLink
     from fedge.transport.grpc.tls import require_loopback
 
     if insecure:
         require_loopback(server)
     elif certs is None:
         raise FedgeError("--certs is required (or --insecure on loopback)")
+    labels = dict(_pair(item) for item in label or [])
     cfg = load_config(config)
-    client_fn = load_app(  # only the client is kept: not the app's initial weights
-        cfg.app.target,
-        cfg.base_dir,
-        num_clients=cfg.run.num_clients,
-        seed=cfg.run.seed,
-        **cfg.app.options,
-    ).client_fn
+    client_fn = _app_of(cfg).client_fn  # only the client is kept: not the initial weights
     identity = name or f"node-{cid}"
     edge = Node(
         client_fn(cid),
-        NodeSettings(
-            server=server,
-            cid=cid,
-            name=identity,
-            certs=certs,
-            insecure=insecure,
-            cache_dir=cache_dir,
-        ),
+        GrpcLink(server, identity, certs, insecure),
+        NodeSettings(cid=cid, name=identity, cache_dir=cache_dir, labels=labels),
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop())
     edge.run()
-    if edge.replaced is not None:
-        raise FedgeError(f"node {identity!r} stopped: {edge.replaced}")
+    if edge.stopped_because is not None:
+        raise FedgeError(f"node {identity!r} stopped: {edge.stopped_because}")
+
+
+def _pair(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise FedgeError(f"--label must look like KEY=VALUE, got {item!r}")
+    return key, value
 
 
 @app.command()
 def status(
-    server: Annotated[str, typer.Option(help="Aggregator HOST:PORT.")],
-    certs: Annotated[Path | None, typer.Option(help="Directory with an admin certificate.")] = None,
-    name: Annotated[str, typer.Option(help="Admin certificate name.")] = "admin",
-    insecure: Annotated[bool, typer.Option(help="Plaintext; loopback only.")] = False,
+    server: ServerOption,
+    certs: AdminCertsOption = None,
+    name: AdminOption = "admin",
+    insecure: InsecureOption = False,
 ) -> None:
     """Show the run, round, connected nodes and last metrics."""
     from rich.table import Table
@@ -265,11 +306,117 @@ def status(
         f"run {reply.run_id}: {reply.state}, round {reply.round}/{reply.total_rounds}"
         f", results {reply.results_received}/{reply.results_expected}"
     )
+    if reply.waiting_for:
+        console.print(
+            f"waiting for {reply.waiting_for} clients; missing: {list(reply.missing_cids)}"
+        )
+    if reply.reason:
+        console.print(f"reason: {escape(reply.reason)}", soft_wrap=True)
     console.print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in reply.metrics.items()))
-    table = Table("node", "cid", "address")
+    table = Table("node", "cid", "address", "live", "tasks done")
     for n in reply.nodes:
-        table.add_row(n.node_id, str(n.cid), n.address)
+        table.add_row(
+            n.node_id, str(n.cid), n.address, "yes" if n.live else "no", str(n.tasks_done)
+        )
     Console().print(table)
+
+
+@app.command()
+def stop(
+    server: ServerOption,
+    certs: AdminCertsOption = None,
+    name: AdminOption = "admin",
+    insecure: InsecureOption = False,
+    reason: Annotated[str, typer.Option(help="Why, for the server's log.")] = "fedge stop",
+) -> None:
+    """Stop the server's run after its current write (resume it by starting it again)."""
+    from fedge.transport.grpc.control import Control
+
+    with Control(server, certs, name, insecure) as control:
+        console.print(f"server: {control.stop(reason)}")
+
+
+@app.command()
+def runs(
+    state_dir: Annotated[Path, typer.Option(help="The server's state directory.")] = Path(
+        "fedge-state"
+    ),
+) -> None:
+    """List the runs a state directory holds."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from fedge.state import StateStore
+
+    if not (state_dir / "state.db").exists():
+        raise FedgeError(f"{state_dir} holds no fedge state (no state.db)")
+    with StateStore(state_dir / "state.db") as store:
+        found = store.runs()
+    table = Table("run", "status", "rounds", "strategy", "started", "reason")
+    for run in found:
+        started = dt.datetime.fromtimestamp(run["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        strategy = run["config"].get("strategy", {})
+        table.add_row(
+            run["run_id"],
+            run["status"],
+            f"{run['rounds_done']}/{run['total_rounds']}",
+            str(strategy.get("name", strategy) if isinstance(strategy, dict) else strategy),
+            started,
+            escape(run["reason"]),
+        )
+    Console().print(table)
+
+
+nodes_app = typer.Typer(
+    help="The nodes a server knows, and their client ids.", no_args_is_help=True
+)
+app.add_typer(nodes_app, name="nodes")
+
+
+@nodes_app.command("list")
+def nodes_list(
+    server: ServerOption,
+    certs: AdminCertsOption = None,
+    name: AdminOption = "admin",
+    insecure: InsecureOption = False,
+) -> None:
+    """Every node the server knows: bound client id, connection, tasks done."""
+    from rich.table import Table
+
+    from fedge.transport.grpc.control import Control
+
+    with Control(server, certs, name, insecure) as control:
+        found = control.nodes()
+    table = Table("node", "cid", "connected", "live", "last address", "tasks done")
+    for n in found:
+        table.add_row(
+            n.node_id,
+            str(n.cid) if n.has_cid else "-",
+            "yes" if n.connected else "no",
+            "yes" if n.live else "no",
+            n.address,
+            str(n.tasks_done),
+        )
+    Console().print(table)
+
+
+@nodes_app.command("assign")
+def nodes_assign(
+    node_id: Annotated[str, typer.Argument(help="Node identity (certificate name).")],
+    cid: Annotated[int, typer.Argument(help="Client id to bind to it.")],
+    server: ServerOption,
+    certs: AdminCertsOption = None,
+    name: AdminOption = "admin",
+    insecure: InsecureOption = False,
+) -> None:
+    """Bind a client id to a node (e.g. a replacement device); its holder stops."""
+    from fedge.transport.grpc.control import Control
+
+    with Control(server, certs, name, insecure) as control:
+        previous = control.assign(node_id, cid)
+    held = f" (it was bound to {previous!r}, whose session ended)" if previous else ""
+    console.print(f"client id {cid} is bound to {node_id!r}{held}")
 
 
 @app.command()

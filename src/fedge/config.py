@@ -18,6 +18,9 @@ local_epochs = 5
 
 [simulation]
 backend = "inprocess"       # or "process"
+
+[limits]                    # bounds on what nodes may send (they may lie)
+max_examples = 1000000
 ```
 """
 
@@ -27,12 +30,15 @@ import dataclasses
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fedge.errors import ConfigError
-from fedge.strategy import STRATEGIES, Strategy
+from fedge.limits import MAX_EXAMPLES, MAX_UPLOAD_BYTES
+
+if TYPE_CHECKING:  # a node reads the config too, and needs no strategy
+    from fedge.strategy import Strategy
 
 
 class _Section(BaseModel):
@@ -59,6 +65,11 @@ class SimulationSection(_Section):
     dropouts: float = Field(0.0, ge=0, le=1)
 
 
+class LimitsSection(_Section):
+    max_examples: int = Field(MAX_EXAMPLES, ge=1)
+    max_upload_mb: int = Field(MAX_UPLOAD_BYTES >> 20, ge=1)
+
+
 class RunConfig(_Section):
     app: AppSection
     run: RunSection = RunSection()
@@ -66,11 +77,17 @@ class RunConfig(_Section):
     fit: dict[str, Any] = {}
     evaluate: dict[str, Any] = {}
     simulation: SimulationSection = SimulationSection()
+    limits: LimitsSection = LimitsSection()
     base_dir: Path = Path(".")
     """Directory of the config file; app modules are imported from here."""
 
     def build_strategy(self) -> Strategy:
         return build_strategy(self.strategy)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that defines the run, as plain JSON (comments and layout of the
+        file do not count): two configs with equal settings are the same run."""
+        return self.model_dump(mode="json", exclude={"base_dir"})
 
 
 def load_config(path: Path | str) -> RunConfig:
@@ -107,8 +124,13 @@ def _describe(error: Any) -> str:
 
 
 def build_strategy(table: dict[str, Any]) -> Strategy:
-    """A strategy from its config table: ``name`` plus that strategy's parameters."""
+    """A strategy from its config table: ``name`` plus that strategy's parameters, and
+    ``wrap``, a list of wrappers (``{ name = "clip_updates", max_norm = 1.0 }``) applied
+    inside out."""
+    from fedge.strategy import STRATEGIES, WRAPPERS
+
     params = dict(table)
+    wrappers = params.pop("wrap", [])
     name = str(params.pop("name", "fedavg")).lower()
     cls = STRATEGIES.get(name)
     if cls is None:
@@ -129,6 +151,22 @@ def build_strategy(table: dict[str, Any]) -> Strategy:
         except ValidationError as exc:
             raise ConfigError(f"'strategy.{key}' = {value!r}: {exc.errors()[0]['msg']}") from exc
     try:
-        return cls(**params)
+        strategy = cls(**params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"strategy {name}: {exc}") from exc
+    if not isinstance(wrappers, list):
+        raise ConfigError(f"'strategy.wrap' must be a list of tables, got {wrappers!r}")
+    for i, spec in enumerate(wrappers):
+        spec = dict(spec) if isinstance(spec, dict) else {"name": spec}
+        kind = str(spec.pop("name", ""))
+        wrapper = WRAPPERS.get(kind)
+        if wrapper is None:
+            raise ConfigError(
+                f"'strategy.wrap[{i}].name' = {kind!r}: unknown wrapper; "
+                f"expected one of {sorted(WRAPPERS)}"
+            )
+        try:
+            strategy = wrapper(strategy, **spec)
+        except TypeError as exc:
+            raise ConfigError(f"strategy.wrap[{i}] ({kind}): {exc}") from exc
+    return strategy

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from fedge.client import Metrics
-from fedge.weights import Weights
+from fedge.metrics import Metrics
+from fedge.weights import State, Weights
 
 
 @dataclass
@@ -31,13 +31,18 @@ class RoundRecord:
     """Example-weighted mean of the metrics clients reported from `fit`."""
     evaluate_metrics: Metrics = field(default_factory=dict)
     """Federated evaluation: example-weighted ``loss`` and metrics from clients."""
+    evaluate_failures: dict[int, str] = field(default_factory=dict)
+    """Clients asked to evaluate without a usable answer, and why."""
     fit_time: float = 0.0
     evaluate_time: float = 0.0
     wall_time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; `failures` keys become strings, as JSON object keys must be."""
-        return asdict(self) | {"failures": {str(k): v for k, v in self.failures.items()}}
+        return asdict(self) | {
+            key: {str(k): v for k, v in getattr(self, key).items()}
+            for key in ("failures", "evaluate_failures")
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
@@ -45,7 +50,8 @@ class RoundRecord:
         so records written by a newer fedge still load."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["failures"] = {int(k): str(v) for k, v in data.get("failures", {}).items()}
+        for key in ("failures", "evaluate_failures"):
+            values[key] = {int(k): str(v) for k, v in data.get(key, {}).items()}
         for key in ("selected", "participants"):
             if key in values:
                 values[key] = [int(c) for c in values[key]]
@@ -67,6 +73,15 @@ class History:
     @property
     def completed(self) -> list[RoundRecord]:
         return [r for r in self.rounds if r.status == "ok"]
+
+    # A History records a run in memory (`fedge.coordinator.Recorder`); the server records
+    # to its database instead, so its memory does not grow with the run.
+    def on_start(self, initial_metrics: Metrics) -> None:
+        self.initial_metrics = dict(initial_metrics)
+
+    def on_round(self, record: RoundRecord, weights: Weights, state: State) -> None:
+        self.rounds.append(record)
+        self.weights = weights
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -13,8 +13,9 @@ import logging
 import multiprocessing
 import os
 import sys
+import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
 from types import TracebackType
@@ -22,10 +23,20 @@ from typing import Literal
 
 import numpy as np
 
-from fedge.client import Client, Config, EvaluateResult, FitResult
-from fedge.coordinator import Coordinator, EvaluateFn, Observer, Outcome, RoundConfig, Task
+from fedge.client import FIT, Client, Config, Message, Result
+from fedge.coordinator import (
+    Coordinator,
+    EvaluateFn,
+    Observer,
+    Outcome,
+    RoundConfig,
+    Task,
+    Workflow,
+    fit_round,
+)
 from fedge.errors import ConfigError, QuorumError
 from fedge.history import History
+from fedge.limits import MAX_EXAMPLES
 from fedge.strategy.base import Strategy
 from fedge.strategy.fedavg import FedAvg
 from fedge.weights import Weights
@@ -75,6 +86,8 @@ class LocalFleet:
             seed,
             faults,
         )
+        self._models: dict[str, Weights] = {}
+        self._open: list[Task] = []
         self._pool: Pool | None = None
         if backend == "process":
             # fork: client_fn (often a lambda) is inherited, never pickled
@@ -83,16 +96,30 @@ class LocalFleet:
                 workers or os.cpu_count() or 1, initializer=_init_worker, initargs=(client_fn,)
             )
 
-    def wait_available(self, count: int) -> list[int]:
+    def wait_available(self, count: int, deadline: float | None = None) -> list[int]:
         if count > self.num_clients:
             raise QuorumError(
                 f"{count} clients are required but the simulation has only {self.num_clients}"
             )
         return list(range(self.num_clients))
 
-    def run(
-        self, tasks: Sequence[Task], weights: Weights, timeout: float | None
-    ) -> Iterator[Outcome]:
+    def publish(self, weights: Weights) -> str:
+        version = f"v{len(self._models)}"
+        self._models[version] = weights
+        for old in list(self._models)[:-2]:  # open tasks use the newest two at most
+            del self._models[old]
+        return version
+
+    def open(self, tasks: Sequence[Task]) -> None:
+        self._open.extend(tasks)
+
+    def close(self, task_ids: Iterable[str]) -> None:
+        closing = set(task_ids)
+        self._open = [t for t in self._open if t.task_id not in closing]
+
+    def outcomes(self, deadline: float | None = None) -> Iterator[Outcome]:
+        """Run the open tasks in the order they were opened, and yield their outcomes."""
+        tasks, self._open = self._open, []
         jobs: list[tuple[Task, Config]] = []
         skipped: dict[str, str] = {}
         for task in tasks:
@@ -101,7 +128,10 @@ class LocalFleet:
                 jobs.append((task, config))
             else:
                 skipped[task.task_id] = reason
-        args = [(task.kind, task.cid, weights, config) for task, config in jobs]
+        args = [
+            (task.kind, task.cid, self._models.get(task.model or ""), config, task.payload or {})
+            for task, config in jobs
+        ]
         runs: Iterator[Executed] = (
             self._pool.imap(_execute_packed, args)
             if self._pool is not None
@@ -115,7 +145,7 @@ class LocalFleet:
                 yield Outcome(task, result=result, error=error)
 
     def _apply_faults(self, task: Task) -> tuple[Config, str | None]:
-        if task.kind != "fit" or (self.faults.stragglers == 0 and self.faults.dropouts == 0):
+        if task.kind != FIT or (self.faults.stragglers == 0 and self.faults.dropouts == 0):
             return task.config, None
         rng = np.random.default_rng([self.seed, task.round, task.attempt, task.cid, 7])
         if rng.random() < self.faults.dropouts:
@@ -125,12 +155,6 @@ class LocalFleet:
                 return task.config, "straggler missed the round deadline (simulated)"
             return {**task.config, "work_fraction": float(rng.uniform(0.0, 1.0))}, None
         return task.config, None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-            self._pool = None
 
     def __enter__(self) -> LocalFleet:
         return self
@@ -142,27 +166,32 @@ class LocalFleet:
             self._pool = None
 
 
-Executed = tuple[FitResult | EvaluateResult | None, str | None]
+Executed = tuple[Result | None, str | None]
+Job = tuple[str, int, Weights | None, Config, Weights]
 
 
 def _execute(
-    kind: str, cid: int, weights: Weights, config: Config, *, client_fn: ClientFn
+    kind: str,
+    cid: int,
+    weights: Weights | None,
+    config: Config,
+    payload: Weights,
+    *,
+    client_fn: ClientFn,
 ) -> Executed:
     try:
-        client = client_fn(cid)
-        if kind == "fit":
-            return client.fit(weights, config), None
-        return client.evaluate(weights, config), None
+        return client_fn(cid).handle(Message(kind, config, weights, payload)), None
     except Exception as exc:  # the client's code failed: report it, keep the round going
         log.debug("client %d failed:\n%s", cid, traceback.format_exc())
         return None, f"client {cid} raised {type(exc).__name__}: {exc}"
 
 
-def _private_copy(args: tuple[str, int, Weights, Config]) -> tuple[str, int, Weights, Config]:
+def _private_copy(args: Job) -> Job:
     """In-process clients get their own copy of the weights, as they would in a worker
     process or on a device, so in-place training cannot change the global model."""
-    kind, cid, weights, config = args
-    return kind, cid, {name: a.copy() for name, a in weights.items()}, config
+    kind, cid, weights, config, payload = args
+    copied = None if weights is None else {name: a.copy() for name, a in weights.items()}
+    return kind, cid, copied, config, payload
 
 
 _worker_client_fn: ClientFn | None = None
@@ -176,7 +205,7 @@ def _init_worker(client_fn: ClientFn) -> None:
         torch.set_num_threads(1)
 
 
-def _execute_packed(args: tuple[str, int, Weights, Config]) -> Executed:
+def _execute_packed(args: Job) -> Executed:
     assert _worker_client_fn is not None
     return _execute(*args, client_fn=_worker_client_fn)
 
@@ -197,6 +226,8 @@ def simulate(
     stragglers: float = 0.0,
     dropouts: float = 0.0,
     max_round_retries: int = 2,
+    max_examples: int = MAX_EXAMPLES,
+    workflow: Workflow = fit_round,
     observer: Observer | None = None,
 ) -> History:
     """Run `rounds` of federated training over `num_clients` simulated clients."""
@@ -213,9 +244,13 @@ def simulate(
         fit_config=fit_config,
         evaluate_config=evaluate_config,
         max_round_retries=max_round_retries,
+        max_examples=max_examples,
         run_id="sim",
         observer=observer or Observer(),
+        workflow=workflow,
     )
+    history = History()
+    started = time.perf_counter()
     with LocalFleet(
         client_fn,
         num_clients,
@@ -224,6 +259,11 @@ def simulate(
         workers=workers,
         faults=Faults(stragglers, dropouts),
     ) as fleet:
-        history = coordinator.run(fleet)
+        try:
+            coordinator.run(fleet, history)
+        except QuorumError as exc:
+            exc.history = history
+            raise
+    history.wall_time = time.perf_counter() - started
     history.weights = coordinator.weights
     return history

@@ -29,20 +29,20 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from fedge.client import Metrics
-from fedge.errors import FedgeError
+from fedge.errors import DiskFullError, FedgeError, is_disk_full
 from fedge.history import History, RoundRecord
+from fedge.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 RunStatus = Literal["running", "finished", "failed", "stopped"]
 RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; `_MIGRATIONS[i]` upgrades version i to i + 1."""
 
 _MIGRATIONS: list[list[str]] = [
@@ -93,6 +93,13 @@ _MIGRATIONS: list[list[str]] = [
         " last_seen, tasks_done FROM nodes",
         "DROP TABLE nodes",
         "ALTER TABLE nodes_v2 RENAME TO nodes",
+    ],
+    [
+        # Runs keep their whole settings (so `--resume` can continue one as it was), the
+        # directory their app was loaded from, and why they ended. A client id is bound
+        # to one node; only an operator moves it (`fedge nodes assign`).
+        "ALTER TABLE runs ADD COLUMN base_dir TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE runs ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
     ],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -158,7 +165,9 @@ class StateStore:
 
     # -- runs ------------------------------------------------------------------------
 
-    def start_run(self, run_id: str, config: Mapping[str, Any], total_rounds: int) -> None:
+    def start_run(
+        self, run_id: str, config: Mapping[str, Any], total_rounds: int, base_dir: str = ""
+    ) -> None:
         """Register a run as ``running``. Calling it again for the same run (a restarted
         server resuming) changes nothing; a different config or round count is an error,
         as resuming a run with other settings would mix two experiments."""
@@ -171,8 +180,8 @@ class StateStore:
             if row is None:
                 db.execute(
                     "INSERT INTO runs (run_id, config_json, status, total_rounds, created_at,"
-                    " updated_at) VALUES (?, ?, 'running', ?, ?, ?)",
-                    (run_id, config_json, total_rounds, now, now),
+                    " updated_at, base_dir) VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                    (run_id, config_json, total_rounds, now, now, base_dir),
                 )
                 return
             if row["config_json"] != config_json or row["total_rounds"] != total_rounds:
@@ -183,16 +192,16 @@ class StateStore:
                 )
 
     def set_run_status(
-        self, run_id: str, status: RunStatus, *, wall_time: float | None = None
+        self, run_id: str, status: RunStatus, *, reason: str = "", wall_time: float | None = None
     ) -> None:
-        """Change a run's status; pass `wall_time` (seconds) when the run ends."""
+        """Change a run's status (and say why); pass `wall_time` (seconds) when it ends."""
         if status not in RUN_STATUSES:
             raise StateError(f"run status must be one of {list(RUN_STATUSES)}, got {status!r}")
         with self._write() as db:
             cur = db.execute(
-                "UPDATE runs SET status = ?, wall_time = coalesce(?, wall_time), updated_at = ?"
-                " WHERE run_id = ?",
-                (status, wall_time, time.time(), run_id),
+                "UPDATE runs SET status = ?, reason = ?, wall_time = coalesce(?, wall_time),"
+                " updated_at = ? WHERE run_id = ?",
+                (status, reason, wall_time, time.time(), run_id),
             )
             _require(cur.rowcount, "run", run_id)
 
@@ -215,6 +224,16 @@ class StateStore:
         """The most recently started run: what a restarted server should look at."""
         row = self._query_one("SELECT * FROM runs ORDER BY created_at DESC, rowid DESC LIMIT 1")
         return None if row is None else _run(row)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run, oldest first, with ``rounds_done`` (rounds recorded as ok)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT runs.*, (SELECT count(DISTINCT round) FROM rounds WHERE"
+                " rounds.run_id = runs.run_id AND status = 'ok') AS rounds_done"
+                " FROM runs ORDER BY created_at, rowid"
+            ).fetchall()
+        return [_run(r) | {"rounds_done": int(r["rounds_done"])} for r in rows]
 
     # -- rounds ----------------------------------------------------------------------
 
@@ -242,6 +261,13 @@ class StateStore:
         )
         return int(row[0] or 0) if row is not None else 0
 
+    def attempts(self, run_id: str, round: int) -> int:
+        """How many attempts at `round` are recorded (failed ones, and at most one ok)."""
+        row = self._query_one(
+            "SELECT count(*) FROM rounds WHERE run_id = ? AND round = ?", (run_id, round)
+        )
+        return int(row[0]) if row is not None else 0
+
     def history(self, run_id: str) -> History:
         """The run's `History` rebuilt from the database, by round then attempt.
 
@@ -264,15 +290,28 @@ class StateStore:
 
     # -- nodes -----------------------------------------------------------------------
 
-    def upsert_node(
-        self, node_id: str, cid: int, address: str, capabilities: Mapping[str, Any]
-    ) -> None:
-        """A node joined (or re-joined) with `cid`: it holds that client id from now on (an
-        earlier holder lets go of it); its first-seen time and task count are kept."""
+    def bindings(self) -> dict[str, int]:
+        """Which client id each node is bound to."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT node_id, cid FROM nodes WHERE cid IS NOT NULL"
+            ).fetchall()
+        return {r["node_id"]: int(r["cid"]) for r in rows}
+
+    def bind(self, node_id: str, cid: int, address: str, capabilities: Mapping[str, Any]) -> None:
+        """A node joined with `cid`: record it, binding the client id to the node if
+        neither is bound yet. Its first-seen time and task count are kept. A client id
+        bound to another node, or a node bound to another client id, is refused
+        (`StateError`): only an operator moves a binding (`assign`)."""
         caps_json = _dumps(capabilities, f"capabilities of node {node_id!r}", sort_keys=True)
         now = time.time()
         with self._write() as db:
-            db.execute("UPDATE nodes SET cid = NULL WHERE cid = ? AND node_id != ?", (cid, node_id))
+            holder = db.execute("SELECT node_id FROM nodes WHERE cid = ?", (cid,)).fetchone()
+            if holder is not None and holder["node_id"] != node_id:
+                raise StateError(f"client id {cid} is bound to node {holder['node_id']!r}")
+            mine = db.execute("SELECT cid FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+            if mine is not None and mine["cid"] is not None and mine["cid"] != cid:
+                raise StateError(f"node {node_id!r} is bound to client id {mine['cid']}")
             db.execute(
                 "INSERT INTO nodes (node_id, cid, address, capabilities_json, first_seen,"
                 " last_seen) VALUES (?, ?, ?, ?, ?, ?)"
@@ -281,6 +320,22 @@ class StateStore:
                 " last_seen = excluded.last_seen",
                 (node_id, cid, address, caps_json, now, now),
             )
+
+    def assign(self, node_id: str, cid: int) -> str | None:
+        """An operator binds `cid` to `node_id` (known or not yet seen); returns the node
+        that held it before, which loses it."""
+        now = time.time()
+        with self._write() as db:
+            holder = db.execute("SELECT node_id FROM nodes WHERE cid = ?", (cid,)).fetchone()
+            db.execute("UPDATE nodes SET cid = NULL WHERE cid = ?", (cid,))
+            db.execute(
+                "INSERT INTO nodes (node_id, cid, address, capabilities_json, first_seen,"
+                " last_seen) VALUES (?, ?, '', '{}', ?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET cid = excluded.cid",
+                (node_id, cid, now, now),
+            )
+        previous = None if holder is None else str(holder["node_id"])
+        return None if previous == node_id else previous
 
     def record_activity(
         self, last_seen: Mapping[str, float], tasks_done: Mapping[str, int]
@@ -328,20 +383,32 @@ class StateStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StateError(f"{self.path}: cannot start a write ({exc})") from exc
+                raise self._error("cannot start a write", exc) from exc
             try:
                 yield self._db
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise StateError(f"{self.path}: write failed ({exc})") from exc
+                self._rollback()
+                raise self._error("write failed", exc) from exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise StateError(f"{self.path}: write failed ({exc})") from exc
+                self._rollback()
+                raise self._error("write failed", exc) from exc
+
+    def _rollback(self) -> None:
+        with suppress(sqlite3.Error):  # a failed COMMIT may have rolled back already
+            self._db.execute("ROLLBACK")
+
+    def _error(self, what: str, exc: sqlite3.Error) -> FedgeError:
+        if is_disk_full(exc):
+            return DiskFullError(
+                f"disk full: cannot write the state database {self.path} ({exc}); "
+                "nothing was lost — free some space"
+            )
+        return StateError(f"{self.path}: {what} ({exc})")
 
     @contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
@@ -384,6 +451,8 @@ def _run(row: sqlite3.Row) -> dict[str, Any]:
         "wall_time": row["wall_time"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
+        "base_dir": row["base_dir"],
+        "reason": row["reason"],
     }
 
 

@@ -8,7 +8,8 @@ finite values) before it can touch an aggregate.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,17 @@ from fedge.errors import WeightsError
 Array = npt.NDArray[np.generic]
 Weights = dict[str, Array]
 """Ordered mapping of tensor name to array. ``fedge.Weights({...})`` builds one."""
+State = dict[str, Array]
+"""A strategy's server state (e.g. optimizer moments): flat, so checkpoints store it as-is."""
+
+
+class CheckedWeights(dict[str, Array]):
+    """Weights that already passed `validate` against `checked`, so they are not read twice;
+    `magnitude` is their largest absolute float value, measured on the way."""
+
+    checked: Spec | None = None
+    magnitude: float | None = None
+
 
 _ORDER_KEY = "fedge.order"
 _DTYPES = {
@@ -65,8 +77,8 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
 
     `source` names the sender (e.g. ``client 3``) so the message tells who sent what.
     """
-    if isinstance(weights, FileWeights) and weights.checked == spec:
-        return  # this very file already passed (the server checks before acknowledging)
+    if getattr(weights, "checked", None) == spec:
+        return  # already passed (the server checks uploads before acknowledging them)
     if not isinstance(weights, Mapping):
         raise WeightsError(
             f"{source}: weights must map tensor names to arrays, got {type(weights).__name__}"
@@ -77,6 +89,7 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
     unexpected = [n for n in weights if n not in spec]
     if unexpected:
         raise WeightsError(f"{source}: unexpected tensor(s) {unexpected}; expected {list(spec)}")
+    magnitude = 0.0
     for name, want in spec.items():
         if isinstance(weights, FileWeights):
             dtype, shape = weights.layout(name)
@@ -98,12 +111,39 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
             )
         if np.issubdtype(dtype, np.inexact):
             bad = 0
-            for part in parts:
-                bad += part.size - int(np.count_nonzero(np.isfinite(part)))
+            for part in parts:  # one pass: the largest magnitude is NaN or Inf if any value is
+                peak = float(np.max(np.abs(part), initial=0))
+                if math.isfinite(peak):
+                    magnitude = max(magnitude, peak)
+                else:
+                    bad += part.size - int(np.count_nonzero(np.isfinite(part)))
             if bad:
                 raise WeightsError(f"{source}: tensor {name!r} has {bad} NaN or Inf value(s)")
-    if isinstance(weights, FileWeights):
-        weights.checked = dict(spec)
+    if isinstance(weights, FileWeights | CheckedWeights):
+        weights.checked, weights.magnitude = dict(spec), magnitude
+
+
+def magnitude(weights: Mapping[str, Array]) -> float:
+    """The largest absolute value of the float tensors (measured by `validate` if it ran)."""
+    known: float | None = getattr(weights, "magnitude", None)
+    if known is not None:
+        return known
+    peak = 0.0
+    for name in weights:
+        for part in blocks(weights, name):
+            if np.issubdtype(part.dtype, np.inexact) and part.size:  # no temporary array
+                peak = max(peak, float(part.max()), -float(part.min()))
+    return peak
+
+
+def nonfinite(weights: Mapping[str, Array]) -> str | None:
+    """Which tensor holds NaN or Inf values (and how many), or None if all are finite."""
+    for name, a in weights.items():
+        if np.issubdtype(a.dtype, np.inexact):
+            bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+            if bad:
+                return f"tensor {name!r} has {bad} NaN or Inf value(s)"
+    return None
 
 
 def to_bytes(weights: Mapping[str, Array]) -> bytes:
@@ -190,6 +230,8 @@ class FileWeights(Mapping[str, Array]):
         self.source = source
         self.checked: Spec | None = None
         """The spec this file was validated against, so it is read once, not twice."""
+        self.magnitude: float | None = None
+        """Its largest absolute float value, measured by `validate`."""
 
     def layout(self, name: str) -> tuple[np.dtype[np.generic], tuple[int, ...]]:
         """dtype and shape from the header, without reading the data."""
@@ -244,9 +286,11 @@ class FileWeights(Mapping[str, Array]):
 
 
 def blocks(weights: Mapping[str, Array], name: str) -> Iterator[Array]:
-    """One tensor flattened, in blocks: a file-backed update is streamed from disk."""
-    if isinstance(weights, FileWeights):
-        yield from weights.blocks(name)
+    """One tensor flattened, in blocks. A mapping with its own ``blocks(name)`` method (an
+    update on disk, or one computed lazily) is streamed and never sits whole in memory."""
+    own: Callable[[str], Iterator[Array]] | None = getattr(weights, "blocks", None)
+    if own is not None:
+        yield from own(name)
     else:
         yield np.asarray(weights[name]).reshape(-1)
 

@@ -1,41 +1,32 @@
-"""A real fleet: server and node processes on 127.0.0.1, mutual TLS, real ports."""
+"""A real fleet: server and node processes on 127.0.0.1, real ports, every transport."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 from conftest import (
     ROOT,
-    TIMEOUT,
-    Processes,
-    assert_metrics_close,
-    assert_weights_close,
     checkpoint_rounds,
     finished,
-    free_port,
     simulate_config,
-    start_node,
-    start_server,
-    status_or_none,
+    wait_exit,
     wait_for,
+    without_timings,
     write_config,
 )
 
+from fedge.launch import Launcher
+
 pytestmark = pytest.mark.integration
-
-
-# --- 1 ---------------------------------------------------------------------------------
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
@@ -62,338 +53,321 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("fedge-demo-*"))
 
 
-# --- 2 ---------------------------------------------------------------------------------
-
-
-def test_simulation_and_fleet_agree(tmp_path: Path, procs: Processes, pki: Path) -> None:
-    from fedge.checkpoint import latest_checkpoint
-    from fedge.state import StateStore
-
-    config = write_config(tmp_path / "run", num_clients=4, rounds=3)
-    address = f"127.0.0.1:{free_port()}"
-    state, out = tmp_path / "state", tmp_path / "fleet.json"
-    server = start_server(procs, config, address, state, out, certs=pki, wait=4)
-    for cid in range(4):
-        start_node(procs, config, address, cid, pki)
-    sim, sim_weights = simulate_config(config, tmp_path / "sim")
-    finished(server, procs)
-
-    fleet = json.loads(out.read_text())
-    for record in fleet["rounds"]:
-        assert sorted(record["participants"]) == [0, 1, 2, 3]
-    assert_metrics_close(fleet, sim)
-    ckpt = latest_checkpoint(state / "checkpoints")
-    assert ckpt is not None and ckpt.round == 3
-    assert_weights_close(ckpt.weights, sim_weights)
-    with StateStore(state / "state.db") as store:  # what the server recorded of its nodes
-        nodes = [(n["node_id"], n["cid"], n["tasks_done"]) for n in store.nodes()]
-    assert nodes == [(f"node-{cid}", cid, 3) for cid in range(4)]
-
-
-# --- 3 ---------------------------------------------------------------------------------
-
-
-class RogueNode:
-    """Speaks the Fleet protocol by hand (plaintext, loopback) as a given node."""
-
-    def __init__(self, address: str, name: str) -> None:
-        from fedge.proto.fedge.v1 import fleet_pb2 as pb
-        from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
-
-        self.pb = pb
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.FleetStub(self.channel)
-        self.md = (("fedge-node-name", name),)
-
-    def upload(self, payload: bytes, chunk_offset: int = 0, **header: Any) -> Any:
-        pb = self.pb
-        messages = [pb.UploadMessage(header=pb.UploadHeader(**header))]
-        if payload:
-            messages.append(pb.UploadMessage(chunk=pb.Chunk(data=payload, offset=chunk_offset)))
-        return self.stub.Upload(iter(messages), metadata=self.md, timeout=30)
-
-    def rejected(self, code: grpc.StatusCode, fragment: str, payload: bytes, **header: Any) -> str:
-        with pytest.raises(grpc.RpcError) as info:
-            self.upload(payload, **header)
-        err = info.value
-        assert err.code() == code, (err.code(), err.details())
-        assert fragment in (err.details() or ""), err.details()
-        return str(err.details())
-
-
-def fit_header(task: Any, payload: bytes, **overrides: Any) -> dict[str, Any]:
-    header = {
-        "task_id": task.task_id,
-        "num_examples": 10,
-        "encoding": "safetensors",
-        "size": len(payload),
-        "sha256": hashlib.sha256(payload).digest(),
-    }
-    return {**header, **overrides}
-
-
-def test_bad_uploads_are_rejected_and_the_run_continues(tmp_path: Path, procs: Processes) -> None:
-    from fedge.weights import from_bytes, to_bytes
-
-    config = write_config(
-        tmp_path / "run", num_clients=2, rounds=1, round_timeout=60.0, fraction_evaluate=0.0
-    )
-    address = f"127.0.0.1:{free_port()}"
-    state, out = tmp_path / "state", tmp_path / "out.json"
-    server = start_server(
-        procs, config, address, state, out, certs=None, wait=2, options=("--max-upload-mb", "1")
-    )
-    procs.start(
-        "node-0", "node", "--server", address, "--config", config, "--cid", "0",
-        "--insecure", "--name", "node-0",
-    )  # fmt: skip
-
-    rogue = RogueNode(address, "rogue")
-    pb, stub, md = rogue.pb, rogue.stub, rogue.md
-    join = wait_for(
-        lambda: _try(lambda: stub.Join(pb.JoinRequest(cid=1), metadata=md, timeout=2)),
-        "the server to accept Join",
-    )
-    assert join.node_id == "rogue"
-    stream = stub.Tasks(
-        pb.TasksRequest(node_id=join.node_id, session_token=join.session_token),
-        metadata=md,
-        timeout=TIMEOUT,
-    )
-    task = next(m.task for m in stream if m.HasField("task"))
-    assert task.kind == pb.TASK_KIND_FIT and task.round == 1
-    model = b"".join(
-        c.data
-        for c in stub.Download(
-            pb.DownloadRequest(model_version=task.model_version), metadata=md, timeout=30
-        )
-    )
-    assert len(model) == task.model_size
-    assert hashlib.sha256(model).digest() == task.model_sha256
-    weights = dict(from_bytes(model))
-    good = to_bytes(weights)
-    name = next(iter(weights))
-    Code = grpc.StatusCode
-
-    # wrong sha256
-    rogue.rejected(
-        Code.DATA_LOSS, "sha256 mismatch", good,
-        **fit_header(task, good, sha256=hashlib.sha256(b"other").digest()),
-    )  # fmt: skip
-    # fewer bytes than declared: not accepted, the server keeps what it got
-    half = len(good) // 2
-    reply = rogue.upload(good[:half], **fit_header(task, good))
-    assert not reply.accepted and reply.received_bytes == half and "incomplete" in reply.message
-    query = stub.QueryUpload(pb.QueryUploadRequest(task_id=task.task_id), metadata=md, timeout=10)
-    assert query.received_bytes == half and not query.complete
-    # ... then more bytes than declared
-    rogue.rejected(
-        Code.INVALID_ARGUMENT, "exceeds its declared size", good[half:] + b"extra",
-        chunk_offset=half, **fit_header(task, good, offset=half),
-    )  # fmt: skip
-    query = stub.QueryUpload(pb.QueryUploadRequest(task_id=task.task_id), metadata=md, timeout=10)
-    assert query.received_bytes == 0  # the bad spool was discarded
-    # garbage with the right hash
-    garbage = os.urandom(len(good))
-    rogue.rejected(Code.INVALID_ARGUMENT, "safetensors", garbage, **fit_header(task, garbage))
-    # wrong tensor name, dtype, shape, and a NaN
-    renamed = {("renamed" if k == name else k): v for k, v in weights.items()}
-    widened = {k: (v.astype(np.float64) if k == name else v) for k, v in weights.items()}
-    cut = {k: (v[:-1] if k == name else v) for k, v in weights.items()}
-    nan = {k: v.copy() for k, v in weights.items()}
-    nan[name].flat[0] = np.nan
-    for bad, fragment in [
-        (renamed, f"missing tensor(s) [{name!r}]"),
-        (widened, f"tensor {name!r} has dtype float64"),
-        (cut, f"tensor {name!r} has shape"),
-        (nan, f"tensor {name!r} has 1 NaN"),
-    ]:
-        data = to_bytes(bad)
-        rogue.rejected(Code.INVALID_ARGUMENT, fragment, data, **fit_header(task, data))
-    # an unknown task id
-    rogue.rejected(
-        Code.NOT_FOUND, "unknown task id", good,
-        **fit_header(task, good, task_id="no-such-task"),
-    )  # fmt: skip
-    # a declared size over the maximum (--max-upload-mb 1)
-    rogue.rejected(
-        Code.RESOURCE_EXHAUSTED, "outside 1..1048576 (the configured maximum)", b"",
-        **fit_header(task, good, size=(1 << 20) + 1),
-    )  # fmt: skip
-    # finally a good upload: accepted, and the run finishes
-    reply = rogue.upload(good, **fit_header(task, good))
-    assert reply.accepted and not reply.duplicate
-    finished(server, procs)
-    result = json.loads(out.read_text())
-    [record] = result["rounds"]
-    assert record["status"] == "ok"
-    assert sorted(record["participants"]) == [0, 1]
-    stream.cancel()
-    rogue.channel.close()
-
-
-def _try(call: Any) -> Any:
-    try:
-        return call()
-    except grpc.RpcError:
-        return None
-
-
-def test_tls_rejects_clients_without_a_project_certificate(
-    tmp_path: Path, procs: Processes, pki: Path
+def test_simulation_fleet_and_resumed_fleet_give_byte_identical_models(
+    tmp_path: Path, transport: str
 ) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(tmp_path / "app", rounds=4, fit_delay=0.2, marker_dir=markers)
+    sim, sim_model = simulate_config(config, tmp_path / "sim.json")
+
+    with Launcher(tmp_path / "plain", config) as fleet:
+        out, model = tmp_path / "plain.json", tmp_path / "plain.safetensors"
+        server = fleet.server("--wait-for", "4", "--out", out, "--model-out", model)
+        for cid in range(4):
+            fleet.node(cid)
+        finished(server, fleet)
+    assert model.read_bytes() == sim_model
+    assert without_timings(json.loads(out.read_text())) == without_timings(sim)
+
+    # node 3 sleeps 3 s in round 3 (a sleep: the model is the same), to hold that round open
+    late = write_config(
+        tmp_path / "late", rounds=4, fit_delay=3.0, slow_round=3, marker_dir=markers
+    )
+    with Launcher(tmp_path / "killed", config) as fleet:
+        out, model = tmp_path / "killed.json", tmp_path / "killed.safetensors"
+        options = ("--wait-for", "4", "--out", out, "--model-out", model)
+        server = fleet.server(*options, name="server-1")
+        for cid in range(4):
+            fleet.node(cid, before=("--log-level", "info"), config=late if cid == 3 else None)
+        # killed twice: right after round 1 is checkpointed, then after round 3's first
+        # results were accepted (nodes must send what the dead server had taken)
+        wait_for(lambda: 1 in checkpoint_rounds(fleet), "round 1", interval=0.01)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        server = fleet.server(*options, name="server-2")
+        wait_for(
+            lambda: (s := fleet.status()) is not None and s.round == 3 and s.results_received == 3,
+            "round 3 to have accepted the three fast results",
+        )
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        assert max(checkpoint_rounds(fleet)) == 2
+        server = fleet.server(*options, name="server-3")
+        finished(server, fleet, "server-3")
+        resent = [n for n in range(4) if "sending the kept result again" in fleet.log(f"node-{n}")]
+    assert model.read_bytes() == sim_model
+    assert without_timings(json.loads(out.read_text())) == without_timings(sim)
+    assert resent, "no node re-sent a result the killed server had accepted"
+
+
+def test_nodes_started_before_the_server_join_when_it_comes_up(fleet: Launcher) -> None:
+    nodes = [fleet.node(cid) for cid in range(4)]
+    time.sleep(2.0)  # nodes are up and failing to connect
+    assert all(n.poll() is None for n in nodes), "nodes must keep retrying, not exit"
+    out = fleet.work / "out.json"
+    server = fleet.server("--wait-for", "4", "--out", out, "--rounds", "2")
+    finished(server, fleet)
+    result = json.loads(out.read_text())
+    assert [r["status"] for r in result["rounds"]] == ["ok", "ok"]
+    assert all(r["participants"] == [0, 1, 2, 3] for r in result["rounds"])
+
+
+def test_tls_refuses_clients_without_a_project_certificate(fleet: Launcher) -> None:
     from fedge.proto.fedge.v1 import fleet_pb2 as pb
     from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
     from fedge.security import init_ca, issue, load_credentials
     from fedge.transport.grpc.tls import channel_credentials
 
-    config = write_config(tmp_path / "run", num_clients=4, rounds=1)
-    address = f"127.0.0.1:{free_port()}"
-    start_server(procs, config, address, tmp_path / "state", tmp_path / "o.json", certs=pki, wait=4)
-    wait_for(lambda: status_or_none(address, pki), "the server's Control service")
+    fleet.server("--wait-for", "4")
+    wait_for(fleet.status, "the server's Control service")
 
-    def join(creds: grpc.ChannelCredentials) -> grpc.RpcError | Any:
-        with grpc.secure_channel(address, creds) as channel:
+    def join(creds: grpc.ChannelCredentials) -> object:
+        with grpc.secure_channel(fleet.address, creds) as channel:
             try:
-                return pb_grpc.FleetStub(channel).Join(pb.JoinRequest(cid=0), timeout=10)
+                return pb_grpc.FleetStub(channel).Join(
+                    pb.JoinRequest(cid=0, protocol=2), timeout=10
+                )
             except grpc.RpcError as exc:
                 return exc
 
-    ca_pem = (pki / "ca.crt").read_bytes()
+    ca_pem = (fleet.certs / "ca.crt").read_bytes()
     no_cert = join(grpc.ssl_channel_credentials(root_certificates=ca_pem))
     assert isinstance(no_cert, grpc.RpcError) and no_cert.code() == grpc.StatusCode.UNAVAILABLE
 
-    other = tmp_path / "other-ca"
+    other = fleet.work / "other-ca"
     init_ca(other)
     issue(other, "node-0")
     foreign = load_credentials(other, "node-0")
     wrong_ca = join(grpc.ssl_channel_credentials(ca_pem, foreign.key_pem, foreign.cert_pem))
     assert isinstance(wrong_ca, grpc.RpcError) and wrong_ca.code() == grpc.StatusCode.UNAVAILABLE
 
-    ok = join(channel_credentials(pki, "node-0"))  # control: a project cert can Join
+    fleet.issue("node-0")
+    ok = join(channel_credentials(fleet.certs, "node-0"))  # control: a project cert can Join
     assert not isinstance(ok, grpc.RpcError), ok
-    assert ok.node_id == "node-0"
+    assert ok.node_id == "node-0"  # type: ignore[attr-defined]
 
 
-# --- 4 ---------------------------------------------------------------------------------
-
-
-def test_nodes_started_before_the_server_join_when_it_comes_up(
-    tmp_path: Path, procs: Processes, pki: Path
+def test_a_node_killed_during_fit_misses_that_round_and_rejoins(
+    tmp_path: Path, transport: str
 ) -> None:
-    config = write_config(tmp_path / "run", num_clients=3, rounds=2)
-    address = f"127.0.0.1:{free_port()}"
-    nodes = [start_node(procs, config, address, cid, pki) for cid in range(3)]
-    time.sleep(2.0)  # nodes are up and failing to connect
-    assert all(n.poll() is None for n in nodes), "nodes must keep retrying, not exit"
-    out = tmp_path / "out.json"
-    server = start_server(procs, config, address, tmp_path / "state", out, certs=pki, wait=3)
-    finished(server, procs)
-    result = json.loads(out.read_text())
-    assert [r["status"] for r in result["rounds"]] == ["ok", "ok"]
-    assert all(sorted(r["participants"]) == [0, 1, 2] for r in result["rounds"])
-
-
-# --- 5 ---------------------------------------------------------------------------------
-
-
-def test_server_killed_mid_run_resumes(tmp_path: Path, procs: Processes, pki: Path) -> None:
-    from fedge.checkpoint import latest_checkpoint
-
+    markers = tmp_path / "markers"
+    markers.mkdir()
     config = write_config(
-        tmp_path / "run", num_clients=4, rounds=4, round_timeout=5.0, fit_delay=0.5
-    )
-    plain = write_config(tmp_path / "sim", num_clients=4, rounds=4)
-    address = f"127.0.0.1:{free_port()}"
-    state, out = tmp_path / "state", tmp_path / "out.json"
-    server = start_server(procs, config, address, state, out, certs=pki, wait=4, name="server-1")
-    nodes = [start_node(procs, config, address, cid, pki) for cid in range(4)]
-    # killed twice: right after round 1 is checkpointed, then while nodes fit round 3
-    for after, pause in ((1, 0.0), (2, 0.3)):
-        wait_for(lambda a=after: a in checkpoint_rounds(state), f"round {after}", interval=0.02)
-        time.sleep(pause)
-        assert server.poll() is None, procs.log(f"server-{after}")
-        server.send_signal(signal.SIGKILL)
-        server.wait()
-        assert max(checkpoint_rounds(state)) < 4
-        server = start_server(
-            procs, config, address, state, out, certs=pki, wait=4, name=f"server-{after + 1}"
-        )
-
-    sim, sim_weights = simulate_config(plain, tmp_path / "simout")
-    finished(server, procs, "server-3")
-    assert all(n.poll() is None for n in nodes), "nodes were not restarted"
-    fleet = json.loads(out.read_text())
-    assert_metrics_close(fleet, sim)
-    ckpt = latest_checkpoint(state / "checkpoints")
-    assert ckpt is not None and ckpt.round == 4
-    assert_weights_close(ckpt.weights, sim_weights)
-
-
-# --- 6 ---------------------------------------------------------------------------------
-
-
-def test_node_killed_during_fit(tmp_path: Path, procs: Processes, pki: Path) -> None:
-    config = write_config(
-        tmp_path / "run",
+        tmp_path / "app",
         num_clients=3,
         rounds=4,
-        round_timeout=3.0,
+        round_timeout=6.0,
         fit_delay=0.5,
+        marker_dir=markers,
         fraction_evaluate=0.0,
         strategy_extra="min_results = 2",
     )
-    address = f"127.0.0.1:{free_port()}"
-    state, out = tmp_path / "state", tmp_path / "out.json"
-    server = start_server(procs, config, address, state, out, certs=pki, wait=3)
-    nodes = [start_node(procs, config, address, cid, pki) for cid in range(3)]
-    wait_for(lambda: checkpoint_rounds(state), "the checkpoint of round 1", interval=0.02)
-    nodes[2].send_signal(signal.SIGKILL)  # in the middle of round 2's fit
-    nodes[2].wait()
-    # round 2 closes at its timeout with the two survivors
-    wait_for(lambda: 2 in checkpoint_rounds(state), "round 2 to close without node 2")
-    start_node(procs, config, address, 2, pki, name="node-2-again")
-    finished(server, procs)
-    result = json.loads(out.read_text())
-    rounds = result["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
-    assert all(r["status"] == "ok" for r in rounds)
-    assert sorted(rounds[0]["participants"]) == [0, 1, 2]
-    assert sorted(rounds[1]["participants"]) == [0, 1]
-    # the restarted node rejoined and trained again (rounds wait for 3 nodes)
-    assert sorted(rounds[2]["participants"]) == [0, 1, 2]
-    assert sorted(rounds[3]["participants"]) == [0, 1, 2]
-
-
-def test_a_straggler_takes_part_in_the_next_round(
-    tmp_path: Path, procs: Processes, pki: Path
-) -> None:
-    config = write_config(
-        tmp_path / "run",
-        num_clients=3,
-        rounds=3,
-        round_timeout=3.0,
-        fraction_evaluate=0.0,
-        strategy_extra="min_results = 2",
-    )
-    # node 2 is the same app, but its round-1 fit outlasts the round
-    slow = write_config(
-        tmp_path / "slow",
-        num_clients=3,
-        rounds=3,
-        fit_delay=4.0,
-        slow_round=1,
-        fraction_evaluate=0.0,
-        strategy_extra="min_results = 2",
-    )
-    address = f"127.0.0.1:{free_port()}"
-    state, out = tmp_path / "state", tmp_path / "out.json"
-    server = start_server(procs, config, address, state, out, certs=pki, wait=3)
-    for cid in range(2):
-        start_node(procs, config, address, cid, pki)
-    start_node(procs, slow, address, 2, pki)
-    finished(server, procs)
+    with Launcher(tmp_path, config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "3", "--out", out)
+        nodes = [fleet.node(cid) for cid in range(3)]
+        wait_for(lambda: (markers / "fit-2-2").exists(), "node 2 to start fitting round 2")
+        nodes[2].send_signal(signal.SIGKILL)  # it sleeps 0.5 s inside fit: mid-fit for sure
+        nodes[2].wait()
+        wait_for(lambda: 2 in checkpoint_rounds(fleet), "round 2 to close without node 2")
+        fleet.node(2, name="node-2-again")
+        finished(server, fleet)
     rounds = json.loads(out.read_text())["rounds"]
-    assert all(r["status"] == "ok" for r in rounds)
-    assert sorted(rounds[0]["participants"]) == [0, 1]
-    assert sorted(rounds[2]["participants"]) == [0, 1, 2], procs.log("node-2")
+    assert [(r["round"], r["status"]) for r in rounds] == [
+        (1, "ok"),
+        (2, "ok"),
+        (3, "ok"),
+        (4, "ok"),
+    ]
+    assert [r["participants"] for r in rounds] == [[0, 1, 2], [0, 1], [0, 1, 2], [0, 1, 2]]
+    assert rounds[1]["failures"] == {"2": "no result before the round's deadline"}
+
+
+def test_a_straggler_takes_part_in_the_next_round(tmp_path: Path, transport: str) -> None:
+    config = write_config(
+        tmp_path / "app", num_clients=3, round_timeout=3.0, fraction_evaluate=0.0,
+        strategy_extra="min_results = 2",
+    )  # fmt: skip
+    slow = write_config(  # node 2 runs the same app, but its round-1 fit outlasts the round
+        tmp_path / "slow", num_clients=3, fit_delay=4.0, slow_round=1, fraction_evaluate=0.0,
+        strategy_extra="min_results = 2",
+    )  # fmt: skip
+    with Launcher(tmp_path, config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "3", "--out", out)
+        fleet.node(0)
+        fleet.node(1)
+        fleet.node(2, config=slow)
+        finished(server, fleet)
+        rounds = json.loads(out.read_text())["rounds"]
+        assert all(r["status"] == "ok" for r in rounds)
+        assert rounds[0]["participants"] == [0, 1]
+        assert rounds[2]["participants"] == [0, 1, 2], fleet.log("node-2")
+
+
+def test_a_round_waiting_for_a_lost_node_says_which_and_gives_up_at_its_deadline(
+    tmp_path: Path, transport: str
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(
+        tmp_path / "app", num_clients=3, rounds=3, round_timeout=3.0, fit_delay=0.5,
+        slow_round=2, marker_dir=markers, fraction_evaluate=0.0, run_extra="max_round_retries = 1",
+    )  # fmt: skip
+    with Launcher(tmp_path, config) as fleet:
+        server = fleet.server("--wait-for", "3")
+        nodes = [fleet.node(cid) for cid in range(3)]
+        wait_for(lambda: (markers / "fit-2-2").exists(), "node 2 to start fitting round 2")
+        nodes[2].send_signal(signal.SIGKILL)  # round 2 closes without it; round 3 waits
+        waiting = wait_for(
+            lambda: (s := fleet.status()) is not None and s.state == "waiting" and s,
+            "the server to report it is waiting",
+        )
+        assert waiting.round == 2 and waiting.waiting_for == 3
+        assert list(waiting.missing_cids) == [2]
+        assert "2 of the 3 clients needed are available" in waiting.reason
+        assert wait_exit(server, timeout=30) == 1  # 2 attempts x 3 s, then it gives up
+        log = fleet.log("server")
+    assert "WARNING" in log and "missing: [2]" in log
+    assert "round 3 failed 2 time(s); last: only 2 of the 3 clients needed were available" in log
+    assert "missing: [2]" in log.splitlines()[-1]  # the exit message names them too
+
+
+def test_a_frozen_node_does_not_stretch_the_round_and_is_not_selected_while_silent(
+    tmp_path: Path, transport: str
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    timeout = 4.0
+    config = write_config(
+        tmp_path / "app", num_clients=3, rounds=3, round_timeout=timeout, fit_delay=0.3,
+        marker_dir=markers, fraction_evaluate=1.0, strategy_extra="min_results = 2",
+    )  # fmt: skip
+    with Launcher(tmp_path, config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "2", "--heartbeat-interval", "1", "--out", out)
+        nodes = [fleet.node(cid) for cid in range(3)]
+        wait_for(lambda: (markers / "fit-2-2").exists(), "node 2 to start fitting round 2")
+        nodes[2].send_signal(signal.SIGSTOP)
+        try:
+            finished(server, fleet)
+        finally:
+            nodes[2].send_signal(signal.SIGCONT)
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [r["status"] for r in rounds] == ["ok", "ok", "ok"]
+    second, third = rounds[1], rounds[2]
+    assert second["participants"] == [0, 1]
+    assert second["wall_time"] < 1.5 * timeout  # one deadline for the round, not one per stage
+    assert 2 not in second["evaluate_failures"]  # it missed fit, so it was not asked to evaluate
+    assert third["selected"] == [0, 1]  # silent past its heartbeat window: not selected
+
+
+def test_partial_work_of_real_nodes_is_kept_under_fedprox(tmp_path: Path, transport: str) -> None:
+    config = write_config(
+        tmp_path / "app", num_clients=3, rounds=2, round_timeout=4.0, fraction_evaluate=0.0,
+        strategy="fedprox",
+    )  # fmt: skip
+    endless = tmp_path / "endless"  # node 2: an epoch count no deadline allows
+    endless.mkdir()
+    (endless / "app.py").write_text((tmp_path / "app" / "app.py").read_text())
+    (endless / "fedge.toml").write_text(
+        config.read_text().replace("epochs = 5", "epochs = 10000000")
+    )
+    with Launcher(tmp_path, config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "3", "--out", out)
+        fleet.node(0)
+        fleet.node(1)
+        fleet.node(2, config=endless / "fedge.toml")
+        finished(server, fleet)
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [r["status"] for r in rounds] == ["ok", "ok"]
+    assert all(r["participants"] == [0, 1, 2] for r in rounds)  # in time, with what it had
+    assert all(r["wall_time"] < 4.0 for r in rounds)
+
+
+TWO_STAGE_APP = textwrap.dedent(
+    """
+    import hashlib
+
+    import numpy as np
+
+    import fedge
+    from app import create_app as digits
+    from fedge.client import ClientWrapper, Reply
+    from fedge.weights import TensorSpec
+
+    PROOF = {"proof": TensorSpec(np.dtype(np.uint8), (32,))}
+
+
+    def proof(nonce, cid):
+        return np.frombuffer(hashlib.sha256(nonce.tobytes() + bytes([cid])).digest(), np.uint8)
+
+
+    class Attesting(ClientWrapper):
+        '''Answers "attest" tasks: proves it read the nonce sent to it alone.'''
+
+        def __init__(self, inner, cid, liar):
+            super().__init__(inner)
+            self.cid, self.liar = cid, liar
+
+        def handle(self, message):
+            if message.kind == "attest":
+                answer = proof(message.payload["nonce"], self.cid + (1 if self.liar else 0))
+                return Reply({"proof": answer}, {"attested": 1.0})
+            return super().handle(message)
+
+
+    def attest_then_fit(rnd):
+        '''Stage 1: a nonce to each available client; stage 2: fit those that answered right.'''
+        available = rnd.wait_available(rnd.strategy.min_available_clients)
+        nonces = {cid: rnd.rng.integers(0, 256, 16, dtype=np.uint8) for cid in available}
+        tasks = rnd.tasks(
+            "attest", available, payload=lambda cid: {"nonce": nonces[cid]},
+            send_model=False, expects=PROOF,
+        )
+        honest = []
+        with rnd.stage(tasks) as outcomes:
+            for outcome in outcomes:
+                cid, reply = outcome.task.cid, outcome.result
+                expected = proof(nonces[cid], cid)
+                if isinstance(reply, Reply) and np.array_equal(reply.arrays["proof"], expected):
+                    honest.append(cid)
+        return rnd.fit(sorted(honest))
+
+
+    def create_app(num_clients, seed, liar=-1, **options):
+        inner = digits(num_clients, seed, **options)
+        return fedge.App(
+            lambda cid: Attesting(inner.client_fn(cid), cid, cid == liar),
+            inner.initial_weights,
+            inner.evaluate_fn,
+            workflow=attest_then_fit,
+        )
+    """
+)
+
+
+def test_a_two_stage_workflow_with_its_own_task_kind_runs_over_the_fleet(
+    tmp_path: Path, transport: str
+) -> None:
+    config = write_config(tmp_path / "app", rounds=2, fraction_evaluate=0.0)
+    (tmp_path / "app" / "twostage.py").write_text(TWO_STAGE_APP)
+    config.write_text(
+        config.read_text()
+        .replace('target = "app:create_app"', 'target = "twostage:create_app"')
+        .replace("options = { ", "options = { liar = 3, ")
+    )
+    sim, sim_model = simulate_config(config, tmp_path / "sim.json")
+    with Launcher(tmp_path, config) as fleet:
+        out, model = tmp_path / "out.json", tmp_path / "out.safetensors"
+        server = fleet.server("--wait-for", "4", "--out", out, "--model-out", model)
+        for cid in range(4):
+            fleet.node(cid)
+        finished(server, fleet)
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [r["selected"] for r in rounds] == [[0, 1, 2], [0, 1, 2]]  # the liar never trains
+    assert [r["participants"] for r in rounds] == [[0, 1, 2], [0, 1, 2]]
+    assert model.read_bytes() == sim_model
+    assert without_timings(json.loads(out.read_text())) == without_timings(sim)

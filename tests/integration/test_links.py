@@ -9,21 +9,14 @@ import socket
 import struct
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    Processes,
-    finished,
-    free_port,
-    start_node,
-    start_server,
-    status_or_none,
-    wait_exit,
-    wait_for,
-    write_config,
-)
+from conftest import finished, latest_weights, wait_exit, wait_for, write_config
+
+from fedge.launch import Launcher
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +108,7 @@ class CuttingRelay:
 
 
 def bump_config(directory: Path, rounds: int) -> Path:
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "bumpapp.py").write_text(BUMP_APP)
     path = directory / "fedge.toml"
     path.write_text(
@@ -138,89 +131,135 @@ def bump_config(directory: Path, rounds: int) -> Path:
     return path
 
 
-def test_an_upload_cut_mid_way_resumes_and_counts_once(
-    tmp_path: Path, procs: Processes, pki: Path
-) -> None:
-    from fedge.checkpoint import latest_checkpoint
+def expected_bump(rounds: int, clients: int = 2) -> np.float32:
+    """Each round adds sum(n * step) / sum(n) with n = cid + 1, step = (cid + 1) / 1000."""
+    value = np.float32(0)
+    weights = [cid + 1 for cid in range(clients)]
+    for _ in range(rounds):
+        steps = [value + np.float32((cid + 1) / 1000) for cid in range(clients)]
+        value = sum(n * s for n, s in zip(weights, steps, strict=True)) / sum(weights)
+    return np.float32(value)
 
-    config = bump_config(tmp_path / "run", rounds=2)
-    address = f"127.0.0.1:{free_port()}"
-    state, out = tmp_path / "state", tmp_path / "out.json"
-    server = start_server(procs, config, address, state, out, certs=pki, wait=2)
-    relay = CuttingRelay(address, cut_after=8 << 20)  # after 8 of node 1's 20 MB upload
-    try:
-        start_node(procs, config, address, 0, pki)
-        start_node(procs, config, relay.address, 1, pki, None, "--log-level", "info")
-        finished(server, procs)
-    finally:
-        relay.close()
+
+def test_an_upload_cut_mid_way_resumes_and_counts_once(tmp_path: Path, transport: str) -> None:
+    with Launcher(tmp_path, bump_config(tmp_path / "app", rounds=2)) as fleet:
+        server = fleet.server("--wait-for", "2")
+        relay = CuttingRelay(fleet.address, cut_after=8 << 20)  # after 8 of node 1's 20 MB
+        try:
+            fleet.node(0)
+            fleet.node(1, address=relay.address, before=("--log-level", "info"))
+            finished(server, fleet)
+        finally:
+            relay.close()
+        node_log = fleet.log("node-1")
+        weights = latest_weights(fleet)
+        caches = fleet.work / "cache" / "fedge"
+        # each node's cache holds one model, named by its hash, and at most the results it
+        # keeps in case the server lost them
+        for cid in range(2):
+            cache = caches / f"node-{cid}"
+            (model,) = (cache / "models").iterdir()
+            assert model.name == hashlib.sha256(model.read_bytes()).hexdigest() + ".safetensors"
+            assert len(list((cache / "results").iterdir())) <= 4
 
     assert relay.cuts == 1 and relay.connections >= 2, "the relay never cut the upload"
-    node_log = procs.log("node-1")
     assert "interrupted" in node_log, node_log
     resumed = [line for line in node_log.splitlines() if "resuming upload" in line]
     assert resumed, f"node 1 re-sent from byte 0 instead of resuming:\n{node_log}"
     offset = int(resumed[0].split(" at byte ")[1].split()[0])
     assert 0 < offset < ELEMENTS * 4
-
-    rounds = json.loads(out.read_text())["rounds"]
-    assert [r["status"] for r in rounds] == ["ok", "ok"]
-    assert all(sorted(r["participants"]) == [0, 1] for r in rounds)
-    # each round adds (1 * 0.001 + 2 * 0.002) / 3; node 1 counted twice would add 0.0018
-    ckpt = latest_checkpoint(state / "checkpoints")
-    assert ckpt is not None and ckpt.round == 2
-    expected = np.float32(0)
-    for _ in range(2):
-        expected = (1 * (expected + np.float32(0.001)) + 2 * (expected + np.float32(0.002))) / 3
-    np.testing.assert_allclose(ckpt.weights["w"], expected, rtol=1e-6)
-
-    # each node's cache holds one model, named by its hash, and no result in transit
-    for cid in range(2):
-        cache = procs.cache / "fedge" / f"node-{cid}"
-        wait_for(lambda c=cache: not any((c / "results").iterdir()), "results to be deleted")
-        (model,) = (cache / "models").iterdir()
-        assert model.name == hashlib.sha256(model.read_bytes()).hexdigest() + ".safetensors"
+    # node 1 counted twice would move the weighted mean
+    np.testing.assert_allclose(weights["w"], expected_bump(2), rtol=1e-6)
 
 
 def test_a_second_process_with_the_same_identity_replaces_the_first(
-    tmp_path: Path, procs: Processes, pki: Path
+    tmp_path: Path, transport: str
 ) -> None:
-    config = write_config(tmp_path / "run", num_clients=2, rounds=8, fit_delay=0.4)
-    address = f"127.0.0.1:{free_port()}"
-    out = tmp_path / "out.json"
-    server = start_server(procs, config, address, tmp_path / "state", out, certs=pki, wait=2)
-    start_node(procs, config, address, 0, pki)
-    older = start_node(procs, config, address, 1, pki, "node-1-older")
-    wait_for(
-        lambda: (s := status_or_none(address, pki)) is not None and s.round >= 2,
-        "round 2 with the first node-1",
-    )
-    newer = start_node(procs, config, address, 1, pki, "node-1-newer")
-
-    # the older process is told why and stops: two processes must not take turns
-    assert wait_exit(older) == 1
-    log = procs.log("node-1-older")
-    assert "replaced by a newer connection" in log and "'node-1'" in log, log
-    finished(server, procs)
-    assert newer.poll() is None, procs.log("node-1-newer")
+    config = write_config(tmp_path / "app", num_clients=2, rounds=8, fit_delay=0.4)
+    with Launcher(tmp_path, config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "2", "--out", out)
+        fleet.node(0)
+        older = fleet.node(1, name="node-1-older")
+        wait_for(
+            lambda: (s := fleet.status()) is not None and s.round >= 2,
+            "round 2 with the first node-1",
+        )
+        newer = fleet.node(1, name="node-1-newer")
+        # the older process is told why and stops: two processes must not take turns
+        assert wait_exit(older) == 1
+        log = fleet.log("node-1-older")
+        assert "replaced by a newer connection" in log and "'node-1'" in log, log
+        finished(server, fleet)
+        assert newer.poll() is None, fleet.log("node-1-newer")
     rounds = json.loads(out.read_text())["rounds"]
-    # every round waits for both cids; after the older one left, only the newer had cid 1
     assert [r["status"] for r in rounds] == ["ok"] * 8
-    assert all(sorted(r["participants"]) == [0, 1] for r in rounds)
+    assert all(r["participants"] == [0, 1] for r in rounds)
 
 
-def test_a_node_stopped_with_sigterm_leaves_at_once(
-    tmp_path: Path, procs: Processes, pki: Path
-) -> None:
-    config = write_config(tmp_path / "run", num_clients=2, rounds=1)
-    address = f"127.0.0.1:{free_port()}"
-    start_server(procs, config, address, tmp_path / "state", tmp_path / "o.json", certs=pki, wait=2)
-    node = start_node(procs, config, address, 0, pki, None, "--log-level", "info")
-    wait_for(
-        lambda: (s := status_or_none(address, pki)) is not None and len(s.nodes) == 1,
-        "node 0 to connect",
-    )
+def test_a_node_stopped_with_sigterm_leaves_at_once(fleet: Launcher, transport: str) -> None:
+    fleet.server("--wait-for", "4")
+    node = fleet.node(0, before=("--log-level", "info"))
+    wait_for(lambda: (s := fleet.status()) is not None and len(s.nodes) == 1, "node 0 to connect")
     node.send_signal(signal.SIGTERM)
     # well before the task stream's next keepalive (15 s), which used to be the wait
-    assert wait_exit(node, timeout=8) == 0, procs.log("node-0")
-    wait_for(lambda: len(status_or_none(address, pki).nodes) == 0, "node 0 to be gone", 5)
+    assert wait_exit(node, timeout=8) == 0, fleet.log("node-0")
+    wait_for(lambda: len(fleet.status().nodes) == 0, "node 0 to be gone", 5)
+
+
+def test_a_node_stopped_while_the_server_is_down_exits_quietly(
+    fleet: Launcher, transport: str
+) -> None:
+    server = fleet.server("--wait-for", "4")
+    node = fleet.node(0)
+    wait_for(lambda: (s := fleet.status()) is not None and len(s.nodes) == 1, "node 0 to connect")
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    time.sleep(0.5)  # the node notices and starts reconnecting
+    node.send_signal(signal.SIGTERM)
+    assert wait_exit(node, timeout=8) == 0
+    log = fleet.log("node-0")
+    assert "Traceback" not in log and "error" not in log.lower(), log
+
+
+def test_rerunning_a_config_with_the_nodes_still_up_counts_every_node_at_once(
+    tmp_path: Path, transport: str
+) -> None:
+    with Launcher(tmp_path, bump_config(tmp_path / "app", rounds=2)) as fleet:
+        first = fleet.server("--wait-for", "2", name="first")
+        fleet.node(0)
+        fleet.node(1)
+        finished(first, fleet, "first")
+        out = tmp_path / "again.json"  # the same config, a new run in the same state dir
+        again = fleet.server("--wait-for", "2", "--new-run", "--out", out, name="again")
+        finished(again, fleet, "again")
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [(r["round"], r["attempt"], r["status"]) for r in rounds] == [(1, 0, "ok"), (2, 0, "ok")]
+    assert all(r["participants"] == [0, 1] for r in rounds)
+
+
+def test_an_operator_moves_a_client_id_to_a_replacement_device(
+    fleet: Launcher, transport: str
+) -> None:
+    from fedge.transport.grpc.control import Control
+
+    config = write_config(fleet.work / "slow", num_clients=2, rounds=6, fit_delay=0.3)
+    out = fleet.work / "out.json"
+    server = fleet.server("--wait-for", "2", "--out", out, config=config)
+    fleet.node(0, config=config)
+    old = fleet.node(1, config=config)
+    wait_for(lambda: (s := fleet.status()) is not None and s.round >= 2, "round 2")
+    # a new device cannot take client id 1 by itself...
+    intruder = fleet.node(1, identity="replacement", config=config, name="too-early")
+    assert wait_exit(intruder) == 1
+    assert "client id 1 is bound to node 'node-1'" in fleet.log("too-early")
+    # ...an operator moves it; the old device stops, saying why, and the new one serves it
+    with Control(fleet.address, fleet.certs) as control:
+        assert control.assign("replacement", 1) == "node-1"
+    assert wait_exit(old) == 1
+    assert "client id 1 was assigned to node 'replacement' by an operator" in fleet.log("node-1")
+    new = fleet.node(1, identity="replacement", config=config)
+    finished(server, fleet)
+    assert new.poll() is None
+    with_new = [r for r in json.loads(out.read_text())["rounds"] if r["participants"] == [0, 1]]
+    assert with_new and with_new[-1]["round"] == 6

@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 
 import fedge
-from fedge import Client, Config, EvaluateResult, FitResult, QuorumError, RoundRecord, Weights
+from fedge import (
+    Client,
+    Config,
+    EvaluateResult,
+    FitResult,
+    History,
+    QuorumError,
+    RoundRecord,
+    Weights,
+)
 from fedge.coordinator import Coordinator, Observer, client_seed
 from fedge.sim import LocalFleet
 from fedge.strategy import FedAvg, FedProx
@@ -361,6 +370,9 @@ def metrics_not_a_mapping(cid: int, weights: Weights, config: Config) -> FitResu
     return FitResult(trained(cid), 10, None)  # type: ignore[arg-type]
 
 
+COUNT_RULE = "client 3: num_examples must be an integer in 1..1000000 (limits.max_examples)"
+
+
 @pytest.mark.parametrize(
     ("script", "reason"),
     [
@@ -369,10 +381,10 @@ def metrics_not_a_mapping(cid: int, weights: Weights, config: Config) -> FitResu
         (wrong_dtype, "client 3: tensor 'w' has dtype float32, expected float64"),
         (missing_tensor, "client 3: missing tensor(s) ['b']; expected ['w', 'b']"),
         (unexpected_tensor, "client 3: unexpected tensor(s) ['extra']; expected ['w', 'b']"),
-        (no_examples, "client 3: num_examples must be a positive integer, got 0"),
-        (negative_examples, "client 3: num_examples must be a positive integer, got -5"),
-        (fractional_examples, "client 3: num_examples must be a positive integer, got 2.5"),
-        (boolean_examples, "client 3: num_examples must be a positive integer, got True"),
+        (no_examples, f"{COUNT_RULE}, got 0"),
+        (negative_examples, f"{COUNT_RULE}, got -5"),
+        (fractional_examples, f"{COUNT_RULE}, got 2.5"),
+        (boolean_examples, f"{COUNT_RULE}, got True"),
         (raises, "client 3 raised RuntimeError: out of memory"),
         (returns_a_dict, "client 3: expected a FitResult, got dict"),
         (returns_none, "client 3: expected a FitResult, got NoneType"),
@@ -580,17 +592,20 @@ class RecordingObserver(Observer):
 def test_coordinator_and_local_fleet_report_progress_to_the_observer() -> None:
     observer = RecordingObserver()
     coordinator = Coordinator(strategy=FedAvg(), weights=dict(INITIAL), rounds=2, observer=observer)
+    history = History()
     with LocalFleet(Clients(fit={1: raises}), 3) as fleet:
-        history = coordinator.run(fleet)
+        coordinator.run(fleet, history)
 
-    assert observer.events == [
+    assert observer.events == [  # every arrival counts, the rejected one too
         ("started", 1, 3),
         ("result", 1, 1, 3),
         ("result", 1, 2, 3),
+        ("result", 1, 3, 3),
         ("finished", 1, "ok"),
         ("started", 2, 3),
         ("result", 2, 1, 3),
         ("result", 2, 2, 3),
+        ("result", 2, 3, 3),
         ("finished", 2, "ok"),
     ]
     assert [r.participants for r in history.rounds] == [[0, 2], [0, 2]]
@@ -600,14 +615,16 @@ def test_coordinator_and_local_fleet_report_progress_to_the_observer() -> None:
 def test_a_run_resumes_from_a_saved_history_and_start_round() -> None:
     clients = Clients()
     first = Coordinator(strategy=FedAvg(), weights=dict(INITIAL), rounds=2, seed=4)
+    history = History()
     with LocalFleet(clients, 2) as fleet:
-        history = first.run(fleet)
+        first.run(fleet, history)
 
     resumed = Coordinator(strategy=FedAvg(), weights=first.weights, rounds=4, seed=4)
     with LocalFleet(clients, 2) as fleet:
-        history = resumed.run(fleet, start_round=3, history=history)
+        resumed.run(fleet, history, start_round=3)
 
     assert [r.round for r in history.rounds] == [1, 2, 3, 4]
+    assert history.initial_metrics == {}  # a resumed run does not evaluate round 0 again
     assert sorted({c.config["round"] for c in clients.fits()}) == [1, 2, 3, 4]
     for call in clients.fits(round=3):
         assert call.config["seed"] == client_seed(4, 3, call.cid)

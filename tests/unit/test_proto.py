@@ -157,6 +157,23 @@ def test_evaluate_loss_has_presence_so_zero_is_not_missing() -> None:
     assert back.size == 0 and back.sha256 == b""
 
 
+def test_protocol_2_fields_are_additive_and_round_trip() -> None:
+    header = pb.TaskHeader(
+        task_id="t", kind=pb.TASK_KIND_UNSPECIFIED, kind_name="secagg.share", payload=b"\x01",
+        partial_work=True,
+    )  # fmt: skip
+    back = _roundtrip(header)
+    assert isinstance(back, pb.TaskHeader)
+    assert (back.kind_name, back.payload, back.partial_work) == ("secagg.share", b"\x01", True)
+    # a protocol-1 message (no new fields) still parses, with the new ones empty
+    old = pb.TaskHeader.FromString(
+        pb.TaskHeader(task_id="t", kind=pb.TASK_KIND_FIT).SerializeToString()
+    )
+    assert old.kind_name == "" and old.payload == b"" and not old.partial_work
+    assert _roundtrip(pb.JoinRequest(cid=1, protocol=2)).protocol == 2  # type: ignore[attr-defined]
+    assert pb.JoinRequest(cid=1).protocol == 0  # a protocol-1 node sends none
+
+
 def test_failed_task_is_reported_with_an_error() -> None:
     back = _roundtrip(pb.UploadHeader(task_id="t-1", error="CUDA out of memory"))
     assert isinstance(back, pb.UploadHeader)
@@ -189,6 +206,8 @@ def test_services_have_the_documented_shape() -> None:
     assert methods("Control") == {
         "Status": ("StatusRequest", "StatusReply", False, False),
         "Stop": ("StopRequest", "StopReply", False, False),
+        "AssignNode": ("AssignRequest", "AssignReply", False, False),
+        "ListNodes": ("ListNodesRequest", "ListNodesReply", False, False),
     }
     assert callable(fleet_pb2_grpc.FleetStub)
     assert callable(fleet_pb2_grpc.add_ControlServicer_to_server)

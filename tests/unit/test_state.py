@@ -216,11 +216,12 @@ def test_round_record_dict_round_trip_through_json() -> None:
 # -- nodes --------------------------------------------------------------------------
 
 
-def test_nodes_upsert_and_activity(store: StateStore) -> None:
-    store.upsert_node("node-b", 1, "10.0.0.2:5000", {"cpu": 4, "accelerator": None})
-    store.upsert_node("node-a", 0, "10.0.0.1:5000", {"cpu": 2})
+def test_nodes_bind_and_activity(store: StateStore) -> None:
+    store.bind("node-b", 1, "10.0.0.2:5000", {"cpu": 4, "accelerator": None})
+    store.bind("node-a", 0, "10.0.0.1:5000", {"cpu": 2})
     first = {n["node_id"]: n for n in store.nodes()}
     assert [n["cid"] for n in store.nodes()] == [0, 1]
+    assert store.bindings() == {"node-a": 0, "node-b": 1}
     assert first["node-b"]["capabilities"] == {"cpu": 4, "accelerator": None}
     assert first["node-b"]["tasks_done"] == 0
 
@@ -233,7 +234,7 @@ def test_nodes_upsert_and_activity(store: StateStore) -> None:
     assert after["node-b"]["tasks_done"] == 3
 
     # re-join from a new address: identity, first_seen and task count survive
-    store.upsert_node("node-b", 1, "10.0.0.9:6000", {"cpu": 8})
+    store.bind("node-b", 1, "10.0.0.9:6000", {"cpu": 8})
     again = {n["node_id"]: n for n in store.nodes()}["node-b"]
     assert again["address"] == "10.0.0.9:6000" and again["capabilities"] == {"cpu": 8}
     assert again["first_seen"] == first["node-b"]["first_seen"]
@@ -241,14 +242,37 @@ def test_nodes_upsert_and_activity(store: StateStore) -> None:
     assert len(store.nodes()) == 2
 
 
-def test_a_client_id_moves_to_the_node_that_joined_with_it_last(store: StateStore) -> None:
-    store.upsert_node("a", 0, "h:1", {})
-    store.upsert_node("b", 1, "h:2", {})
-    store.upsert_node("a", 1, "h:1", {})  # the partitions were swapped
-    store.upsert_node("b", 0, "h:2", {})
-    assert {n["node_id"]: n["cid"] for n in store.nodes()} == {"a": 1, "b": 0}
-    store.upsert_node("c", 1, "h:3", {})  # a replacement device takes over cid 1
-    assert [(n["node_id"], n["cid"]) for n in store.nodes()] == [("b", 0), ("c", 1), ("a", None)]
+def test_a_client_id_belongs_to_one_node_until_an_operator_moves_it(store: StateStore) -> None:
+    store.bind("a", 0, "h:1", {})
+    store.bind("b", 1, "h:2", {})
+    with pytest.raises(StateError, match="client id 1 is bound to node 'b'"):
+        store.bind("c", 1, "h:3", {})  # another identity cannot take it by joining
+    with pytest.raises(StateError, match="node 'a' is bound to client id 0"):
+        store.bind("a", 5, "h:1", {})  # nor can a node switch by itself
+    assert store.bindings() == {"a": 0, "b": 1}
+
+    assert store.assign("c", 1) == "b"  # a replacement device takes over cid 1
+    store.bind("c", 1, "h:3", {"cpu": 1})
+    assert [(n["node_id"], n["cid"]) for n in store.nodes()] == [("a", 0), ("c", 1), ("b", None)]
+    assert store.assign("c", 1) is None  # assigning what it holds changes nothing
+    assert store.assign("new", 7) is None  # a node not seen yet can be bound in advance
+    assert store.bindings()["new"] == 7
+
+
+def test_runs_lists_every_run_with_its_progress(store: StateStore) -> None:
+    store.start_run("r1", {"seed": 1}, 3, base_dir="/apps")
+    store.record_round("r1", RoundRecord(round=1))
+    store.record_round("r1", RoundRecord(round=2, status="failed"))
+    store.record_round("r1", RoundRecord(round=2, attempt=1))
+    store.start_run("r2", {"seed": 2}, 5)
+    store.set_run_status("r1", "failed", reason="disk full")
+    runs = store.runs()
+    assert [(r["run_id"], r["rounds_done"], r["status"]) for r in runs] == [
+        ("r1", 2, "failed"),
+        ("r2", 0, "running"),
+    ]
+    assert runs[0]["reason"] == "disk full" and runs[0]["base_dir"] == "/apps"
+    assert (store.attempts("r1", 2), store.attempts("r1", 3)) == (2, 0)
 
 
 def test_a_version_1_database_is_migrated_keeping_its_nodes(tmp_path: Path) -> None:
@@ -266,10 +290,11 @@ def test_a_version_1_database_is_migrated_keeping_its_nodes(tmp_path: Path) -> N
     db.commit()
     db.close()
     with StateStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         (node,) = store.nodes()
         assert (node["node_id"], node["cid"], node["tasks_done"]) == ("old", 3, 7)
-        store.upsert_node("new", 3, "h:2", {})  # possible only since version 2
+        assert store.bindings() == {"old": 3}  # the binding a version-1 node had is kept
+        assert store.assign("new", 3) == "old"  # possible only since version 2
         assert {n["node_id"]: n["cid"] for n in store.nodes()} == {"new": 3, "old": None}
 
 
@@ -284,7 +309,7 @@ def test_reopened_store_sees_everything(tmp_path: Path) -> None:
         for record in original.rounds:
             store.record_round("r1", record)
         store.set_run_status("r1", "finished", wall_time=original.wall_time)
-        store.upsert_node("n", 5, "h:1", {"cpu": 1})
+        store.bind("n", 5, "h:1", {"cpu": 1})
         store.record_activity({}, {"n": 1})
     with StateStore(tmp_path / "state.db") as restarted:
         run = restarted.latest_run()
@@ -299,7 +324,7 @@ def test_used_from_several_threads(store: StateStore) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     store.start_run("r1", {}, 100)
-    store.upsert_node("n", 0, "h:1", {})
+    store.bind("n", 0, "h:1", {})
 
     def work(r: int) -> None:
         store.record_round("r1", RoundRecord(round=r))

@@ -19,6 +19,7 @@ from fedge.strategy import (
     FedYogi,
     Krum,
     MultiKrum,
+    RoundContext,
     Strategy,
 )
 from fedge.strategy.bulyan import bulyan, mean_around_median
@@ -31,10 +32,14 @@ def f64(*values: float) -> np.ndarray:
     return np.array(values, dtype=np.float64)
 
 
+def ctx(weights: Weights | None = None, round: int = 1) -> RoundContext:
+    return RoundContext(round, 0, weights or {}, np.random.default_rng(0))
+
+
 def run_round(strategy: Strategy, updates: list[tuple[Weights, int]]) -> Weights:
-    agg = strategy.aggregator()
-    for weights, n in updates:
-        agg.add(weights, n)
+    agg = strategy.aggregator(ctx())
+    for cid, (weights, n) in enumerate(updates):
+        agg.add(weights, n, cid)
     return agg.result()
 
 
@@ -125,7 +130,9 @@ def test_fedavg_weighted_mean_of_three() -> None:
         ({"w": f64(5, 0), "b": f64(1)}, 4),
     ]
     strategy = FedAvg()
-    new, state = strategy.apply({"w": f64(0, 0), "b": f64(0)}, run_round(strategy, updates), {})
+    new, state = strategy.apply(
+        {"w": f64(0, 0), "b": f64(0)}, run_round(strategy, updates), {}, ctx()
+    )
     # w = (1*1 + 3*3 + 4*5) / 8 = 30/8, (1*2 + 3*6 + 4*0) / 8 = 20/8; b = (0 + 9 + 4) / 8
     np.testing.assert_allclose(new["w"], [3.75, 2.5])
     np.testing.assert_allclose(new["b"], [1.625])
@@ -150,13 +157,13 @@ def test_fedavgm_two_rounds_of_momentum() -> None:
     np.testing.assert_array_equal(state["momentum/w"], [0.0, 0.0])
 
     # round 1: delta = w - agg = [0.5, -0.5]; m = delta; w1 = w0 - 0.5 m = [0.75, 2.25]
-    w1, state = strategy.apply(w0, {"w": f64(0.5, 2.5), "steps": np.array([7])}, state)
+    w1, state = strategy.apply(w0, {"w": f64(0.5, 2.5), "steps": np.array([7])}, state, ctx())
     np.testing.assert_allclose(w1["w"], [0.75, 2.25])
     np.testing.assert_array_equal(w1["steps"], [7])  # the aggregate, as it is
     # round 2: delta = [0.75 - 0.25, 2.25 - 2.5] = [0.5, -0.25]
     #          m = 0.9 [0.5, -0.5] + [0.5, -0.25] = [0.95, -0.7]
     #          w2 = w1 - 0.5 m = [0.75 - 0.475, 2.25 + 0.35] = [0.275, 2.6]
-    w2, state = strategy.apply(w1, {"w": f64(0.25, 2.5), "steps": np.array([9])}, state)
+    w2, state = strategy.apply(w1, {"w": f64(0.25, 2.5), "steps": np.array([9])}, state, ctx())
     np.testing.assert_allclose(state["momentum/w"], [0.95, -0.7])
     np.testing.assert_allclose(w2["w"], [0.275, 2.6])
 
@@ -165,7 +172,7 @@ def test_fedavgm_without_momentum_is_fedavg_and_keeps_float32() -> None:
     strategy = FedAvgM(server_learning_rate=1.0, server_momentum=0.0)
     w = {"w": np.array([1.0, -3.0], dtype=np.float32)}
     agg = {"w": np.array([0.25, 4.0], dtype=np.float32)}
-    new, state = strategy.apply(w, agg, strategy.init_state(w))
+    new, state = strategy.apply(w, agg, strategy.init_state(w), ctx())
     np.testing.assert_array_equal(new["w"], agg["w"])  # w - (w - agg) = agg, exactly here
     assert new["w"].dtype == np.float32
     assert state["momentum/w"].dtype == np.float32
@@ -186,7 +193,7 @@ def test_fedadam_one_step() -> None:
     strategy = FedAdam()  # eta = 0.1, beta_1 = 0.9, beta_2 = 0.99, tau = 1e-9
     w = {"w": np.array([1.0, 1.0], dtype=np.float32)}
     new, state = strategy.apply(
-        w, {"w": np.array([3.0, 0.0], dtype=np.float32)}, strategy.init_state(w)
+        w, {"w": np.array([3.0, 0.0], dtype=np.float32)}, strategy.init_state(w), ctx()
     )
     # delta = [2, -1]; m = 0.1 delta = [0.2, -0.1]
     # v = 0.99 tau^2 + 0.01 delta^2 ~= [0.04, 0.01]; sqrt(v) = [0.2, 0.1]
@@ -201,7 +208,7 @@ def test_fedyogi_one_step_from_given_state() -> None:
     strategy = FedYogi(eta=0.1, beta_1=0.5, beta_2=0.75)
     w = {"w": f64(1.0, 1.0)}
     state = {"m/w": f64(0.0, 0.0), "v/w": f64(5.0, 0.75)}
-    new, state = strategy.apply(w, {"w": f64(3.0, 0.0)}, state)
+    new, state = strategy.apply(w, {"w": f64(3.0, 0.0)}, state, ctx())
     # delta = [2, -1], delta^2 = [4, 1]; sign(v - delta^2) = [+1, -1]
     # v = [5 - 0.25*4, 0.75 + 0.25*1] = [4, 1]  (Adam would give [4.75, 0.8125])
     # m = 0.5 delta = [1, -0.5]; step = 0.1 * [1/2, -0.5/1] = [0.05, -0.05]
@@ -213,7 +220,7 @@ def test_fedyogi_one_step_from_given_state() -> None:
 def test_fedadagrad_one_step() -> None:
     strategy = FedAdagrad()
     w = {"w": f64(1.0, 1.0)}
-    new, state = strategy.apply(w, {"w": f64(3.0, 0.0)}, strategy.init_state(w))
+    new, state = strategy.apply(w, {"w": f64(3.0, 0.0)}, strategy.init_state(w), ctx())
     # v = tau^2 + delta^2 ~= [4, 1]; m = 0.1 delta = [0.2, -0.1]
     # step = 0.1 * [0.2/2, -0.1/1] = [0.01, -0.01]
     np.testing.assert_allclose(state["v/w"], [4.0, 1.0])
@@ -224,7 +231,7 @@ def test_fedopt_float16_stays_finite_and_int_tensors_pass_through() -> None:
     strategy = FedAdagrad()
     w = {"w": np.array([0.5, -2.0], dtype=np.float16), "n": np.array([3], dtype=np.int32)}
     agg = {"w": w["w"].copy(), "n": np.array([4], dtype=np.int32)}
-    new, state = strategy.apply(w, agg, strategy.init_state(w))
+    new, state = strategy.apply(w, agg, strategy.init_state(w), ctx())
     # a zero update leaves float16 weights unchanged: 0 / (sqrt(tau^2) + tau) = 0, not NaN
     np.testing.assert_array_equal(new["w"], w["w"])
     assert new["w"].dtype == np.float16

@@ -3,12 +3,14 @@
 `SoftmaxRegressionClient` is the multinomial logistic regression of the FedAvg and
 FedProx papers' convex experiments, trained with minibatch SGD. It follows the same
 config conventions as the PyTorch adapter: ``local_epochs``, ``lr``, ``batch_size``,
-``proximal_mu`` (FedProx) and ``work_fraction`` (a straggler's partial work).
+``proximal_mu`` (FedProx), and partial work — ``work_fraction`` (a simulated straggler's
+share of the steps) and ``deadline`` (a real node's: Unix time to stop training by).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -70,12 +72,16 @@ class SoftmaxRegressionClient(Client):
         n = len(self.y_train)
         per_epoch = math.ceil(n / batch)
         steps_left = max(1, math.ceil(epochs * per_epoch * float(config.get("work_fraction", 1))))
+        deadline = float(config.get("deadline", math.inf))
         rng = np.random.default_rng(int(config["seed"]))
         onehot = np.eye(w.shape[1], dtype=w.dtype)
         for _ in range(epochs):
+            if steps_left == 0:
+                break
             order = rng.permutation(n)
             for start in range(0, n, batch):
-                if steps_left == 0:
+                if steps_left == 0 or time.time() >= deadline:
+                    steps_left = 0
                     break
                 steps_left -= 1
                 idx = order[start : start + batch]

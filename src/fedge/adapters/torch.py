@@ -8,6 +8,7 @@ Override `train_step` / `eval_step` for a custom loss or model output.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
@@ -45,8 +46,9 @@ class TorchClient(Client):
     """Trains `model` on `train_data` batches and tests on `test_data` batches.
 
     Each batch is ``(inputs, targets)``; `epochs` may be overridden per round by
-    ``config["local_epochs"]``, and a straggler's ``config["work_fraction"]`` trains
-    that fraction of the steps.
+    ``config["local_epochs"]``; a simulated straggler's ``config["work_fraction"]`` trains
+    that fraction of the steps, and a real node stops at ``config["deadline"]`` (Unix time)
+    when the strategy keeps partial work.
     """
 
     def __init__(
@@ -88,11 +90,15 @@ class TorchClient(Client):
         epochs = int(config.get("local_epochs", self.epochs))
         fraction = float(config.get("work_fraction", 1.0))
         steps_left = max(1, math.ceil(epochs * len(self.train_data) * fraction))
+        deadline = float(config.get("deadline", math.inf))
         self.model.train()
         total_loss, seen = 0.0, 0
         for _ in range(epochs):
+            if steps_left == 0:
+                break
             for batch in self.train_data:
-                if steps_left == 0:
+                if steps_left == 0 or time.time() >= deadline:
+                    steps_left = 0
                     break
                 steps_left -= 1
                 optimizer.zero_grad()

@@ -1,12 +1,14 @@
 """Aggregation strategies, one module per algorithm, each citing its paper.
 
-`STRATEGIES` maps the lower-case name used in configuration to the class.
+`STRATEGIES` maps the lower-case name used in configuration to the class; `WRAPPERS`
+maps a wrapper's configuration name to the wrapper, which wraps any strategy.
 """
 
 from __future__ import annotations
 
-from fedge.strategy.base import Strategy
+from fedge.strategy.base import RoundContext, Strategy, StrategyWrapper
 from fedge.strategy.bulyan import Bulyan
+from fedge.strategy.clip import ClipUpdates
 from fedge.strategy.fedavg import FedAvg
 from fedge.strategy.fedavgm import FedAvgM
 from fedge.strategy.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
@@ -31,10 +33,13 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Bulyan,
     )
 }
+WRAPPERS: dict[str, type[StrategyWrapper]] = {"clip_updates": ClipUpdates}
 
 __all__ = [
     "STRATEGIES",
+    "WRAPPERS",
     "Bulyan",
+    "ClipUpdates",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -46,5 +51,7 @@ __all__ = [
     "FedYogi",
     "Krum",
     "MultiKrum",
+    "RoundContext",
     "Strategy",
+    "StrategyWrapper",
 ]

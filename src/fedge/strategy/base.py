@@ -3,16 +3,20 @@
 A strategy is configuration plus two pure steps, in the spirit of FedJAX's
 ``init(params) -> state`` / ``apply(state, clients) -> state``:
 
-* `aggregator()` gives a fresh accumulator for one round's client updates;
-* `apply(weights, aggregate, state)` turns the aggregate into the next global weights
-  (a server optimizer lives here) and returns the new server state.
+* `aggregator(ctx)` gives a fresh accumulator for one round's client updates;
+* `apply(weights, aggregate, state, ctx)` turns the aggregate into the next global
+  weights (a server optimizer lives here) and returns the new server state.
 
-Server state is a flat ``name -> ndarray`` dict, so checkpoints store it as-is.
-Strategies never import transports.
+Both see the round's `RoundContext`: its number, the reference weights the clients
+started from (so a wrapper can look at updates as deltas) and a seeded RNG (so noise is
+reproducible). Server state is a flat ``name -> ndarray`` dict, so checkpoints store it
+as-is. A `StrategyWrapper` wraps any strategy and changes one step, the way middleware
+wraps an app. Strategies never import transports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +25,21 @@ import numpy as np
 
 from fedge.aggregate import Aggregator, WeightedMean
 from fedge.errors import ConfigError
-from fedge.weights import Weights
+from fedge.weights import State, Weights
 
-State = dict[str, np.ndarray]
+__all__ = ["RoundContext", "State", "Strategy", "StrategyWrapper"]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a strategy may know about the round it aggregates."""
+
+    round: int
+    attempt: int
+    weights: Weights
+    """The global weights the clients started from: ``update - weights`` is a delta."""
+    rng: np.random.Generator
+    """Seeded from (run seed, round, attempt): the same draws in a resumed run."""
 
 
 @dataclass(kw_only=True)
@@ -89,15 +105,63 @@ class Strategy:
         """Settings the strategy sends to every client that trains this round."""
         return {}
 
-    def aggregator(self) -> Aggregator:
+    def aggregator(self, ctx: RoundContext) -> Aggregator:
         return WeightedMean()
 
     def init_state(self, weights: Weights) -> State:
         return {}
 
-    def apply(self, weights: Weights, aggregate: Weights, state: State) -> tuple[Weights, State]:
+    def apply(
+        self, weights: Weights, aggregate: Weights, state: State, ctx: RoundContext
+    ) -> tuple[Weights, State]:
         """Next global weights from the current ones and this round's aggregate."""
         return aggregate, state
+
+
+class StrategyWrapper(Strategy):
+    """Wraps `inner` and delegates everything to it; a subclass overrides the steps it
+    changes. Settings (``fraction_fit``, ``min_results``, ...) read and write the inner
+    strategy's, so a wrapped strategy is sampled exactly as the bare one."""
+
+    def __init__(self, inner: Strategy) -> None:  # no dataclass fields of its own
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+    @property
+    def name(self) -> str:
+        return f"{type(self).__name__}({self.inner.name})"
+
+    def num_fit_clients(self, available: int) -> int:
+        return self.inner.num_fit_clients(available)
+
+    def num_evaluate_clients(self, available: int) -> int:
+        return self.inner.num_evaluate_clients(available)
+
+    def fit_config(self, server_round: int) -> dict[str, Any]:
+        return self.inner.fit_config(server_round)
+
+    def aggregator(self, ctx: RoundContext) -> Aggregator:
+        return self.inner.aggregator(ctx)
+
+    def init_state(self, weights: Weights) -> State:
+        return self.inner.init_state(weights)
+
+    def apply(
+        self, weights: Weights, aggregate: Weights, state: State, ctx: RoundContext
+    ) -> tuple[Weights, State]:
+        return self.inner.apply(weights, aggregate, state, ctx)
+
+
+def _delegated(name: str) -> property:
+    return property(
+        lambda self: getattr(self.inner, name), lambda self, value: setattr(self.inner, name, value)
+    )
+
+
+for _field in dataclasses.fields(Strategy):  # settings live in the inner strategy
+    setattr(StrategyWrapper, _field.name, _delegated(_field.name))
 
 
 def _ceil(x: float) -> int:

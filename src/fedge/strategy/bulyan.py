@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 
 from fedge.aggregate import Aggregator, Buffered
-from fedge.strategy.base import Strategy, _check
+from fedge.strategy.base import RoundContext, Strategy, _check
 from fedge.strategy.krum import _is_count, krum_scores, pairwise_sq_distances
 from fedge.strategy.median import Stack, Updates, coordinate_wise
 from fedge.weights import Array, Weights
@@ -44,7 +44,7 @@ class Bulyan(Strategy):
             f">= 4 * num_malicious + 3 = {need} (Bulyan needs that many updates)",
         )
 
-    def aggregator(self) -> Aggregator:
+    def aggregator(self, ctx: RoundContext) -> Aggregator:
         return Buffered(partial(bulyan, num_malicious=self.num_malicious))
 
 

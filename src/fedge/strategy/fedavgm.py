@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.strategy.base import State, Strategy, _check
+from fedge.strategy.base import RoundContext, State, Strategy, _check
 from fedge.weights import Array, Weights
 
 
@@ -41,7 +41,9 @@ class FedAvgM(Strategy):
             if np.issubdtype(a.dtype, np.floating)
         }
 
-    def apply(self, weights: Weights, aggregate: Weights, state: State) -> tuple[Weights, State]:
+    def apply(
+        self, weights: Weights, aggregate: Weights, state: State, ctx: RoundContext
+    ) -> tuple[Weights, State]:
         new_weights: Weights = {}
         new_state: State = dict(state)
         for name, w in weights.items():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.strategy.base import State, Strategy, _check
+from fedge.strategy.base import RoundContext, State, Strategy, _check
 from fedge.weights import Array, Weights
 
 
@@ -57,7 +57,9 @@ class FedOpt(Strategy, ABC):
                 state[f"v/{name}"] = np.full(a.shape, self.tau**2, dtype=dtype)
         return state
 
-    def apply(self, weights: Weights, aggregate: Weights, state: State) -> tuple[Weights, State]:
+    def apply(
+        self, weights: Weights, aggregate: Weights, state: State, ctx: RoundContext
+    ) -> tuple[Weights, State]:
         new_weights: Weights = {}
         new_state: State = dict(state)
         for name, w in weights.items():

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.aggregate import Aggregator, Buffered
-from fedge.strategy.base import Strategy, _check
+from fedge.strategy.base import RoundContext, Strategy, _check
 from fedge.strategy.median import Updates, coordinate_wise
 from fedge.weights import Weights
 
@@ -48,7 +48,7 @@ class Krum(Strategy):
             f">= 2 * num_malicious + 3 = {need} ({self.name} needs that many updates)",
         )
 
-    def aggregator(self) -> Aggregator:
+    def aggregator(self, ctx: RoundContext) -> Aggregator:
         return Buffered(partial(krum, num_malicious=self.num_malicious))
 
 
@@ -67,7 +67,7 @@ class MultiKrum(Krum):
                 "an integer >= 1 (or unset for n - f)",
             )
 
-    def aggregator(self) -> Aggregator:
+    def aggregator(self, ctx: RoundContext) -> Aggregator:
         return Buffered(
             partial(multi_krum, num_malicious=self.num_malicious, num_selected=self.num_selected)
         )

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.aggregate import Aggregator, Buffered, stacked
-from fedge.strategy.base import Strategy
+from fedge.strategy.base import RoundContext, Strategy
 from fedge.weights import Array, Weights
 
 Updates = list[tuple[Weights, int]]
@@ -29,7 +29,7 @@ Stack = npt.NDArray[np.number[Any]]
 
 @dataclass(kw_only=True)
 class FedMedian(Strategy):
-    def aggregator(self) -> Aggregator:
+    def aggregator(self, ctx: RoundContext) -> Aggregator:
         return Buffered(coordinate_median)
 
 

@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 
 from fedge.aggregate import Aggregator, Buffered
-from fedge.strategy.base import Strategy, _check
+from fedge.strategy.base import RoundContext, Strategy, _check
 from fedge.strategy.median import Stack, Updates, coordinate_wise
 from fedge.weights import Array, Weights
 
@@ -30,7 +30,7 @@ class FedTrimmedAvg(Strategy):
         super().__post_init__()
         _check(0.0 <= self.beta < 0.5, "beta", self.beta, "in [0, 0.5)")
 
-    def aggregator(self) -> Aggregator:
+    def aggregator(self, ctx: RoundContext) -> Aggregator:
         return Buffered(partial(trimmed_mean, beta=self.beta))
 
 

@@ -40,12 +40,14 @@ class Capabilities(_message.Message):
     def __init__(self, cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., accelerator: _Optional[str] = ..., framework: _Optional[str] = ..., fedge_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("cid", "capabilities")
+    __slots__ = ("cid", "capabilities", "protocol")
     CID_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     cid: int
     capabilities: Capabilities
-    def __init__(self, cid: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+    protocol: int
+    def __init__(self, cid: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_s", "session_token")
@@ -74,7 +76,7 @@ class TaskMessage(_message.Message):
     def __init__(self, task: _Optional[_Union[TaskHeader, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "run_id", "round", "kind", "config_json", "model_version", "model_sha256", "model_size", "deadline_unix_ms")
+    __slots__ = ("task_id", "run_id", "round", "kind", "config_json", "model_version", "model_sha256", "model_size", "deadline_unix_ms", "kind_name", "payload", "partial_work")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +86,9 @@ class TaskHeader(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_NAME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_WORK_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     round: int
@@ -93,21 +98,28 @@ class TaskHeader(_message.Message):
     model_sha256: bytes
     model_size: int
     deadline_unix_ms: int
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config_json: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[bytes] = ..., model_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    kind_name: str
+    payload: bytes
+    partial_work: bool
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config_json: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[bytes] = ..., model_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., kind_name: _Optional[str] = ..., payload: _Optional[bytes] = ..., partial_work: _Optional[bool] = ...) -> None: ...
 
 class Keepalive(_message.Message):
-    __slots__ = ("unix_ms",)
+    __slots__ = ("unix_ms", "heartbeat_interval_s")
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     unix_ms: int
-    def __init__(self, unix_ms: _Optional[int] = ...) -> None: ...
+    heartbeat_interval_s: float
+    def __init__(self, unix_ms: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("model_version", "offset")
+    __slots__ = ("model_version", "offset", "session_token")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     offset: int
-    def __init__(self, model_version: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    session_token: str
+    def __init__(self, model_version: _Optional[str] = ..., offset: _Optional[int] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data", "offset")
@@ -126,7 +138,7 @@ class UploadMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("task_id", "num_examples", "metrics", "encoding", "size", "sha256", "offset", "loss", "error")
+    __slots__ = ("task_id", "num_examples", "metrics", "encoding", "size", "sha256", "offset", "loss", "error", "session_token")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +155,7 @@ class UploadHeader(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
@@ -152,7 +165,8 @@ class UploadHeader(_message.Message):
     offset: int
     loss: float
     error: str
-    def __init__(self, task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    session_token: str
+    def __init__(self, task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class UploadReply(_message.Message):
     __slots__ = ("accepted", "duplicate", "message", "received_bytes")
@@ -167,10 +181,12 @@ class UploadReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class QueryUploadRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "session_token")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    session_token: str
+    def __init__(self, task_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class QueryUploadReply(_message.Message):
     __slots__ = ("received_bytes", "complete")
@@ -211,7 +227,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "state", "round", "total_rounds", "nodes", "metrics", "results_received", "results_expected")
+    __slots__ = ("run_id", "state", "round", "total_rounds", "nodes", "metrics", "results_received", "results_expected", "waiting_for", "missing_cids", "reason")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +243,9 @@ class StatusReply(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     RESULTS_EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    MISSING_CIDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: str
     round: int
@@ -235,23 +254,32 @@ class StatusReply(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     results_received: int
     results_expected: int
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., results_received: _Optional[int] = ..., results_expected: _Optional[int] = ...) -> None: ...
+    waiting_for: int
+    missing_cids: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., results_received: _Optional[int] = ..., results_expected: _Optional[int] = ..., waiting_for: _Optional[int] = ..., missing_cids: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "cid", "address", "connected_since_unix_ms", "last_seen_unix_ms", "tasks_done")
+    __slots__ = ("node_id", "cid", "address", "connected_since_unix_ms", "last_seen_unix_ms", "tasks_done", "connected", "live", "has_cid")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    HAS_CID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cid: int
     address: str
     connected_since_unix_ms: int
     last_seen_unix_ms: int
     tasks_done: int
-    def __init__(self, node_id: _Optional[str] = ..., cid: _Optional[int] = ..., address: _Optional[str] = ..., connected_since_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., tasks_done: _Optional[int] = ...) -> None: ...
+    connected: bool
+    live: bool
+    has_cid: bool
+    def __init__(self, node_id: _Optional[str] = ..., cid: _Optional[int] = ..., address: _Optional[str] = ..., connected_since_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., tasks_done: _Optional[int] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ..., has_cid: _Optional[bool] = ...) -> None: ...
 
 class StopRequest(_message.Message):
     __slots__ = ("reason",)
@@ -264,3 +292,27 @@ class StopReply(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     state: str
     def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("node_id", "cid")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    cid: int
+    def __init__(self, node_id: _Optional[str] = ..., cid: _Optional[int] = ...) -> None: ...
+
+class AssignReply(_message.Message):
+    __slots__ = ("previous_node",)
+    PREVIOUS_NODE_FIELD_NUMBER: _ClassVar[int]
+    previous_node: str
+    def __init__(self, previous_node: _Optional[str] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesReply(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...

@@ -85,7 +85,9 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Tasks(self, request, context):
-        """Server stream of task headers and keepalives for the lifetime of the session.
+        """Server stream of task headers and keepalives for the lifetime of the session. It
+        ends with ABORTED when another connection joined with the same identity: the newer
+        one serves it, and the older process should stop rather than join again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +104,8 @@ class FleetServicer:
         """One result: an UploadHeader, then the payload's chunks (none for evaluate results).
         Idempotent by task id: a result that was already accepted is acknowledged with
         duplicate=true and not counted twice. A result for a closed round is refused with
-        ABORTED (final: do not retry); INVALID_ARGUMENT, DATA_LOSS, NOT_FOUND and
+        ABORTED (final: do not retry); OUT_OF_RANGE means the resume offset is not what
+        the server holds (ask QueryUpload again); INVALID_ARGUMENT, DATA_LOSS, NOT_FOUND and
         RESOURCE_EXHAUSTED name what was wrong with the upload.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -390,6 +393,16 @@ class ControlStub:
                 request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.StopRequest.SerializeToString,
                 response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.StopReply.FromString,
                 _registered_method=True)
+        self.AssignNode = channel.unary_unary(
+                '/fedge.v1.Control/AssignNode',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.AssignRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.AssignReply.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/fedge.v1.Control/ListNodes',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -410,6 +423,21 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignNode(self, request, context):
+        """Bind a client id to a node identity (an operator's act: a node cannot take a client
+        id bound to another). Sessions it invalidates end, and their nodes stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """Every node the server knows, bound or connected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -422,6 +450,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Stop,
                     request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.StopRequest.FromString,
                     response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.StopReply.SerializeToString,
+            ),
+            'AssignNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignNode,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.AssignRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.AssignReply.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +517,60 @@ class Control:
             '/fedge.v1.Control/Stop',
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.StopRequest.SerializeToString,
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.StopReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Control/AssignNode',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.AssignRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.AssignReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Control/ListNodes',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesReply.FromString,
             options,
             channel_credentials,
             insecure,

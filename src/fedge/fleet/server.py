@@ -1,0 +1,252 @@
+"""One run served to a fleet: the coordinator in its own thread, the fleet service and a
+transport on the asyncio loop, and the run's durable record.
+
+`fedge server` builds an `Aggregator` from the config and a transport (gRPC, later MQTT),
+and serves until the run finishes, fails or is stopped. The aggregator also answers the
+operator — status, stop, assign, nodes — through whatever control channel the transport
+offers. It never imports a transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from fedge.app import App
+from fedge.coordinator import Coordinator, Observer, fit_round
+from fedge.errors import FedgeError, QuorumError
+from fedge.fleet.bridge import ServiceFleet
+from fedge.fleet.events import Events
+from fedge.fleet.runs import RunService
+from fedge.fleet.service import FleetService, FleetSettings, Stopped
+from fedge.history import RoundRecord
+from fedge.malloc import limit_arenas
+from fedge.messages import NodeInfo, Status
+from fedge.metrics import Metrics
+from fedge.weights import State, Weights
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """Carries the fleet's messages (and the operator's) over one kind of link."""
+
+    port: int
+
+    async def start(self, service: FleetService, control: Aggregator) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+
+@dataclass
+class ServerSettings:
+    state_dir: Path
+    admins: tuple[str, ...] = ("admin",)
+    """Identities allowed to use the control service."""
+    wait_for: int | None = None
+    """Clients needed before a round starts (overrides strategy.min_available_clients)."""
+    heartbeat_interval: float = 5.0
+    keepalive_interval: float = 15.0
+
+
+class Aggregator(Observer):
+    def __init__(self, app: App, runs: RunService, settings: ServerSettings) -> None:
+        self.runs, self.settings = runs, settings
+        config = runs.config
+        strategy = config.build_strategy()
+        if settings.wait_for is not None:
+            strategy.min_available_clients = settings.wait_for
+        self.resume = runs.resume_point()
+        initial = self.resume.weights or app.initial_weights
+        if initial is None:
+            raise FedgeError("the app has no initial_weights; the server needs them")
+        self.coordinator = Coordinator(
+            strategy=strategy,
+            weights=dict(initial),
+            rounds=config.run.rounds,
+            seed=config.run.seed,
+            evaluate_fn=app.evaluate_fn,
+            fit_config=config.fit,
+            evaluate_config=config.evaluate,
+            round_timeout=config.run.round_timeout or 600.0,
+            max_round_retries=config.run.max_round_retries,
+            max_examples=config.limits.max_examples,
+            run_id=runs.run_id,
+            observer=self,
+            state=dict(self.resume.state or {}),
+            workflow=app.workflow or fit_round,
+        )
+        self.events = Events()
+        self.service = FleetService(
+            FleetSettings(
+                run_id=runs.run_id,
+                num_clients=config.run.num_clients,
+                work_dir=settings.state_dir / "runs" / runs.run_id,
+                max_upload_bytes=config.limits.max_upload_mb << 20,
+                max_examples=config.limits.max_examples,
+                heartbeat_interval=settings.heartbeat_interval,
+                keepalive_interval=settings.keepalive_interval,
+            ),
+            runs.store,
+            runs.store.bindings(),
+            self.events,
+        )
+        self.service.uploads.keep_only(f"{runs.run_id}/{self.resume.round}.{self.resume.attempt}")
+        self.state = "starting"
+        self.reason = ""
+        self.round = self.resume.round - 1
+        self.last_metrics: Metrics = {}
+        self._stop: asyncio.Event | None = None
+        self._started = time.perf_counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, transport: Transport) -> None:
+        """Serve until the run finishes (or fails, with `FedgeError`) or a stop is asked."""
+        if self.runs.finished():
+            self.state = "finished"
+            log.warning("run %s already finished; --new-run starts another", self.runs.run_id)
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        limit_arenas()  # uploads pass through in 1 MiB chunks on several threads
+        await transport.start(self.service, self)
+        log.info("serving run %s on port %d", self.runs.run_id, transport.port)
+        housekeeping = asyncio.ensure_future(self.service.housekeeping())
+        self.state = "running"
+        run = asyncio.ensure_future(asyncio.to_thread(self._run_rounds))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
+            self.service.stop()  # ends every task stream; a waiting coordinator unwinds
+            self.runs.stop_requested.set()
+            await run
+        finally:
+            stop.cancel()
+            housekeeping.cancel()
+            await transport.stop(grace=1.0)
+
+    def request_stop(self, reason: str = "") -> None:
+        """Stop after the current write; safe to call from the loop (signal handlers)."""
+        log.warning("stop requested: %s", reason or "no reason given")
+        self.runs.stop_requested.set()
+        if self._stop is not None:
+            self._stop.set()
+
+    def _run_rounds(self) -> None:
+        assert self._loop is not None
+        fleet = ServiceFleet(self.service, self._loop)
+        self._started = time.perf_counter()
+        try:
+            self.coordinator.run(
+                fleet, self, start_round=self.resume.round, start_attempt=self.resume.attempt
+            )
+        except Stopped:
+            self.state = "stopped"
+            self._end("stopped", "stopped by the operator")
+            return
+        except QuorumError as exc:
+            self.state, self.reason = "failed", str(exc)
+            self._end("failed", str(exc))
+            raise FedgeError(f"run {self.runs.run_id} failed: {exc}") from None
+        self.state = "finished"
+        self._end("finished")
+
+    def _end(self, status: str, reason: str = "") -> None:
+        try:
+            self.runs.end(status, reason, time.perf_counter() - self._started)  # type: ignore[arg-type]
+        except FedgeError as exc:  # e.g. the disk is still full: the state stays as it was
+            log.error("could not record that run %s %s: %s", self.runs.run_id, status, exc)
+
+    # --- the coordinator's recorder and observer --------------------------------------
+
+    def on_start(self, initial_metrics: Metrics) -> None:
+        self.runs.on_start(initial_metrics)
+
+    def on_round(self, record: RoundRecord, weights: Weights, state: State) -> None:
+        self.runs.on_round(record, weights, state)
+        assert self._loop is not None
+        sessions = asyncio.run_coroutine_threadsafe(self._sessions(), self._loop).result()
+        node_of = {cid: node for node, cid, _ in sessions}
+        done = Counter(node_of[c] for c in record.participants if c in node_of)
+        self.runs.record_activity({node: seen for node, _, seen in sessions}, done)
+        if record.status == "ok":
+            self.last_metrics = dict(record.metrics or record.evaluate_metrics)
+
+    async def _sessions(self) -> list[tuple[str, int, float]]:
+        return [(s.node_id, s.cid, s.last_seen) for s in self.service.sessions.by_node.values()]
+
+    def round_started(self, round: int, selected: int) -> None:
+        self.round = round
+
+    # --- the operator ------------------------------------------------------------------
+
+    def authorized(self, identity: str | None) -> bool:
+        return identity in self.settings.admins
+
+    def status(self) -> Status:
+        service, waiting = self.service, self.service.waiting
+        state, reason = self.state, self.reason
+        if self.runs.paused is not None:
+            state, reason = "paused", self.runs.paused
+        elif waiting is not None and state == "running":
+            state = "waiting"
+            reason = f"{waiting.available} of the {waiting.needed} clients needed are available"
+        elif service.disk_full is not None:
+            reason = service.disk_full
+        return Status(
+            run_id=self.runs.run_id,
+            state=state,
+            round=self.round,
+            total_rounds=self.coordinator.rounds,
+            nodes=self._connected(),
+            metrics=self.last_metrics,
+            received=service.board.received,
+            expected=service.board.expected,
+            waiting_for=0 if waiting is None else waiting.needed,
+            missing=[] if waiting is None else waiting.missing,
+            reason=reason,
+        )
+
+    def _connected(self) -> list[NodeInfo]:
+        live = {id(s) for s in self.service.sessions.live()}
+        return [
+            NodeInfo(
+                s.node_id,
+                s.cid,
+                s.address,
+                connected=s.streaming,
+                live=id(s) in live,
+                connected_since=s.connected_since,
+                last_seen=s.last_seen,
+                tasks_done=s.tasks_done,
+            )
+            for s in sorted(self.service.sessions.by_node.values(), key=lambda s: s.cid)
+        ]
+
+    async def nodes(self) -> Sequence[NodeInfo]:
+        """Every node the state knows (bound or not), with its live session if any."""
+        known = await asyncio.to_thread(self.runs.store.nodes)
+        current = {n.node_id: n for n in self._connected()}
+        out = []
+        for row in known:
+            now = current.pop(row["node_id"], None)
+            out.append(
+                now
+                or NodeInfo(
+                    row["node_id"],
+                    row["cid"],
+                    row["address"],
+                    last_seen=row["last_seen"],
+                    tasks_done=row["tasks_done"],
+                )
+            )
+        return [*out, *current.values()]
+
+    async def assign(self, node_id: str, cid: int) -> str | None:
+        return await self.service.assign(node_id, cid)

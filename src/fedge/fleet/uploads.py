@@ -1,0 +1,296 @@
+"""The upload pipeline: receive → size and hash check → validate → hand to the board.
+
+Everything a node sends is bounded and checked before it is used: the example count,
+the metrics (count, names, finiteness), the payload's declared size (against the arrays
+the task expects, and the configured maximum), every chunk's offset, the SHA-256 of the
+whole payload, and then every tensor's name, dtype, shape and finiteness.
+
+Small payloads are received in memory (a file costs more than receiving 400 KB) and kept
+there until the coordinator has folded them, within a budget; larger ones are spooled to
+a file as they arrive, resumable by offset across reconnects and server restarts, and
+validated block by block so they never sit whole in memory. A full disk is reported as
+such ("disk full"), with a status the node retries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedge.chunks import MemorySpool, Spool
+from fedge.client import EVALUATE, FIT, EvaluateResult, FitResult, Reply, Result
+from fedge.coordinator import Task
+from fedge.errors import WeightsError, is_disk_full
+from fedge.limits import MAX_ERROR, MAX_KEY_LENGTH, MAX_METRICS
+from fedge.messages import Code, FleetError, UploadHeader
+from fedge.weights import CheckedWeights, FileWeights, Spec, from_bytes, validate
+
+SMALL_PAYLOAD = 4 << 20
+"""Payloads up to this size are received in memory."""
+HELD_MEMORY = 256 << 20
+"""Memory for small results waiting for their turn to be folded; beyond it, files."""
+HEADER_ALLOWANCE = 4096
+"""Bytes a safetensors header may take beyond ~200 per tensor."""
+
+Chunks = AsyncIterator[tuple[int, bytes]]
+
+
+@dataclass
+class Received:
+    """What an upload delivered: a result, or the node's report of why the task failed."""
+
+    result: Result | None
+    error: str | None = None
+    size: int = 0
+
+
+class Uploads:
+    """Touched only from the event loop; blocking work runs in threads."""
+
+    def __init__(self, directory: Path, *, max_bytes: int, max_examples: int) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.max_examples = max_bytes, max_examples
+        self._spools: dict[str, Spool] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._held: dict[str, int] = {}
+        self._validating = asyncio.Semaphore(1)  # one large upload read at a time
+
+    def lock(self, task_id: str) -> asyncio.Lock:
+        """One receiver per task: a re-sent upload waits until the cut one let go."""
+        return self._locks.setdefault(task_id, asyncio.Lock())
+
+    def path(self, task_id: str, suffix: str = ".part") -> Path:
+        """Where a task's payload is spooled. Task ids are the server's own (an upload is
+        looked up among open tasks first), so they can name files."""
+        return self.directory / (task_id.replace("/", "_") + suffix)
+
+    def keep_only(self, stage: str) -> None:
+        """After a restart: keep the spools of the stage being resumed, drop the rest."""
+        prefix = stage.replace("/", "_") + "_"
+        for path in self.directory.iterdir():
+            if not path.name.startswith(prefix):
+                path.unlink(missing_ok=True)
+
+    async def received(self, task_id: str) -> int:
+        """Bytes of the task's payload held on disk, where an upload resumes."""
+        spool = await self._spool(task_id)
+        return spool.size
+
+    def release(self, task_id: str) -> None:
+        """The task closed: forget its payload, in memory or on disk."""
+        self._held.pop(task_id, None)
+        self._locks.pop(task_id, None)
+        spool = self._spools.pop(task_id, None)
+        if spool is not None:
+            spool.discard()
+        else:
+            self.path(task_id).unlink(missing_ok=True)
+        self.path(task_id, ".safetensors").unlink(missing_ok=True)
+
+    async def receive(
+        self, task: Task, header: UploadHeader, chunks: Chunks, source: str
+    ) -> Received | None:
+        """Receive, check and decode one upload; None if the stream ended early (the
+        received prefix of a large payload is kept for a resume)."""
+        if header.error:
+            return Received(None, f"{source}: {header.error[:MAX_ERROR]}")
+        metrics = _checked_metrics(header.metrics, source)
+        if task.kind in (FIT, EVALUATE) and not 0 < header.num_examples <= self.max_examples:
+            raise FleetError(
+                Code.INVALID_ARGUMENT,
+                f"{source}: num_examples must be in 1..{self.max_examples} "
+                f"(limits.max_examples), got {header.num_examples}",
+            )
+        if task.kind == EVALUATE:
+            if header.loss is None or not math.isfinite(header.loss):
+                raise FleetError(
+                    Code.INVALID_ARGUMENT, f"{source}: an evaluate result needs a finite loss"
+                )
+            return Received(EvaluateResult(header.loss, header.num_examples, metrics))
+        if task.expects is None:
+            if header.size:
+                raise FleetError(
+                    Code.INVALID_ARGUMENT,
+                    f"{source}: tasks of kind {task.kind!r} carry no arrays in their reply, "
+                    f"got a {header.size}-byte payload",
+                )
+            return Received(Reply({}, metrics))
+        self._check_payload(header, task.expects, source)
+        weights: CheckedWeights | FileWeights | None
+        if header.size <= SMALL_PAYLOAD and sum(self._held.values()) + header.size <= HELD_MEMORY:
+            weights = await self._receive_in_memory(task, header, chunks, source)
+        else:
+            weights = await self._receive_to_file(task, header, chunks, source)
+        if weights is None:
+            return None
+        if task.kind == FIT:
+            return Received(FitResult(weights, header.num_examples, metrics), size=header.size)
+        return Received(Reply(weights, metrics), size=header.size)
+
+    # --- the two ways in -------------------------------------------------------------
+
+    async def _receive_in_memory(
+        self, task: Task, header: UploadHeader, chunks: Chunks, source: str
+    ) -> CheckedWeights | None:
+        if header.offset != 0:
+            raise FleetError(
+                Code.OUT_OF_RANGE,
+                f"{source}: resume offset {header.offset}, but the server holds 0 bytes of "
+                "a payload this small; send it whole",
+            )
+        spool = MemorySpool()
+        async for offset, data in chunks:
+            _check_chunk(offset, data, spool.size, header.size, source)
+            spool.write(data)
+        if spool.size < header.size:
+            return None
+        _check_digest(spool.digest.digest(), header.sha256, source)
+        weights = CheckedWeights(_decode(spool.data, source))
+        assert task.expects is not None
+        if header.size > 1 << 20:  # validation reads every value: off the loop when large
+            await asyncio.to_thread(_validate, weights, task.expects, source)
+        else:
+            _validate(weights, task.expects, source)
+        self._held[task.task_id] = header.size
+        return weights
+
+    async def _receive_to_file(
+        self, task: Task, header: UploadHeader, chunks: Chunks, source: str
+    ) -> FileWeights | None:
+        spool = await self._spool(task.task_id)
+        if header.offset != spool.size:
+            raise FleetError(
+                Code.OUT_OF_RANGE,
+                f"{source}: resume offset {header.offset}, but the server holds "
+                f"{spool.size} bytes; ask QueryUpload",
+            )
+        writing: asyncio.Future[None] | None = None
+        try:
+            async for offset, data in chunks:
+                try:
+                    _check_chunk(offset, data, spool.size, header.size, source)
+                except FleetError:
+                    spool.discard()
+                    raise
+                # off the loop; shielded, so a cut stream never closes the file mid-write
+                writing = asyncio.ensure_future(asyncio.to_thread(spool.write, data))
+                await asyncio.shield(writing)
+        except OSError as exc:
+            raise _disk_error(exc, self.directory, source) from exc
+        finally:
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])
+            spool.close()
+        if spool.size < header.size:
+            return None
+        try:
+            _check_digest(spool.digest.digest(), header.sha256, source)
+        except FleetError:
+            spool.discard()
+            raise
+        path = self.path(task.task_id, ".safetensors")
+        os.replace(spool.path, path)
+        self._spools.pop(task.task_id, None)
+        assert task.expects is not None
+        async with self._validating:
+            try:
+                return await asyncio.to_thread(_check_file, path, task.expects, source)
+            except FleetError:
+                path.unlink(missing_ok=True)
+                raise
+
+    async def _spool(self, task_id: str) -> Spool:
+        spool = self._spools.get(task_id)
+        if spool is None:  # found on disk after a restart: hash its prefix off the loop
+            spool = await asyncio.to_thread(Spool, self.path(task_id))
+            self._spools[task_id] = spool
+        return spool
+
+    def _check_payload(self, header: UploadHeader, expects: Spec, source: str) -> None:
+        if header.encoding not in ("", "safetensors"):
+            raise FleetError(
+                Code.INVALID_ARGUMENT,
+                f"{source}: encoding {header.encoding!r} is not supported; expected 'safetensors'",
+            )
+        data = sum(s.dtype.itemsize * math.prod(s.shape) for s in expects.values())
+        bound = min(self.max_bytes, 8 + data + HEADER_ALLOWANCE + 200 * len(expects))
+        if not 0 < header.size <= bound:
+            raise FleetError(
+                Code.RESOURCE_EXHAUSTED if header.size > self.max_bytes else Code.INVALID_ARGUMENT,
+                f"{source}: payload size {header.size} bytes is outside 1..{bound} (the "
+                f"expected tensors take {data} bytes; the configured maximum is "
+                f"{self.max_bytes})",
+            )
+
+
+def _checked_metrics(metrics: dict[str, float], source: str) -> dict[str, float]:
+    if len(metrics) > MAX_METRICS:
+        raise FleetError(
+            Code.INVALID_ARGUMENT, f"{source}: {len(metrics)} metrics; at most {MAX_METRICS}"
+        )
+    for key, value in metrics.items():
+        if not 0 < len(key) <= MAX_KEY_LENGTH or not math.isfinite(value):
+            raise FleetError(
+                Code.INVALID_ARGUMENT,
+                f"{source}: metric {key[:MAX_KEY_LENGTH]!r} = {value!r}: names must be 1.."
+                f"{MAX_KEY_LENGTH} characters and values finite",
+            )
+    return dict(metrics)
+
+
+def _check_chunk(offset: int, data: bytes, held: int, size: int, source: str) -> None:
+    if offset != held:
+        raise FleetError(
+            Code.INVALID_ARGUMENT, f"{source}: expected a chunk at offset {held}, got {offset}"
+        )
+    if held + len(data) > size:
+        raise FleetError(
+            Code.INVALID_ARGUMENT, f"{source}: payload exceeds its declared size {size} bytes"
+        )
+
+
+def _check_digest(digest: bytes, declared: bytes, source: str) -> None:
+    if digest != declared:
+        raise FleetError(
+            Code.DATA_LOSS,
+            f"{source}: sha256 mismatch: header says {declared.hex()}, payload is {digest.hex()}",
+        )
+
+
+def _decode(data: bytearray, source: str) -> CheckedWeights:
+    try:
+        return CheckedWeights(from_bytes(data, source=source))
+    except WeightsError as exc:
+        raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
+
+
+def _validate(weights: CheckedWeights, spec: Spec, source: str) -> None:
+    try:
+        validate(weights, spec, source=source)
+    except WeightsError as exc:
+        raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
+
+
+def _check_file(path: Path, spec: Spec, source: str) -> FileWeights:
+    """Validate a received file block by block; the coordinator then folds it unread again."""
+    try:
+        weights = FileWeights(path, source=source)
+        validate(weights, spec, source=source)
+    except WeightsError as exc:
+        raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
+    return weights
+
+
+def _disk_error(exc: OSError, directory: Path, source: str) -> FleetError:
+    if is_disk_full(exc):
+        return FleetError(
+            Code.UNAVAILABLE,
+            f"{source}: disk full: the server cannot store the upload under {directory} "
+            f"({exc.strerror}); it will be accepted once space is freed",
+        )
+    return FleetError(Code.INTERNAL, f"{source}: cannot store the upload ({exc})")

@@ -1,0 +1,187 @@
+"""A fleet on this machine: a throwaway CA, one server and node processes.
+
+One launcher for `fedge demo`, the benchmarks and the integration tests. The processes
+are real (``python -m fedge ...``) and talk over 127.0.0.1 on a port chosen at run time;
+each writes its log to ``WORK/logs/NAME.log``; every one is stopped (SIGTERM, then
+SIGKILL) when the launcher closes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
+
+FEDGE = [sys.executable, "-m", "fedge"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Launcher:
+    def __init__(
+        self,
+        work: Path,
+        config: Path,
+        *,
+        insecure: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.work, self.config, self.insecure = work, config, insecure
+        self.logs, self.certs, self.state_dir = work / "logs", work / "pki", work / "state"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.address = f"127.0.0.1:{free_port()}"
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "XDG_CACHE_HOME": str(work / "cache"),  # the nodes' model caches
+            **(env or {}),
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._files: list[IO[bytes]] = []
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- certificates -----------------------------------------------------------------
+
+    def issue(self, *names: str) -> Path:
+        """The project CA with server and admin certificates, plus one per name."""
+        from fedge.security import init_ca, issue
+
+        if not (self.certs / "ca.crt").exists():
+            init_ca(self.certs)
+            issue(self.certs, "server", server=True, hosts=["127.0.0.1", "localhost"])
+            issue(self.certs, "admin")
+        for name in names:
+            if not (self.certs / f"{name}.crt").exists():
+                issue(self.certs, name)
+        return self.certs
+
+    # --- processes --------------------------------------------------------------------
+
+    def start(self, name: str, *args: str | Path) -> subprocess.Popen[bytes]:
+        """``python -m fedge ARGS`` with its output in ``logs/NAME.log`` (appended)."""
+        log = (self.logs / f"{name}.log").open("ab")
+        self._files.append(log)
+        proc = subprocess.Popen(
+            [*FEDGE, *map(str, args)],
+            cwd=self.work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches only the launcher
+        )
+        self.procs[name] = proc
+        return proc
+
+    def _security(self) -> list[str | Path]:
+        return ["--insecure"] if self.insecure else ["--certs", self.certs]
+
+    def server(
+        self,
+        *options: str | Path,
+        name: str = "server",
+        config: Path | None = None,
+        before: tuple[str, ...] = (),
+    ) -> subprocess.Popen[bytes]:
+        """The server; `before` are options placed before ``server`` (``--log-level``)."""
+        if not self.insecure:
+            self.issue()
+        return self.start(
+            name,
+            *before,
+            "server",
+            "--config", config or self.config,
+            "--address", self.address,
+            "--state-dir", self.state_dir,
+            *self._security(),
+            *options,
+        )  # fmt: skip
+
+    def node(
+        self,
+        cid: int,
+        *options: str | Path,
+        name: str | None = None,
+        identity: str | None = None,
+        config: Path | None = None,
+        address: str | None = None,
+        before: tuple[str, ...] = (),
+    ) -> subprocess.Popen[bytes]:
+        """A node for client id `cid` with identity ``node-CID`` (or `identity`); `name`
+        names its log, `before` are options placed before ``node`` (``--log-level``)."""
+        identity = identity or f"node-{cid}"
+        if not self.insecure:
+            self.issue(identity)
+        return self.start(
+            name or identity,
+            *before,
+            "node",
+            "--server", address or self.address,
+            "--config", config or self.config,
+            "--cid", str(cid),
+            "--name", identity,
+            *self._security(),
+            *options,
+        )  # fmt: skip
+
+    def log(self, name: str, tail: int = 6000) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
+
+    def close(self) -> None:
+        procs = list(self.procs.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._files:
+            f.close()
+
+    # --- watching ---------------------------------------------------------------------
+
+    def status(self, timeout: float = 2.0) -> Any:
+        """The server's Control.Status reply, or None while it does not answer."""
+        import grpc
+
+        from fedge.transport.grpc.control import fetch_status
+
+        certs = None if self.insecure else self.certs
+        try:
+            return fetch_status(self.address, certs, "admin", self.insecure, timeout=timeout)
+        except grpc.RpcError:
+            return None
+
+
+def wait_for(
+    condition: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.05
+) -> T:
+    """The first truthy value of `condition()`, polled until `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")

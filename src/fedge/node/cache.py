@@ -1,0 +1,108 @@
+"""The node's cache: the current model by hash, and encoded results until delivered.
+
+Large models and results pass through files in the node's cache directory, never whole
+in memory as bytes: the model is streamed to disk (and kept there, by hash, across
+restarts), decoded with one copy, and a result is written straight from its arrays and
+uploaded from the file. On a device with little memory that is the difference between
+2x and 6x the model. Small ones (up to `SPILL_BYTES`) stay in memory, where they cost
+less than a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedge.chunks import MemorySpool, Spool, bytes_chunks, read_chunks, sha256_file
+from fedge.errors import WeightsError
+from fedge.messages import ModelRef, UploadHeader
+from fedge.weights import Array, Weights, from_bytes, num_bytes, read_file, to_bytes, to_file
+
+SPILL_BYTES = 16 << 20
+"""Models and results larger than this go through files instead of memory."""
+
+
+def default_cache_dir(name: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedge" / name
+
+
+@dataclass
+class Pending:
+    """A result waiting to be delivered (and kept a while after, in case the server
+    lost it and asks again)."""
+
+    header: UploadHeader
+    payload: bytes | Path | None = None
+
+    def chunks(self, offset: int, size: int) -> Iterable[tuple[int, bytes]]:
+        if isinstance(self.payload, bytes):
+            return bytes_chunks(self.payload, offset, size)
+        if isinstance(self.payload, Path):
+            return read_chunks(self.payload, offset, size)
+        return ()
+
+    def discard(self) -> None:
+        if isinstance(self.payload, Path):
+            self.payload.unlink(missing_ok=True)
+
+
+class Cache:
+    def __init__(self, directory: Path) -> None:
+        self.models, self.results = directory / "models", directory / "results"
+        for d in (self.models, self.results):
+            d.mkdir(parents=True, exist_ok=True)
+        for stale in self.results.iterdir():  # results of an earlier process: not pending
+            stale.unlink()
+        self._model: tuple[bytes, bytes | Path] | None = None  # (sha256, model) last used
+
+    def model(self, ref: ModelRef) -> bytes | Path | None:
+        """The model if it is cached (from this process, or a file from an earlier one)."""
+        if self._model is not None and self._model[0] == ref.sha256:
+            return self._model[1]
+        path = self.models / f"{ref.sha256.hex()}.safetensors"
+        if path.exists():
+            self._model = (ref.sha256, path)
+            return path
+        return None
+
+    def spool(self, ref: ModelRef) -> Spool | MemorySpool:
+        """Where to receive `ref` (a partial file from an earlier attempt is resumed)."""
+        if ref.size > SPILL_BYTES:
+            return Spool(self.models / f"{ref.sha256.hex()}.part")
+        return MemorySpool()
+
+    def keep(self, ref: ModelRef, spool: Spool | MemorySpool) -> bytes | Path:
+        """Check a received model against its reference and make it the cached one."""
+        if spool.size != ref.size or spool.digest.digest() != ref.sha256:
+            spool.discard()
+            raise WeightsError(f"model {ref.version}: size or sha256 mismatch; will retry")
+        model: bytes | Path
+        if isinstance(spool, MemorySpool):
+            model = bytes(spool.data)
+        else:
+            model = self.models / f"{ref.sha256.hex()}.safetensors"
+            os.replace(spool.path, model)
+        for other in self.models.iterdir():  # one model file at most: the current one
+            if other != model:
+                other.unlink(missing_ok=True)
+        self._model = (ref.sha256, model)
+        return model
+
+    def encode(self, weights: Mapping[str, Array], task_id: str) -> tuple[bytes | Path, int, bytes]:
+        """(payload, size, sha256) of a result: bytes when small, else a file."""
+        if num_bytes(weights) <= SPILL_BYTES:
+            data = to_bytes(weights)
+            return data, len(data), hashlib.sha256(data).digest()
+        path = self.results / hashlib.sha256(task_id.encode()).hexdigest()
+        to_file(weights, path)
+        return path, path.stat().st_size, sha256_file(path).digest()
+
+
+def decode(model: bytes | Path, source: str) -> Weights:
+    if isinstance(model, bytes):
+        return from_bytes(model, source=source)
+    return read_file(model, source=source)
