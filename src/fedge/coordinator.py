@@ -189,7 +189,7 @@ class Coordinator:
     ) -> tuple[RoundRecord, Weights, State]:
         """One attempt at a round: its record, and the global weights and state after it
         (unchanged if it failed)."""
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         deadline = None if self.round_timeout is None else time.time() + self.round_timeout
         rnd = Round(self, fleet, server_round, attempt, deadline)
         record = rnd.record
@@ -224,6 +224,7 @@ class Coordinator:
                 "round %d failed: %s (failures: %s)", server_round, record.reason, record.failures
             )
         record.wall_time = time.perf_counter() - started
+        record.cpu_time = time.process_time() - cpu
         return record, weights, state
 
     def evaluate_centrally(self, weights: Weights) -> Metrics:

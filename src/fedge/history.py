@@ -36,6 +36,8 @@ class RoundRecord:
     fit_time: float = 0.0
     evaluate_time: float = 0.0
     wall_time: float = 0.0
+    cpu_time: float = 0.0
+    """CPU seconds the process used during the attempt, all threads (server or simulator)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; `failures` keys become strings, as JSON object keys must be."""

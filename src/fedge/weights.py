@@ -168,6 +168,65 @@ def from_bytes(data: bytes | bytearray | memoryview, *, source: str = "payload")
     return _ordered(arrays, _order_from_header(data, source), source)
 
 
+MAX_HEADER = 1 << 20
+"""Bytes a safetensors header may take in a payload decoded by `view_bytes`."""
+
+
+def view_bytes(data: bytes, *, source: str = "payload") -> CheckedWeights:
+    """Decode safetensors bytes into read-only arrays that are views of `data`: no copy.
+
+    For payloads received whole in memory (a copy into fresh memory costs more than the
+    rest of receiving a 400 KB update). The safetensors library decodes bytes only by
+    copying, so the header is checked here as it checks it: a JSON object of tensors
+    whose dtypes are known, shapes are lists of non-negative integers, and byte ranges
+    match dtype and shape and tile the data exactly (no gaps, no overlaps).
+    """
+    if len(data) < 8:
+        raise WeightsError(f"{source}: not a valid safetensors payload (shorter than 8 bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if not 2 <= size <= min(MAX_HEADER, len(data) - 8):
+        raise WeightsError(f"{source}: not a valid safetensors payload (header length {size})")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{source}: not a valid safetensors payload ({exc})") from exc
+    if not isinstance(header, dict):
+        raise WeightsError(f"{source}: not a valid safetensors payload (header is not an object)")
+    header.pop("__metadata__", None)
+    start, layout = 8 + size, []
+    for name, entry in header.items():
+        try:
+            dtype = np.dtype(_DTYPES[entry["dtype"]]).newbyteorder("<")
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            if not all(type(d) is int and d >= 0 for d in (*shape, begin, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{source}: tensor {name!r} has an invalid header entry") from None
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize:
+            raise WeightsError(
+                f"{source}: tensor {name!r} spans {end - begin} bytes; "
+                f"{dtype} {list(shape)} needs {count * dtype.itemsize}"
+            )
+        layout.append((begin, end, name, dtype, shape, count))
+    layout.sort()
+    position = 0
+    for begin, end, name, *_ in layout:
+        if begin != position:
+            raise WeightsError(f"{source}: tensor {name!r} does not start where the last ended")
+        position = end
+    if start + position != len(data):
+        raise WeightsError(
+            f"{source}: the tensors take {position} bytes but the payload holds {len(data) - start}"
+        )
+    arrays = {
+        name: np.frombuffer(data, dtype, count, start + begin).reshape(shape)
+        for begin, _, name, dtype, shape, count in layout
+    }
+    return CheckedWeights(_ordered(arrays, _order_from_header(data, source), source))
+
+
 def _order_from_header(data: bytes | bytearray | memoryview, source: str) -> list[str] | None:
     header_len = int.from_bytes(bytes(data[:8]), "little")
     header = json.loads(bytes(data[8 : 8 + header_len]))

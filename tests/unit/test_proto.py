@@ -197,6 +197,7 @@ def test_services_have_the_documented_shape() -> None:
     assert methods("Fleet") == {
         "Join": ("JoinRequest", "JoinReply", False, False),
         "Tasks": ("TasksRequest", "TaskMessage", False, True),
+        "Connect": ("NodeMessage", "TaskMessage", True, True),
         "Download": ("DownloadRequest", "Chunk", False, True),
         "Upload": ("UploadMessage", "UploadReply", True, False),
         "QueryUpload": ("QueryUploadRequest", "QueryUploadReply", False, False),
@@ -245,3 +246,26 @@ def _clear_json_names(messages: Iterable[descriptor_pb2.DescriptorProto]) -> Non
         for field in message.field:
             field.ClearField("json_name")
         _clear_json_names(message.nested_type)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300_000, (1 << 20) + 3])
+def test_messages_encoded_by_hand_parse_as_protobuf_builds_them(size: int) -> None:
+    from fedge.transport.grpc import convert
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    for offset in (0, 1, 5_000_000_000):
+        assert pb.Chunk.FromString(convert.chunk_bytes(data, offset)) == pb.Chunk(
+            data=data, offset=offset
+        )
+        message = pb.UploadMessage.FromString(convert.upload_chunk_bytes(data, offset))
+        assert message == pb.UploadMessage(chunk=pb.Chunk(data=data, offset=offset))
+    model = pb.TaskMessage.FromString(convert.model_message_bytes("v-ü", data))
+    assert model == pb.TaskMessage(model=pb.ModelData(version="v-ü", data=data))
+    header = pb.UploadHeader(task_id="r/1.0/fit/3", size=size, sha256=b"\x01" * 32, loss=0.5)
+    full = pb.UploadHeader()
+    full.CopyFrom(header)
+    full.data = data
+    assert pb.NodeMessage.FromString(convert.node_upload_bytes(header, data)) == pb.NodeMessage(
+        upload=full
+    )
+    assert convert.encode(b"raw") == b"raw" and convert.encode(header) == header.SerializeToString()

@@ -307,3 +307,72 @@ def test_nan_in_float16_is_caught_too() -> None:
     spec = spec_of({"h": np.zeros(2, np.float16)})
     with pytest.raises(WeightsError, match="'h' has 1 NaN or Inf"):
         validate({"h": np.array([1.0, np.nan], np.float16)}, spec, source="client 0")
+
+
+# --- view_bytes: zero-copy decoding of received payloads ---------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(names, arrays, max_size=5))
+def test_views_decode_exactly_what_the_library_decodes(weights: Weights) -> None:
+    from fedge.weights import view_bytes
+
+    data = to_bytes(weights)
+    viewed = view_bytes(data, source="node 3")
+    assert_bit_identical(viewed, from_bytes(data))
+    for array in viewed.values():
+        assert not array.flags.writeable  # an update is read, never written
+
+
+F32 = np.float32(1.0).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "fragment"),
+    [
+        (
+            {"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}},
+            F32,
+            "invalid header entry",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+            F32,
+            "invalid header entry",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
+            F32,
+            "invalid header entry",
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, F32, "invalid header entry"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, F32, "needs 8"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            F32,
+            "does not start where the last ended",  # overlapping tensors
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, F32 * 2, "does not start"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, F32 * 2, "holds 8"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, F32, "holds 4"),
+        ([1, 2], b"", "header is not an object"),
+    ],
+)
+def test_views_refuse_a_forged_header_precisely(header: object, data: bytes, fragment: str) -> None:
+    from fedge.weights import view_bytes
+
+    payload = safetensors_payload(header, data)  # type: ignore[arg-type]
+    with pytest.raises(WeightsError, match="node 3") as info:
+        view_bytes(payload, source="node 3")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00" * 7, (10**9).to_bytes(8, "little") + b"{}"])
+def test_views_refuse_a_header_length_out_of_bounds(payload: bytes) -> None:
+    from fedge.weights import view_bytes
+
+    with pytest.raises(WeightsError, match="not a valid safetensors payload"):
+        view_bytes(payload, source="node 3")

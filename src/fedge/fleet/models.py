@@ -58,6 +58,15 @@ class ModelStore:
                     old.unlink(missing_ok=True)
         return ref
 
+    def inline(self, version: str, limit: int) -> bytes | None:
+        """The encoded model when it is kept in memory and at most `limit` bytes, so a
+        transport can send it with the task instead of a download."""
+        with self._lock:
+            found = self._models.get(version)
+        if found is None or not isinstance(found[1], bytes) or found[0].size > limit:
+            return None
+        return found[1]
+
     def read(self, version: str, offset: int, chunk_size: int) -> Iterator[tuple[int, bytes]]:
         """The model's bytes from `offset`, in chunks."""
         with self._lock:

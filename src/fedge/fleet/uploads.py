@@ -5,29 +5,31 @@ the metrics (count, names, finiteness), the payload's declared size (against the
 the task expects, and the configured maximum), every chunk's offset, the SHA-256 of the
 whole payload, and then every tensor's name, dtype, shape and finiteness.
 
-Small payloads are received in memory (a file costs more than receiving 400 KB) and kept
-there until the coordinator has folded them, within a budget; larger ones are spooled to
-a file as they arrive, resumable by offset across reconnects and server restarts, and
-validated block by block so they never sit whole in memory. A full disk is reported as
+Small payloads are received whole in memory (a file costs more than receiving 400 KB),
+validated there as read-only views of the received bytes, and kept until the coordinator
+has folded them — within a budget, beyond which they wait in a file. Larger ones are
+spooled to a file as they arrive, resumable by offset across reconnects and server
+restarts, and validated block by block so they never sit whole in memory. A full disk is reported as
 such ("disk full"), with a status the node retries on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.chunks import MemorySpool, Spool
+from fedge.chunks import Spool
 from fedge.client import EVALUATE, FIT, EvaluateResult, FitResult, Reply, Result
 from fedge.coordinator import Task
 from fedge.errors import WeightsError, is_disk_full
 from fedge.limits import MAX_ERROR, MAX_KEY_LENGTH, MAX_METRICS
 from fedge.messages import Code, FleetError, UploadHeader
-from fedge.weights import CheckedWeights, FileWeights, Spec, from_bytes, validate
+from fedge.weights import CheckedWeights, FileWeights, Spec, validate, view_bytes
 
 SMALL_PAYLOAD = 4 << 20
 """Payloads up to this size are received in memory."""
@@ -122,7 +124,7 @@ class Uploads:
             return Received(Reply({}, metrics))
         self._check_payload(header, task.expects, source)
         weights: CheckedWeights | FileWeights | None
-        if header.size <= SMALL_PAYLOAD and sum(self._held.values()) + header.size <= HELD_MEMORY:
+        if header.size <= SMALL_PAYLOAD:
             weights = await self._receive_in_memory(task, header, chunks, source)
         else:
             weights = await self._receive_to_file(task, header, chunks, source)
@@ -136,27 +138,46 @@ class Uploads:
 
     async def _receive_in_memory(
         self, task: Task, header: UploadHeader, chunks: Chunks, source: str
-    ) -> CheckedWeights | None:
+    ) -> CheckedWeights | FileWeights | None:
         if header.offset != 0:
             raise FleetError(
                 Code.OUT_OF_RANGE,
                 f"{source}: resume offset {header.offset}, but the server holds 0 bytes of "
                 "a payload this small; send it whole",
             )
-        spool = MemorySpool()
+        parts, size, digest = [], 0, hashlib.sha256()
         async for offset, data in chunks:
-            _check_chunk(offset, data, spool.size, header.size, source)
-            spool.write(data)
-        if spool.size < header.size:
+            _check_chunk(offset, data, size, header.size, source)
+            parts.append(data)
+            digest.update(data)
+            size += len(data)
+        if size < header.size:
             return None
-        _check_digest(spool.digest.digest(), header.sha256, source)
-        weights = CheckedWeights(_decode(spool.data, source))
+        _check_digest(digest.digest(), header.sha256, source)
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        weights = _decode(payload, source)
         assert task.expects is not None
         if header.size > 1 << 20:  # validation reads every value: off the loop when large
             await asyncio.to_thread(_validate, weights, task.expects, source)
         else:
             _validate(weights, task.expects, source)
+        if sum(self._held.values()) + header.size > HELD_MEMORY:  # it waits on disk
+            return await self._spill(task, payload, weights, source)
         self._held[task.task_id] = header.size
+        return weights
+
+    async def _spill(
+        self, task: Task, payload: bytes, checked: CheckedWeights, source: str
+    ) -> FileWeights:
+        """A validated result that must wait for its turn, moved to a file (page cache)."""
+        path = self.path(task.task_id, ".safetensors")
+        try:
+            await asyncio.to_thread(path.write_bytes, payload)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise _disk_error(exc, self.directory, source) from exc
+        weights = FileWeights(path, source=source)
+        weights.checked, weights.magnitude = checked.checked, checked.magnitude
         return weights
 
     async def _receive_to_file(
@@ -262,9 +283,10 @@ def _check_digest(digest: bytes, declared: bytes, source: str) -> None:
         )
 
 
-def _decode(data: bytearray, source: str) -> CheckedWeights:
+def _decode(data: bytes, source: str) -> CheckedWeights:
+    """Read-only views of the received bytes: the update is read, never written."""
     try:
-        return CheckedWeights(from_bytes(data, source=source))
+        return view_bytes(data, source=source)
     except WeightsError as exc:
         raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
 

@@ -1,18 +1,24 @@
 """The gRPC transport's node side: a `fedge.node.link.Link` over one channel.
 
-gRPC's own errors become `LinkError` with the same code; so does a call on a channel that
-was closed meanwhile (another thread reconnecting), which the runtime then retries.
+The task stream is `Connect`: small models arrive with their task (and `download` then
+serves them from memory), and small results go up on the same stream, answered by acks
+on it; only large payloads use the chunked, resumable Download and Upload calls. gRPC's
+own errors become `LinkError` with the same code; so does a call on a channel that was
+closed meanwhile (another thread reconnecting), which the runtime then retries.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
+from fedge.chunks import CHUNK_SIZE
 from fedge.messages import (
     Capabilities,
     Code,
@@ -46,7 +52,13 @@ class GrpcLink:
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.FleetStub | None = None
+        self._connect: Any = None  # Connect and Upload, with requests encoded by hand
+        self._upload: Any = None
         self._stream: grpc.Future | None = None
+        self._requests: queue.Queue[pb.NodeMessage | bytes | None] | None = None
+        self._stream_token = ""
+        self._acks: dict[str, queue.Queue[pb.UploadReply | LinkError]] = {}
+        self._inline: OrderedDict[str, bytes] = OrderedDict()  # models that came with tasks
 
     def _fleet(self) -> pb_grpc.FleetStub:
         with self._lock:
@@ -58,6 +70,16 @@ class GrpcLink:
                     creds = channel_credentials(self.certs, self.name)
                     self._channel = grpc.secure_channel(self.server, creds, options=OPTIONS)
                 self._stub = pb_grpc.FleetStub(self._channel)
+                self._connect = self._channel.stream_stream(
+                    "/fedge.v1.Fleet/Connect",
+                    request_serializer=convert.encode,
+                    response_deserializer=pb.TaskMessage.FromString,
+                )
+                self._upload = self._channel.stream_unary(
+                    "/fedge.v1.Fleet/Upload",
+                    request_serializer=convert.encode,
+                    response_deserializer=pb.UploadReply.FromString,
+                )
             return self._stub
 
     def _call(self, call: Callable[[pb_grpc.FleetStub], T]) -> T:
@@ -76,17 +98,42 @@ class GrpcLink:
         return Joined(reply.node_id, reply.session_token, reply.heartbeat_interval_s)
 
     def tasks(self, joined: Joined) -> Iterator[TaskHeader | Keepalive]:
-        request = pb.TasksRequest(node_id=joined.node_id, session_token=joined.token)
-        stream = self._call(lambda s: s.Tasks(request, metadata=self._metadata))
-        self._stream = stream
+        requests: queue.Queue[pb.NodeMessage | bytes | None] = queue.Queue()
+        requests.put(
+            pb.NodeMessage(open=pb.TasksRequest(node_id=joined.node_id, session_token=joined.token))
+        )
+
+        def outgoing() -> Iterator[pb.NodeMessage | bytes]:
+            while (message := requests.get()) is not None:
+                yield message
+
+        stream = self._call(lambda s: self._connect(outgoing(), metadata=self._metadata))
+        self._stream, self._requests, self._stream_token = stream, requests, joined.token
         try:
             for message in stream:
-                if message.HasField("task"):
+                body = message.WhichOneof("body")
+                if body == "task":
                     yield convert.task_from_pb(message.task)
+                elif body == "model":
+                    self._keep_inline(message.model.version, message.model.data)
+                elif body == "ack":
+                    waiter = self._acks.pop(message.ack.task_id, None)
+                    if waiter is not None:
+                        waiter.put(message.ack)
                 else:
                     yield convert.keepalive_from_pb(message.keepalive)
         except grpc.RpcError as exc:
             raise LinkError(convert.code_of(exc.code()), exc.details() or str(exc)) from None
+        finally:
+            self._requests = None
+            requests.put(None)
+            for waiter in list(self._acks.values()):
+                waiter.put(LinkError(Code.UNAVAILABLE, "the task stream ended"))
+
+    def _keep_inline(self, version: str, data: bytes) -> None:
+        self._inline[version] = data
+        while len(self._inline) > 2:
+            self._inline.popitem(last=False)
 
     def cancel(self) -> None:
         stream = self._stream
@@ -94,6 +141,10 @@ class GrpcLink:
             stream.cancel()
 
     def download(self, token: str, version: str, offset: int) -> Iterator[bytes]:
+        inline = self._inline.get(version)
+        if inline is not None:  # it came with its task
+            yield inline[offset:]
+            return
         request = pb.DownloadRequest(model_version=version, offset=offset, session_token=token)
         chunks = self._call(lambda s: s.Download(request, metadata=self._metadata, timeout=600))
         try:
@@ -108,16 +159,49 @@ class GrpcLink:
         return int(reply.received_bytes), bool(reply.complete)
 
     def upload(self, header: UploadHeader, chunks: Iterable[tuple[int, bytes]]) -> UploadAck:
-        def messages() -> Iterator[pb.UploadMessage]:
+        requests = self._requests
+        if requests is not None and header.offset == 0 and header.size <= CHUNK_SIZE:
+            parts = list(chunks)
+            if not parts or (len(parts) == 1 and parts[0][0] == 0):  # one message: the stream
+                return self._upload_on_stream(requests, header, parts[0][1] if parts else b"")
+            chunks = parts
+
+        def messages() -> Iterator[pb.UploadMessage | bytes]:
             yield pb.UploadMessage(header=convert.upload_header_to_pb(header))
             for offset, data in chunks:
-                yield pb.UploadMessage(chunk=pb.Chunk(data=data, offset=offset))
+                yield convert.upload_chunk_bytes(data, offset)
 
-        reply = self._call(lambda s: s.Upload(messages(), timeout=600, metadata=self._metadata))
+        reply = self._call(lambda s: self._upload(messages(), timeout=600, metadata=self._metadata))
+        return UploadAck(reply.accepted, reply.duplicate, reply.message, reply.received_bytes)
+
+    def _upload_on_stream(
+        self,
+        requests: queue.Queue[pb.NodeMessage | bytes | None],
+        header: UploadHeader,
+        data: bytes,
+    ) -> UploadAck:
+        waiter: queue.Queue[pb.UploadReply | LinkError] = queue.Queue(maxsize=1)
+        self._acks[header.task_id] = waiter
+        requests.put(convert.node_upload_bytes(convert.upload_header_to_pb(header), data))
+        try:
+            reply = waiter.get(timeout=600)
+        except queue.Empty:
+            raise LinkError(Code.DEADLINE_EXCEEDED, "no answer to the upload") from None
+        finally:
+            self._acks.pop(header.task_id, None)
+        if isinstance(reply, LinkError):
+            raise reply
+        if reply.code:
+            code = Code(reply.code) if reply.code in Code.__members__ else Code.UNKNOWN
+            raise LinkError(code, reply.message)
         return UploadAck(reply.accepted, reply.duplicate, reply.message, reply.received_bytes)
 
     def heartbeat(self, token: str) -> None:
         request = pb.HeartbeatRequest(session_token=token)
+        requests = self._requests
+        if requests is not None and token == self._stream_token:  # a message, not a call
+            requests.put(pb.NodeMessage(heartbeat=request))
+            return
         self._call(lambda s: s.Heartbeat(request, timeout=10, metadata=self._metadata))
 
     def leave(self, token: str, reason: str) -> None:

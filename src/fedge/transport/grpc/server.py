@@ -4,6 +4,7 @@ loopback), the Fleet, Control and standard health services."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,9 +14,12 @@ from fedge.errors import FedgeError
 from fedge.fleet.server import Aggregator
 from fedge.fleet.service import FleetService
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
-from fedge.transport.grpc.servicer import ControlServicer, FleetServicer
+from fedge.transport.grpc import convert
+from fedge.transport.grpc.control import ControlServicer
+from fedge.transport.grpc.servicer import FleetServicer
 from fedge.transport.grpc.tls import require_loopback, server_credentials
 
+SERVICE = "fedge.v1.Fleet"
 OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -37,9 +41,7 @@ class GrpcTransport:
 
     async def start(self, service: FleetService, control: Aggregator) -> None:
         server = grpc.aio.server(options=OPTIONS)
-        pb_grpc.add_FleetServicer_to_server(
-            FleetServicer(service, self.insecure, CHUNK_SIZE), server
-        )
+        _add_fleet(FleetServicer(service, self.insecure, CHUNK_SIZE), server)
         pb_grpc.add_ControlServicer_to_server(ControlServicer(control, self.insecure), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.insecure:
@@ -57,3 +59,28 @@ class GrpcTransport:
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace=grace)
+
+
+class _Handlers:
+    """Catches the method handlers the generated code registers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+
+
+def _add_fleet(servicer: FleetServicer, server: grpc.aio.Server) -> None:
+    """The generated handlers, with a serializer that also passes bytes encoded by hand
+    through (`convert.encode`: messages that carry payloads)."""
+    caught = _Handlers()
+    pb_grpc.add_FleetServicer_to_server(servicer, caught)
+    handlers = {
+        name: handler._replace(response_serializer=convert.encode)
+        for name, handler in caught.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

@@ -68,12 +68,34 @@ class TasksRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
-    __slots__ = ("task", "keepalive")
+    __slots__ = ("task", "keepalive", "ack", "model")
     TASK_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     task: TaskHeader
     keepalive: Keepalive
-    def __init__(self, task: _Optional[_Union[TaskHeader, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
+    ack: UploadReply
+    model: ModelData
+    def __init__(self, task: _Optional[_Union[TaskHeader, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., ack: _Optional[_Union[UploadReply, _Mapping]] = ..., model: _Optional[_Union[ModelData, _Mapping]] = ...) -> None: ...
+
+class ModelData(_message.Message):
+    __slots__ = ("version", "data")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    data: bytes
+    def __init__(self, version: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class NodeMessage(_message.Message):
+    __slots__ = ("open", "upload", "heartbeat")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    open: TasksRequest
+    upload: UploadHeader
+    heartbeat: HeartbeatRequest
+    def __init__(self, open: _Optional[_Union[TasksRequest, _Mapping]] = ..., upload: _Optional[_Union[UploadHeader, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
     __slots__ = ("task_id", "run_id", "round", "kind", "config_json", "model_version", "model_sha256", "model_size", "deadline_unix_ms", "kind_name", "payload", "partial_work")
@@ -138,7 +160,7 @@ class UploadMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("task_id", "num_examples", "metrics", "encoding", "size", "sha256", "offset", "loss", "error", "session_token")
+    __slots__ = ("task_id", "num_examples", "metrics", "encoding", "size", "sha256", "offset", "loss", "error", "session_token", "data")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +178,7 @@ class UploadHeader(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
@@ -166,19 +189,24 @@ class UploadHeader(_message.Message):
     loss: float
     error: str
     session_token: str
-    def __init__(self, task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
+    data: bytes
+    def __init__(self, task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., session_token: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UploadReply(_message.Message):
-    __slots__ = ("accepted", "duplicate", "message", "received_bytes")
+    __slots__ = ("accepted", "duplicate", "message", "received_bytes", "task_id", "code")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     duplicate: bool
     message: str
     received_bytes: int
-    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ..., received_bytes: _Optional[int] = ...) -> None: ...
+    task_id: str
+    code: str
+    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ..., received_bytes: _Optional[int] = ..., task_id: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class QueryUploadRequest(_message.Message):
     __slots__ = ("task_id", "session_token")

@@ -45,6 +45,11 @@ class FleetStub:
                 request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TasksRequest.SerializeToString,
                 response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TaskMessage.FromString,
                 _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/fedge.v1.Fleet/Connect',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.NodeMessage.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TaskMessage.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/fedge.v1.Fleet/Download',
                 request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.DownloadRequest.SerializeToString,
@@ -88,6 +93,17 @@ class FleetServicer:
         """Server stream of task headers and keepalives for the lifetime of the session. It
         ends with ABORTED when another connection joined with the same identity: the newer
         one serves it, and the older process should stop rather than join again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request_iterator, context):
+        """Tasks, both ways (since protocol 2): the node opens it with a TasksRequest, then may
+        send small results on it (an UploadHeader carrying `data`), each answered by an
+        UploadReply on the way down. Small models come inline with their task
+        (a TaskMessage.model before the first task of each version). A round then costs a node no call of its own; large models
+        and results still move with Download and Upload, in chunks, resumable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +160,11 @@ def add_FleetServicer_to_server(servicer, server):
             'Tasks': grpc.unary_stream_rpc_method_handler(
                     servicer.Tasks,
                     request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TasksRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TaskMessage.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.NodeMessage.FromString,
                     response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TaskMessage.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
@@ -226,6 +247,33 @@ class Fleet:
             target,
             '/fedge.v1.Fleet/Tasks',
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TasksRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TaskMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedge.v1.Fleet/Connect',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.NodeMessage.SerializeToString,
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.TaskMessage.FromString,
             options,
             channel_credentials,
