@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,14 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import report
 
-from fedge.demo import free_port
-from fedge.security import init_ca, issue
-from fedge.transport.grpc.control import fetch_status
+from fedge.launch import Launcher, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits" / "fedge.toml"
@@ -104,99 +99,43 @@ class PeakSampler(threading.Thread):
         return self.peak_kb
 
 
-class Fleet:
-    """A throwaway CA, one server and N node processes; everything is stopped on exit."""
+class Fleet(Launcher):
+    """The shared launcher, plus what the benchmarks time: a server run to its end."""
 
-    def __init__(self, config: Path, work: Path, nodes: int) -> None:
-        self.config, self.work = config, work
-        self.certs = work / "pki"
-        init_ca(self.certs)
-        issue(self.certs, "server", server=True, hosts=["127.0.0.1", "localhost"])
-        issue(self.certs, "admin")
-        for cid in range(nodes):
-            issue(self.certs, f"node-{cid}")
-        self.address = f"127.0.0.1:{free_port()}"
-        self.env = {**ENV, "XDG_CACHE_HOME": str(work / "cache")}  # the nodes' model caches
+    def __init__(self, config: Path, work: Path) -> None:
+        super().__init__(work, config)
         self.out = work / "history.json"
-        self.server: subprocess.Popen[bytes] | None = None
-        self.nodes: list[subprocess.Popen[bytes]] = []
-        self._logs: list[Any] = []
-
-    def __enter__(self) -> Fleet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start_server(self, rounds: int, wait_for: int) -> subprocess.Popen[bytes]:
-        log = (self.work / "server.log").open("wb")
-        self._logs.append(log)
-        self.server = subprocess.Popen(
-            [
-                *FEDGE, "server", "--config", str(self.config), "--address", self.address,
-                "--certs", str(self.certs), "--state-dir", str(self.work / "state"),
-                "--out", str(self.out), "--rounds", str(rounds), "--wait-for", str(wait_for),
-            ],
-            env=self.env,
-            stderr=log,
+        server = self.server(
+            "--out", self.out, "--rounds", str(rounds), "--wait-for", str(wait_for)
         )  # fmt: skip
         self.wait_until(lambda s: True, timeout=60)
-        return self.server
+        return server
 
-    def start_nodes(self, count: int) -> None:
-        for cid in range(len(self.nodes), len(self.nodes) + count):
-            log = (self.work / f"node-{cid}.log").open("wb")
-            self._logs.append(log)
-            command = [
-                *FEDGE, "node", "--server", self.address, "--config", str(self.config),
-                "--cid", str(cid), "--certs", str(self.certs), "--name", f"node-{cid}",
-            ]  # fmt: skip
-            self.nodes.append(subprocess.Popen(command, env=self.env, stderr=log))
+    def start_nodes(self, count: int) -> list[subprocess.Popen[bytes]]:
+        first = len(self.nodes)
+        return [self.node(cid) for cid in range(first, first + count)]
 
-    def status(self) -> Any:
-        return fetch_status(self.address, self.certs, timeout=1.0)
+    @property
+    def nodes(self) -> list[subprocess.Popen[bytes]]:
+        return [p for name, p in self.procs.items() if name.startswith("node-")]
 
     def wait_until(self, predicate: Any, timeout: float) -> Any:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.server is not None
-            if self.server.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.server_log()[-2000:]}")
-            try:
-                s = self.status()
-                if predicate(s):
-                    return s
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"condition not met in {timeout}s:\n{self.server_log()[-2000:]}")
+        def ready() -> Any:
+            if self.procs["server"].poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log('server', 2000)}")
+            s = self.status(timeout=1.0)
+            return s if s is not None and predicate(s) else None
+
+        return wait_for(ready, "the server", timeout)
 
     def wait_server(self, timeout: float) -> dict[str, Any]:
-        assert self.server is not None
-        rc = self.server.wait(timeout=timeout)
+        rc = self.procs["server"].wait(timeout=timeout)
         if rc != 0:
-            raise RuntimeError(f"server exited with {rc}:\n{self.server_log()[-2000:]}")
+            raise RuntimeError(f"server exited with {rc}:\n{self.log('server', 2000)}")
         history: dict[str, Any] = json.loads(self.out.read_text())
         return history
-
-    def server_log(self) -> str:
-        path = self.work / "server.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def close(self) -> None:
-        procs = [p for p in [self.server, *self.nodes] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.time() + 5
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for log in self._logs:
-            log.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -212,7 +151,7 @@ def pct(values: list[float], q: float) -> float:
 def bench_digits() -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp,
-        Fleet(DIGITS, Path(tmp), 10) as fleet,
+        Fleet(DIGITS, Path(tmp)) as fleet,
     ):
         fleet.start_server(rounds=10, wait_for=10)
         fleet.start_nodes(10)
@@ -259,18 +198,17 @@ def bench_idle_node() -> dict[str, Any]:
     """One digits node, connected, with the server waiting for a second one (no work)."""
     with (
         tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp,
-        Fleet(DIGITS, Path(tmp), 1) as fleet,
+        Fleet(DIGITS, Path(tmp)) as fleet,
     ):
         fleet.start_server(rounds=1, wait_for=2)
         fleet.start_nodes(1)
         fleet.wait_until(lambda s: len(s.nodes) == 1, timeout=60)
         time.sleep(2.0)
         pid = fleet.nodes[0].pid
-        assert fleet.server is not None
         return {
             "node_rss_mb": proc_kb(pid, "VmRSS") / 1024,
             "node_hwm_mb": proc_kb(pid, "VmHWM") / 1024,
-            "server_rss_mb": proc_kb(fleet.server.pid, "VmRSS") / 1024,
+            "server_rss_mb": proc_kb(fleet.procs["server"].pid, "VmRSS") / 1024,
         }
 
 
@@ -280,17 +218,15 @@ def bench_big(nodes: int, rounds: int) -> dict[str, Any]:
         work = Path(tmp)
         (work / "bigapp.py").write_text(BIGAPP)
         (work / "fedge.toml").write_text(BIGTOML)
-        with Fleet(work / "fedge.toml", work, nodes) as fleet:
+        with Fleet(work / "fedge.toml", work) as fleet:
             server = fleet.start_server(rounds=rounds, wait_for=nodes)
             time.sleep(0.5)
             idle_kb = proc_kb(server.pid, "VmRSS")
             idle_hwm_kb = proc_kb(server.pid, "VmHWM")
             sampler = PeakSampler(server.pid)
             sampler.start()
-            node_peaks = [PeakSampler(0) for _ in range(nodes)]
-            fleet.start_nodes(nodes)
-            for s, p in zip(node_peaks, fleet.nodes, strict=True):
-                s.pid = p.pid
+            node_peaks = [PeakSampler(p.pid) for p in fleet.start_nodes(nodes)]
+            for s in node_peaks:
                 s.start()
             t0 = time.perf_counter()
             try:
@@ -324,39 +260,36 @@ def bench_big(nodes: int, rounds: int) -> dict[str, Any]:
 def _transfer(
     address: str, certs: Path, cid: int, payload: bytes, barrier: threading.Barrier
 ) -> dict[str, float]:
-    """Join, take the fit task, time Download of the model and Upload of `payload`."""
+    """Join as a node does, take the fit task, time Download of the model and Upload of
+    `payload` (the link a `fedge node` uses, without training)."""
     import hashlib
 
-    from fedge.proto.fedge.v1 import fleet_pb2 as pb
-    from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
-    from fedge.transport.grpc.chunks import bytes_chunks
-    from fedge.transport.grpc.node import upload_messages
-    from fedge.transport.grpc.tls import channel_credentials
+    from fedge.chunks import bytes_chunks
+    from fedge.messages import PROTOCOL, Capabilities, TaskHeader, UploadHeader
+    from fedge.transport.grpc.link import GrpcLink
 
-    with grpc.secure_channel(address, channel_credentials(certs, f"node-{cid}")) as channel:
-        stub = pb_grpc.FleetStub(channel)
-        joined = stub.Join(pb.JoinRequest(cid=cid, capabilities=pb.Capabilities()), timeout=30)
-        stream = stub.Tasks(
-            pb.TasksRequest(node_id=joined.node_id, session_token=joined.session_token)
-        )
-        task = next(m.task for m in stream if m.HasField("task"))
+    link = GrpcLink(address, f"node-{cid}", certs)
+    try:
+        joined = link.join(cid, Capabilities(), PROTOCOL)
+        task = next(t for t in link.tasks(joined) if isinstance(t, TaskHeader))
+        assert task.model is not None
         barrier.wait(timeout=120)
         t0 = time.perf_counter()
-        received = 0
-        for chunk in stub.Download(pb.DownloadRequest(model_version=task.model_version)):
-            received += len(chunk.data)
+        received = sum(len(c) for c in link.download(joined.token, task.model.version, 0))
         t1 = time.perf_counter()
-        assert received == task.model_size, (received, task.model_size)
-        header = pb.UploadHeader(
-            task_id=task.task_id, num_examples=1, encoding="safetensors",
+        assert received == task.model.size, (received, task.model.size)
+        header = UploadHeader(
+            task.task_id, joined.token, num_examples=1, encoding="safetensors",
             size=len(payload), sha256=hashlib.sha256(payload).digest(),
         )  # fmt: skip
         barrier.wait(timeout=120)
         t2 = time.perf_counter()
-        reply = stub.Upload(upload_messages(header, bytes_chunks(payload)), timeout=300)
+        ack = link.upload(header, bytes_chunks(payload))
         t3 = time.perf_counter()
-        assert reply.accepted, reply.message
-        stream.cancel()
+        assert ack.accepted, ack.message
+        link.cancel()
+    finally:
+        link.close()
     return {"download_s": t1 - t0, "upload_s": t3 - t2, "start": t0, "end_dl": t1,
             "start_ul": t2, "end": t3}  # fmt: skip
 
@@ -371,8 +304,9 @@ def bench_transfer(nodes: int) -> dict[str, Any]:
         (work / "bigapp.py").write_text(BIGAPP)
         (work / "fedge.toml").write_text(BIGTOML)
         payload = to_bytes({"w": np.full(BIG_ELEMENTS, 0.5 + 1e-3, dtype=np.float32)})
-        with Fleet(work / "fedge.toml", work, nodes) as fleet:
+        with Fleet(work / "fedge.toml", work) as fleet:
             fleet.start_server(rounds=1, wait_for=nodes)
+            fleet.issue(*(f"node-{cid}" for cid in range(nodes)))
             barrier = threading.Barrier(nodes)
             out: list[dict[str, float]] = [{} for _ in range(nodes)]
             errors: list[BaseException] = []
@@ -390,7 +324,7 @@ def bench_transfer(nodes: int) -> dict[str, Any]:
             for t in threads:
                 t.join()
             if errors:
-                raise RuntimeError(f"transfer failed: {errors[0]!r}\n{fleet.server_log()[-2000:]}")
+                raise RuntimeError(f"transfer failed: {errors[0]!r}\n{fleet.log('server', 2000)}")
             fleet.wait_server(timeout=300)
     size = len(payload)
     dl_wall = max(r["end_dl"] for r in out) - min(r["start"] for r in out)

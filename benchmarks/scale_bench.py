@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -57,79 +58,90 @@ def create_app(num_clients, seed):
 
 async def one_node(address: str, certs: Path, cid: int) -> None:
     """One node as `fedge node` speaks protocol 2: Join, then the Connect stream (tasks
-    with their model inline, results up on it, acks down)."""
+    with their model inline, results up on it, acks down); like a node, it joins again
+    whenever its session ends (the driver stops it when the run is over)."""
     creds = load_credentials(certs, f"node-{cid}")
     channel_creds = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
     async with grpc.aio.secure_channel(address, channel_creds) as channel:
-        stub = pb_grpc.FleetStub(channel)
-        reply = await stub.Join(
-            pb.JoinRequest(cid=cid, protocol=PROTOCOL), wait_for_ready=True, timeout=300
-        )
-        token = reply.session_token
-        outgoing: asyncio.Queue[pb.NodeMessage | bytes] = asyncio.Queue()
-        await outgoing.put(pb.NodeMessage(open=pb.TasksRequest(session_token=token)))
+        while True:
+            try:
+                await session(channel, cid)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(random.uniform(0.5, 2.0))
 
-        async def requests() -> AsyncIterator[pb.NodeMessage | bytes]:
-            while True:
-                yield await outgoing.get()
 
-        connect = channel.stream_stream(  # as GrpcLink does: results encoded by hand
-            "/fedge.v1.Fleet/Connect",
-            request_serializer=convert.encode,
-            response_deserializer=pb.TaskMessage.FromString,
-        )
+async def session(channel: grpc.aio.Channel, cid: int) -> None:
+    """One session: Join, then serve tasks on Connect until the stream ends."""
+    stub = pb_grpc.FleetStub(channel)
+    reply = await stub.Join(
+        pb.JoinRequest(cid=cid, protocol=PROTOCOL), wait_for_ready=True, timeout=300
+    )
+    token = reply.session_token
+    outgoing: asyncio.Queue[pb.NodeMessage | bytes] = asyncio.Queue()
+    await outgoing.put(pb.NodeMessage(open=pb.TasksRequest(session_token=token)))
 
-        async def heartbeats() -> None:  # as a node does, on the stream
-            interval = reply.heartbeat_interval_s or 5.0
-            while True:
-                await asyncio.sleep(interval)
-                await outgoing.put(
-                    pb.NodeMessage(heartbeat=pb.HeartbeatRequest(session_token=token))
-                )
+    async def requests() -> AsyncIterator[pb.NodeMessage | bytes]:
+        while True:
+            yield await outgoing.get()
 
-        beating = asyncio.ensure_future(heartbeats())
-        models: dict[str, bytes] = {}
-        try:
-            async for message in connect(requests()):
-                if message.HasField("model"):
-                    models = {message.model.version: message.model.data}
-                if not message.HasField("task"):
-                    continue
-                task = message.task
-                data = models.get(task.model_version)
-                if data is None:
-                    data = b"".join(
-                        [
-                            chunk.data
-                            async for chunk in stub.Download(
-                                pb.DownloadRequest(
-                                    model_version=task.model_version, session_token=token
-                                )
+    connect = channel.stream_stream(  # as GrpcLink does: results encoded by hand
+        "/fedge.v1.Fleet/Connect",
+        request_serializer=convert.encode,
+        response_deserializer=pb.TaskMessage.FromString,
+    )
+
+    async def heartbeats() -> None:  # as a node does, on the stream
+        interval = reply.heartbeat_interval_s or 5.0
+        while True:
+            await asyncio.sleep(interval)
+            await outgoing.put(pb.NodeMessage(heartbeat=pb.HeartbeatRequest(session_token=token)))
+
+    beating = asyncio.ensure_future(heartbeats())
+    models: dict[str, bytes] = {}
+    try:
+        async for message in connect(requests()):
+            if message.HasField("model"):
+                models = {message.model.version: message.model.data}
+            if not message.HasField("task"):
+                continue
+            task = message.task
+            data = models.get(task.model_version)
+            if data is None:
+                data = b"".join(
+                    [
+                        chunk.data
+                        async for chunk in stub.Download(
+                            pb.DownloadRequest(
+                                model_version=task.model_version, session_token=token
                             )
-                        ]
-                    )
-                weights = from_bytes(data)
-                payload = to_bytes({k: v + np.float32(1e-3) for k, v in weights.items()})
-                header = pb.UploadHeader(
-                    task_id=task.task_id,
-                    session_token=token,
-                    num_examples=1,
-                    encoding="safetensors",
-                    size=len(payload),
-                    sha256=hashlib.sha256(payload).digest(),
+                        )
+                    ]
                 )
-                await outgoing.put(convert.node_upload_bytes(header, payload))
-        except grpc.aio.AioRpcError:
-            pass  # the server finished the run and closed the stream
-        finally:
-            beating.cancel()
+            weights = from_bytes(data)
+            payload = to_bytes({k: v + np.float32(1e-3) for k, v in weights.items()})
+            header = pb.UploadHeader(
+                task_id=task.task_id,
+                session_token=token,
+                num_examples=1,
+                encoding="safetensors",
+                size=len(payload),
+                sha256=hashlib.sha256(payload).digest(),
+            )
+            await outgoing.put(convert.node_upload_bytes(header, payload))
+    finally:
+        beating.cancel()
 
 
 def loadgen(address: str, certs: Path, cids: list[int]) -> None:
     async def main() -> None:
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(one_node(address, certs, cid) for cid in cids), return_exceptions=True
         )
+        failed = [(cid, r) for cid, r in zip(cids, results, strict=True) if r is not None]
+        for cid, error in failed[:5]:
+            print(f"node {cid} failed: {error!r}", file=sys.stderr, flush=True)
+        if failed:
+            print(f"{len(failed)} of {len(cids)} nodes failed", file=sys.stderr, flush=True)
 
     asyncio.run(main())
 
@@ -151,7 +163,10 @@ def run(nodes: int, rounds: int, work: Path) -> dict[str, object]:
         out = fleet.work / "out.json"
         extra = os.environ.get("FEDGE_BENCH_SERVER_ARGS", "").split()
         server = fleet.server("--out", out, "--wait-for", str(nodes), *extra)
-        return _drive(fleet.address, certs, server, nodes, rounds, out)
+        result = _drive(fleet.address, certs, server, nodes, rounds, out)
+        if server.returncode != 0:
+            raise RuntimeError(f"the server failed:\n{fleet.log('server')}")
+        return result
 
 
 def _drive(
@@ -173,6 +188,8 @@ def _drive(
         for g in generators:
             g.terminate()
             g.join()
+    if server.returncode != 0:
+        return {}
     history = json.loads(out.read_text())
     steady = history["rounds"][1:]  # round 1 also waits for the join storm
     cpu = statistics.median(r["cpu_time"] for r in steady)

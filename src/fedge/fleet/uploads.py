@@ -60,6 +60,7 @@ class Uploads:
         self._spools: dict[str, Spool] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._held: dict[str, int] = {}
+        self._held_total = 0
         self._validating = asyncio.Semaphore(1)  # one large upload read at a time
 
     def lock(self, task_id: str) -> asyncio.Lock:
@@ -85,7 +86,7 @@ class Uploads:
 
     def release(self, task_id: str) -> None:
         """The task closed: forget its payload, in memory or on disk."""
-        self._held.pop(task_id, None)
+        self._held_total -= self._held.pop(task_id, 0)
         self._locks.pop(task_id, None)
         spool = self._spools.pop(task_id, None)
         if spool is not None:
@@ -161,9 +162,10 @@ class Uploads:
             await asyncio.to_thread(_validate, weights, task.expects, source)
         else:
             _validate(weights, task.expects, source)
-        if sum(self._held.values()) + header.size > HELD_MEMORY:  # it waits on disk
+        if self._held_total + header.size > HELD_MEMORY:  # it waits on disk
             return await self._spill(task, payload, weights, source)
         self._held[task.task_id] = header.size
+        self._held_total += header.size
         return weights
 
     async def _spill(
