@@ -6,8 +6,6 @@ model on the remaining 20%.
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 
 import fedge
@@ -17,7 +15,6 @@ from fedge.datasets import dirichlet, iid, load_digits
 NUM_CLASSES = 10
 
 
-@cache
 def _split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x, y = load_digits()
     order = np.random.default_rng(seed).permutation(len(y))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from fedge.errors import FedgeError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from fedge.app import App
     from fedge.config import RunConfig
     from fedge.coordinator import Workflow
@@ -24,10 +27,31 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+
+
+@functools.cache
+def _console(stdout: bool = False) -> Console:
+    """Messages go to stderr, tables to stdout; rich loads on first use (a node never
+    prints with it)."""
+    from rich.console import Console
+
+    return Console(stderr=not stdout)
+
+
+def _escape(text: str) -> str:
+    """`text` printed as it is: "[app]" in a message is not rich markup."""
+    from rich.markup import escape
+
+    return escape(text)
+
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="TOML config of the run.")]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Write per-round results (JSON).")]
+
+
+class Backend(StrEnum):
+    inprocess = "inprocess"
+    process = "process"
 
 
 class LogLevel(StrEnum):
@@ -70,7 +94,9 @@ def sim(
     out: OutOption = None,
     model_out: ModelOutOption = None,
     rounds: Annotated[int | None, typer.Option(help="Override run.rounds.")] = None,
-    backend: Annotated[str | None, typer.Option(help="inprocess or process.")] = None,
+    backend: Annotated[
+        Backend | None, typer.Option(help="Run clients in this process or a pool.")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress view.")] = False,
 ) -> None:
     """Simulate a federation on this machine, with the app named in the config."""
@@ -83,13 +109,9 @@ def sim(
     if rounds is not None:
         cfg.run.rounds = rounds
     if backend is not None:
-        if backend not in ("inprocess", "process"):  # not a pydantic traceback
-            raise FedgeError(f"--backend must be 'inprocess' or 'process', got {backend!r}")
-        cfg.simulation = cfg.simulation.model_validate(
-            {**cfg.simulation.model_dump(), "backend": backend}
-        )
+        cfg.simulation.backend = backend.value
     user_app = _app_of(cfg)
-    with ProgressObserver(cfg.run.rounds, console, disable=quiet) as observer:
+    with ProgressObserver(cfg.run.rounds, _console(), disable=quiet) as observer:
         history = simulate(
             user_app.client_fn,
             cfg.run.num_clients,
@@ -109,7 +131,7 @@ def sim(
             workflow=user_app.workflow or _fit_round(),
             observer=observer,
         )
-    Console().print(history_table(history))
+    _console(stdout=True).print(history_table(history))
     if out is not None:
         out.write_text(json.dumps(history.to_dict(), indent=2))
     if model_out is not None and history.weights is not None:
@@ -135,7 +157,7 @@ def ca_init(
     """Create a project CA (EC P-256)."""
     from fedge.security import init_ca
 
-    console.print(f"CA certificate: {init_ca(dir, force=force)}")
+    _console().print(f"CA certificate: {init_ca(dir, force=force)}")
 
 
 @ca_app.command("issue")
@@ -151,7 +173,7 @@ def ca_issue(
     from fedge.security import issue
 
     cert, key = issue(dir, name, server=server, hosts=host or ())
-    console.print(f"certificate: {cert}\nkey: {key}")
+    _console().print(f"certificate: {cert}\nkey: {key}")
 
 
 ServerOption = Annotated[str, typer.Option("--server", help="Aggregator HOST:PORT.")]
@@ -160,6 +182,22 @@ AdminCertsOption = Annotated[
 ]
 AdminOption = Annotated[str, typer.Option("--name", help="Admin certificate name.")]
 InsecureOption = Annotated[bool, typer.Option(help="Plaintext; loopback only.")]
+
+
+@contextmanager
+def _calling(server: str) -> Iterator[None]:
+    """A server that cannot be reached, or refuses a call, is a one-line error."""
+    import grpc
+
+    try:
+        yield
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise FedgeError(f"cannot reach the server at {server}: {details}") from None
+        name = code.name if code is not None else "error"
+        raise FedgeError(f"the server at {server} answered {name}: {details}") from None
 
 
 @app.command()
@@ -258,6 +296,7 @@ def node(
     import signal
 
     from fedge.config import load_config
+    from fedge.malloc import release_startup_garbage
     from fedge.node.runtime import Node, NodeSettings
     from fedge.transport.grpc.link import GrpcLink
     from fedge.transport.grpc.tls import require_loopback
@@ -267,16 +306,17 @@ def node(
     elif certs is None:
         raise FedgeError("--certs is required (or --insecure on loopback)")
     labels = dict(_pair(item) for item in label or [])
-    cfg = load_config(config)
-    client_fn = _app_of(cfg).client_fn  # only the client is kept: not the initial weights
+    cfg = load_config(config, strategy=False)
+    client = _app_of(cfg).client_fn(cid)  # only the client is kept: not the app's data
     identity = name or f"node-{cid}"
     edge = Node(
-        client_fn(cid),
+        client,
         GrpcLink(server, identity, certs, insecure),
         NodeSettings(cid=cid, name=identity, cache_dir=cache_dir, labels=labels),
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop())
+    release_startup_garbage()
     edge.run()
     if edge.stopped_because is not None:
         raise FedgeError(f"node {identity!r} stopped: {edge.stopped_because}")
@@ -301,24 +341,25 @@ def status(
 
     from fedge.transport.grpc.control import fetch_status
 
-    reply = fetch_status(server, certs, name, insecure)
-    console.print(
+    with _calling(server):
+        reply = fetch_status(server, certs, name, insecure)
+    _console().print(
         f"run {reply.run_id}: {reply.state}, round {reply.round}/{reply.total_rounds}"
         f", results {reply.results_received}/{reply.results_expected}"
     )
     if reply.waiting_for:
-        console.print(
+        _console().print(
             f"waiting for {reply.waiting_for} clients; missing: {list(reply.missing_cids)}"
         )
     if reply.reason:
-        console.print(f"reason: {escape(reply.reason)}", soft_wrap=True)
-    console.print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in reply.metrics.items()))
+        _console().print(f"reason: {_escape(reply.reason)}", soft_wrap=True)
+    _console().print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in reply.metrics.items()))
     table = Table("node", "cid", "address", "live", "tasks done")
     for n in reply.nodes:
         table.add_row(
             n.node_id, str(n.cid), n.address, "yes" if n.live else "no", str(n.tasks_done)
         )
-    Console().print(table)
+    _console(stdout=True).print(table)
 
 
 @app.command()
@@ -332,8 +373,8 @@ def stop(
     """Stop the server's run after its current write (resume it by starting it again)."""
     from fedge.transport.grpc.control import Control
 
-    with Control(server, certs, name, insecure) as control:
-        console.print(f"server: {control.stop(reason)}")
+    with _calling(server), Control(server, certs, name, insecure) as control:
+        _console().print(f"server: {control.stop(reason)}")
 
 
 @app.command()
@@ -345,7 +386,7 @@ def runs(
     """List the runs a state directory holds."""
     import datetime as dt
 
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from fedge.state import StateStore
 
@@ -353,7 +394,10 @@ def runs(
         raise FedgeError(f"{state_dir} holds no fedge state (no state.db)")
     with StateStore(state_dir / "state.db") as store:
         found = store.runs()
-    table = Table("run", "status", "rounds", "strategy", "started", "reason")
+    table = Table("status", "rounds", "strategy", "started", "reason")
+    # a run id is what the operator needs from this table: never shortened (in a pipe too)
+    longest = max((len(run["run_id"]) for run in found), default=3)
+    table.columns.insert(0, Column("run", no_wrap=True, min_width=longest))
     for run in found:
         started = dt.datetime.fromtimestamp(run["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
         strategy = run["config"].get("strategy", {})
@@ -363,9 +407,9 @@ def runs(
             f"{run['rounds_done']}/{run['total_rounds']}",
             str(strategy.get("name", strategy) if isinstance(strategy, dict) else strategy),
             started,
-            escape(run["reason"]),
+            _escape(run["reason"]),
         )
-    Console().print(table)
+    _console(stdout=True).print(table)
 
 
 nodes_app = typer.Typer(
@@ -386,7 +430,7 @@ def nodes_list(
 
     from fedge.transport.grpc.control import Control
 
-    with Control(server, certs, name, insecure) as control:
+    with _calling(server), Control(server, certs, name, insecure) as control:
         found = control.nodes()
     table = Table("node", "cid", "connected", "live", "last address", "tasks done")
     for n in found:
@@ -398,7 +442,7 @@ def nodes_list(
             n.address,
             str(n.tasks_done),
         )
-    Console().print(table)
+    _console(stdout=True).print(table)
 
 
 @nodes_app.command("assign")
@@ -413,10 +457,10 @@ def nodes_assign(
     """Bind a client id to a node (e.g. a replacement device); its holder stops."""
     from fedge.transport.grpc.control import Control
 
-    with Control(server, certs, name, insecure) as control:
+    with _calling(server), Control(server, certs, name, insecure) as control:
         previous = control.assign(node_id, cid)
     held = f" (it was bound to {previous!r}, whose session ended)" if previous else ""
-    console.print(f"client id {cid} is bound to {node_id!r}{held}")
+    _console().print(f"client id {cid} is bound to {node_id!r}{held}")
 
 
 @app.command()
@@ -429,11 +473,11 @@ def demo(
     """A real fleet on this machine: CA, server and N nodes over mutual TLS."""
     from fedge.demo import run_demo
 
-    history = run_demo(config, clients, rounds, console)
+    history = run_demo(config, clients, rounds, _console())
     if history is not None:
         from fedge.progress import history_table
 
-        Console().print(history_table(history))
+        _console(stdout=True).print(history_table(history))
         if out is not None:
             out.write_text(json.dumps(history.to_dict(), indent=2))
 
@@ -443,6 +487,6 @@ def main() -> None:
     try:
         app()
     except FedgeError as exc:
-        # escaped: "[app]" in a message is text, not rich markup; soft_wrap: one line
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        # soft_wrap: one line
+        _console().print(f"[red]error:[/red] {_escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None

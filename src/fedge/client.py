@@ -132,7 +132,12 @@ class ClipClient(ClientWrapper):
 
     def __init__(self, inner: Client, *, max_norm: float) -> None:
         super().__init__(inner)
-        if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
+        if not (
+            isinstance(max_norm, int | float)
+            and not isinstance(max_norm, bool)
+            and math.isfinite(max_norm)
+            and max_norm > 0
+        ):
             raise ValueError(f"ClipClient: max_norm must be a number > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 

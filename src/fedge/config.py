@@ -1,4 +1,4 @@
-"""The TOML config of a run, validated with pydantic; errors name the offending key.
+"""The TOML config of a run, validated with msgspec; errors name the offending key.
 
 ```toml
 [app]                       # user code: "module:function" relative to this file
@@ -27,12 +27,13 @@ max_examples = 1000000
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+import msgspec
 
 from fedge.errors import ConfigError
 from fedge.limits import MAX_EXAMPLES, MAX_UPLOAD_BYTES
@@ -40,45 +41,47 @@ from fedge.limits import MAX_EXAMPLES, MAX_UPLOAD_BYTES
 if TYPE_CHECKING:  # a node reads the config too, and needs no strategy
     from fedge.strategy import Strategy
 
+Positive = msgspec.Meta(gt=0)
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True):
+    pass
 
 
 class AppSection(_Section):
-    target: str = Field(pattern=r"^[\w.]+:\w+$")
+    target: Annotated[str, msgspec.Meta(pattern=r"^[\w.]+:\w+$")]
     options: dict[str, Any] = {}
 
 
 class RunSection(_Section):
-    num_clients: int = Field(10, ge=1)
-    rounds: int = Field(5, ge=1)
-    seed: int = Field(0, ge=0)
-    round_timeout: float | None = Field(None, gt=0)
-    max_round_retries: int = Field(2, ge=0)
+    num_clients: Annotated[int, msgspec.Meta(ge=1)] = 10
+    rounds: Annotated[int, msgspec.Meta(ge=1)] = 5
+    seed: Annotated[int, msgspec.Meta(ge=0)] = 0
+    round_timeout: Annotated[float, Positive] | None = None
+    max_round_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
 
 
 class SimulationSection(_Section):
     backend: Literal["inprocess", "process"] = "inprocess"
-    workers: int | None = Field(None, ge=1)
-    stragglers: float = Field(0.0, ge=0, le=1)
-    dropouts: float = Field(0.0, ge=0, le=1)
+    workers: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stragglers: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    dropouts: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
 
 
 class LimitsSection(_Section):
-    max_examples: int = Field(MAX_EXAMPLES, ge=1)
-    max_upload_mb: int = Field(MAX_UPLOAD_BYTES >> 20, ge=1)
+    max_examples: Annotated[int, msgspec.Meta(ge=1)] = MAX_EXAMPLES
+    max_upload_mb: Annotated[int, msgspec.Meta(ge=1)] = MAX_UPLOAD_BYTES >> 20
 
 
 class RunConfig(_Section):
     app: AppSection
-    run: RunSection = RunSection()
-    strategy: dict[str, Any] = {"name": "fedavg"}
+    run: RunSection = msgspec.field(default_factory=RunSection)
+    strategy: dict[str, Any] = msgspec.field(default_factory=lambda: {"name": "fedavg"})
     fit: dict[str, Any] = {}
     evaluate: dict[str, Any] = {}
-    simulation: SimulationSection = SimulationSection()
-    limits: LimitsSection = LimitsSection()
-    base_dir: Path = Path(".")
+    simulation: SimulationSection = msgspec.field(default_factory=SimulationSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    base_dir: Path = msgspec.field(default_factory=lambda: Path("."))
     """Directory of the config file; app modules are imported from here."""
 
     def build_strategy(self) -> Strategy:
@@ -87,11 +90,13 @@ class RunConfig(_Section):
     def settings(self) -> dict[str, Any]:
         """Everything that defines the run, as plain JSON (comments and layout of the
         file do not count): two configs with equal settings are the same run."""
-        return self.model_dump(mode="json", exclude={"base_dir"})
+        fields = (f for f in self.__struct_fields__ if f != "base_dir")
+        return {f: msgspec.to_builtins(getattr(self, f)) for f in fields}
 
 
-def load_config(path: Path | str) -> RunConfig:
-    """Read and validate a TOML config file."""
+def load_config(path: Path | str, *, strategy: bool = True) -> RunConfig:
+    """Read and validate a TOML config file; with `strategy`, its strategy parameters too
+    (a node, which has no strategy, passes False and loads no strategy module)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -101,7 +106,8 @@ def load_config(path: Path | str) -> RunConfig:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
     config = parse_config(raw, source=str(path))
     config.base_dir = path.parent
-    config.build_strategy()  # strategy parameters are checked up front, too
+    if strategy:
+        config.build_strategy()
     return config
 
 
@@ -109,18 +115,33 @@ def parse_config(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
     if "base_dir" in raw:
         raise ConfigError(f"{source}: unknown key 'base_dir'")
     try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from exc
+        return msgspec.convert(raw, RunConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(str(exc), raw)}") from exc
 
 
-def _describe(error: Any) -> str:
-    key = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if error["type"] == "missing":
-        return f"missing key '{key}'"
-    return f"'{key}' = {error.get('input')!r}: {error['msg']}"
+_WHERE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_FIELD = re.compile(r"^Object (?P<what>contains unknown|missing required) field `(?P<name>[^`]+)`$")
+
+
+def _describe(error: str, raw: Any) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.run.rounds`" as "'run.rounds' = 0:
+    Expected `int` >= 1": the key in the file's terms, with the value found there."""
+    where = _WHERE.match(error)
+    assert where is not None  # the pattern matches any string
+    msg, parts = where["msg"], [p for p in re.split(r"\.|\[|\]", where["path"] or "") if p]
+    field = _FIELD.match(msg)
+    if field:
+        key = ".".join([*parts, field["name"]])
+        return (
+            f"unknown key '{key}'"
+            if field["what"] == "contains unknown"
+            else f"missing key '{key}'"
+        )
+    value = raw
+    for part in parts:
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return f"'{'.'.join(parts)}' = {value!r}: {msg}"
 
 
 def build_strategy(table: dict[str, Any]) -> Strategy:
@@ -147,9 +168,9 @@ def build_strategy(table: dict[str, Any]) -> Strategy:
     types = typing.get_type_hints(cls)
     for key, value in params.items():  # e.g. fraction_fit = "high": name the key, not a '<'
         try:
-            TypeAdapter(types[key]).validate_python(value, strict=True)
-        except ValidationError as exc:
-            raise ConfigError(f"'strategy.{key}' = {value!r}: {exc.errors()[0]['msg']}") from exc
+            msgspec.convert(value, types[key])
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"'strategy.{key}' = {value!r}: {exc}") from exc
     try:
         strategy = cls(**params)
     except (TypeError, ValueError) as exc:

@@ -362,7 +362,7 @@ class Round:
         )
         aggregator = strategy.aggregator(self.context)
         metrics = WeightedMetrics()
-        order = InOrder(t.cid for t in tasks)
+        order = InOrder(sorted(t.cid for t in tasks))  # whatever order `cids` came in
         received = 0
         with self.stage(tasks) as outcomes:
             for outcome in outcomes:

@@ -10,6 +10,7 @@ speed (a page fault per fresh page), so it is not used.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import platform
@@ -31,3 +32,14 @@ def limit_arenas(arenas: int = 2) -> bool:
         log.warning("mallopt refused M_ARENA_MAX=%d; freed buffers may be retained", arenas)
         return False
     return True
+
+
+def release_startup_garbage() -> None:
+    """Collect what start-up left behind (config parsing, the app's data preparation) and
+    give glibc's free pages back, so a node idles at what it actually holds."""
+    import gc
+
+    gc.collect()
+    if platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedge.client import FIT, Client, Config, Message, Result
+from fedge.client import EVALUATE, FIT, Client, Config, Message, Reply, Result
 from fedge.coordinator import (
     Coordinator,
     EvaluateFn,
@@ -34,12 +34,12 @@ from fedge.coordinator import (
     Workflow,
     fit_round,
 )
-from fedge.errors import ConfigError, QuorumError
+from fedge.errors import ConfigError, QuorumError, WeightsError
 from fedge.history import History
 from fedge.limits import MAX_EXAMPLES
 from fedge.strategy.base import Strategy
 from fedge.strategy.fedavg import FedAvg
-from fedge.weights import Weights
+from fedge.weights import Weights, validate
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class LocalFleet:
                 yield Outcome(task, error=skipped[task.task_id])
             else:
                 result, error = next(runs)
-                yield Outcome(task, result=result, error=error)
+                error = error or _reply_problem(task, result)
+                yield Outcome(task, result=None if error else result, error=error)
 
     def _apply_faults(self, task: Task) -> tuple[Config, str | None]:
         if task.kind != FIT or (self.faults.stragglers == 0 and self.faults.dropouts == 0):
@@ -184,6 +185,25 @@ def _execute(
     except Exception as exc:  # the client's code failed: report it, keep the round going
         log.debug("client %d failed:\n%s", cid, traceback.format_exc())
         return None, f"client {cid} raised {type(exc).__name__}: {exc}"
+
+
+def _reply_problem(task: Task, result: Result | None) -> str | None:
+    """Why the reply to a task of a workflow's own kind is refused, as the server refuses
+    it on upload: not a `Reply`, or arrays that are not what the task `expects`."""
+    if task.kind in (FIT, EVALUATE):
+        return None  # the coordinator checks these itself
+    source = f"client {task.cid}"
+    if not isinstance(result, Reply):
+        return f"{source}: a {task.kind!r} task returned {type(result).__name__}, not Reply"
+    if task.expects is None:
+        if result.arrays:
+            return f"{source}: tasks of kind {task.kind!r} carry no arrays in their reply"
+        return None
+    try:
+        validate(result.arrays, task.expects, source=source)
+    except WeightsError as exc:
+        return str(exc)
+    return None
 
 
 def _private_copy(args: Job) -> Job:

@@ -148,6 +148,28 @@ def test_tls_refuses_clients_without_a_project_certificate(fleet: Launcher) -> N
     assert ok.node_id == "node-0"  # type: ignore[attr-defined]
 
 
+def test_a_node_with_another_cas_certificate_stops_and_says_which(fleet: Launcher) -> None:
+    """A node reads its PEM files without parsing them (it never loads `cryptography`);
+    when the server refuses the handshake, it checks them and names what to fix."""
+    import shutil
+
+    from fedge.security import init_ca, issue
+
+    other = fleet.work / "other-ca"
+    init_ca(other)
+    issue(other, "stranger")
+    fleet.issue()
+    for suffix in (".crt", ".key"):
+        shutil.copy(other / f"stranger{suffix}", fleet.certs / f"stranger{suffix}")
+    fleet.server("--wait-for", "4")
+    wait_for(fleet.status, "the server's Control service")
+    node = fleet.node(0, identity="stranger")
+    assert wait_exit(node, 30) == 1
+    log = fleet.log("stranger")
+    assert "stranger.crt was not issued by the CA in" in log, log
+    assert "Traceback" not in log, log
+
+
 def test_a_node_killed_during_fit_misses_that_round_and_rejoins(
     tmp_path: Path, transport: str
 ) -> None:

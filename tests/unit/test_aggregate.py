@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedge.aggregate import Buffered, WeightedMean, stacked
-from fedge.weights import Weights
+from fedge.weights import CheckedWeights, Weights, spec_of, validate
 
 COUNTS = [1, 7, 3, 12]
 
@@ -118,3 +118,63 @@ def test_stacked_adds_a_leading_axis() -> None:
     s = stacked(updates, "w")
     assert s.shape == (4, 2, 3)
     np.testing.assert_array_equal(s[:, 0, 0], [0.0, 1.0, 2.0, 3.0])
+
+
+# --- precision and overflow --------------------------------------------------------------
+
+
+def test_float16_ones_from_3000_clients_average_to_exactly_one() -> None:
+    # A float16 sum stops growing at 2048 (2048 + 1 rounds back to 2048): accumulated in
+    # float16 the mean would be 2048 / 3000 = 0.68.
+    agg = WeightedMean()
+    ones = {"w": np.ones(5, dtype=np.float16)}
+    for cid in range(3000):
+        agg.add(ones, 1, cid)
+    out = agg.result()["w"]
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, np.ones(5, dtype=np.float16))
+
+
+def test_float16_sum_above_its_range_does_not_overflow() -> None:
+    # 200 * 1000 = 200,000 > float16's largest finite value, 65,504.
+    agg = WeightedMean()
+    update = {"w": np.full(4, 1000.0, dtype=np.float16)}
+    for cid in range(200):
+        agg.add(update, 3, cid)
+    out = agg.result()["w"]
+    assert out.dtype == np.float16
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, np.full(4, 1000.0, dtype=np.float16))
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["measured", "validated"])
+def test_float32_updates_near_the_top_of_the_range_average_without_overflow(
+    checked: bool,
+) -> None:
+    # finite float32 values near 3e38 (max 3.4e38): any weighted sum of two overflows
+    values = [3.0e38, 2.9e38, 3.3e38, -1.0e38, 3.2e38, 3.4e38]
+    counts = [1, 2, 3, 4, 5, 6]
+    spec = spec_of({"w": np.zeros(3, np.float32), "b": np.zeros((), np.float32)})
+    agg = WeightedMean()
+    for cid, (value, n) in enumerate(zip(values, counts, strict=True)):
+        update = {"w": np.full(3, value, np.float32), "b": np.array(value / 2, np.float32)}
+        if checked:  # as the coordinator folds: validate measured the magnitude already
+            update = CheckedWeights(update)
+            validate(update, spec, source=f"client {cid}")
+        agg.add(update, n, cid)
+    out = agg.result()
+    expected = np.average(np.float64(values), weights=counts)  # 2.25e38
+    assert out["w"].dtype == np.float32 and out["b"].dtype == np.float32
+    assert np.isfinite(out["w"]).all() and np.isfinite(out["b"])
+    np.testing.assert_allclose(out["w"], expected, rtol=1e-6)
+    np.testing.assert_allclose(out["b"], expected / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32, np.uint8])
+def test_the_mean_has_the_dtype_of_the_updates(dtype: type[np.generic]) -> None:
+    agg = WeightedMean()
+    agg.add({"w": np.array([2, 4], dtype=dtype)}, 1)
+    agg.add({"w": np.array([4, 8], dtype=dtype)}, 1)
+    out = agg.result()["w"]
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out, np.array([3, 6], dtype=dtype))

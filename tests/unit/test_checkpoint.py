@@ -233,3 +233,59 @@ def test_creates_missing_directory(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "a" / "b", make(1))
     assert path.parent == tmp_path / "a" / "b"
     assert load_checkpoint(path).round == 1
+
+
+# --- what a run's checkpoint carries -----------------------------------------------------
+
+
+def header_size(path: Path) -> int:
+    """Bytes of the safetensors header (the JSON with the metadata)."""
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_a_runs_checkpoint_carries_its_round_record_not_the_history(tmp_path: Path) -> None:
+    """The server checkpoints every finished round through `RunService.on_round`: weights,
+    strategy state and the round's record. The history lives in the state database, so the
+    header stays the same size however long the run (a copy of the history in the header
+    grew by a record per round and was rewritten whole every round)."""
+    from fedge.config import parse_config
+    from fedge.fleet.runs import RunService
+    from fedge.history import RoundRecord
+
+    rounds = 24
+    config = parse_config({"app": {"target": "app:create_app"}, "run": {"rounds": rounds}})
+    service = RunService.open(tmp_path / "state", config)
+    weights = {"w": np.arange(6, dtype=np.float32), "n": np.array(7, dtype=np.int64)}
+    state = {"m": np.full(6, 0.5), "v": np.full(6, 0.25)}
+    sizes: dict[int, int] = {}
+    try:
+        for r in range(1, rounds + 1):
+            if r == 20:  # a failed attempt is recorded, never checkpointed
+                failed = RoundRecord(round=r, status="failed", reason="only 1 of 3 arrived")
+                service.on_round(failed, weights, state)
+            record = RoundRecord(
+                round=r,
+                attempt=1 if r == 20 else 0,
+                selected=[0, 1, 2, 3],
+                participants=[0, 1, 2],
+                failures={3: "dropped out (simulated)"},
+                num_examples=300,
+                metrics={"loss": 0.5, "accuracy": 0.75},
+                fit_metrics={"train_loss": 0.625},
+                fit_time=0.25,
+                wall_time=0.5,
+            )
+            service.on_round(record, weights, state)
+            sizes[r] = header_size(service.checkpoints / checkpoint_name(r))
+        last = load_checkpoint(service.checkpoints / checkpoint_name(rounds))
+        history = service.history()
+    finally:
+        service.store.close()
+    assert last.round == rounds
+    assert_same(last.weights, weights)
+    assert_same(last.state, state)
+    assert last.meta == {"run_id": service.run_id, "record": record.to_dict()}
+    # only the round's number changes from one checkpoint to the next
+    assert len({sizes[r] for r in range(10, rounds + 1)}) == 1
+    assert sizes[rounds] - sizes[1] <= 8  # two more digits, padding to 8 bytes
+    assert len(history.rounds) == rounds + 1  # the database has every attempt

@@ -116,13 +116,13 @@ def test_an_unknown_key_in_run_is_named(tmp_path: Path) -> None:
 def test_a_value_of_the_wrong_type_is_named_with_the_value(tmp_path: Path) -> None:
     message = config_error(tmp_path, VALID.replace("rounds = 2", 'rounds = "five"'))
     assert "'run.rounds' = 'five'" in message
-    assert "valid integer" in message
+    assert "Expected `int`, got `str`" in message
 
 
 def test_an_out_of_range_value_is_named_with_the_value(tmp_path: Path) -> None:
     message = config_error(tmp_path, VALID + "[simulation]\nstragglers = 2\n")
     assert "'simulation.stragglers' = 2" in message
-    assert "less than or equal to 1" in message
+    assert "Expected `float` <= 1.0" in message
 
 
 APP = '[app]\ntarget = "app:create_app"\n'

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -397,3 +399,80 @@ def test_bulyan_needs_4f_plus_3_updates() -> None:
         bulyan([({"w": f64(v)}, 1) for v in range(6)], num_malicious=1)
     with pytest.raises(ConfigError, match=r"^strategy\.min_results must be >= .* = 7 .*got 6"):
         Bulyan(num_malicious=1, min_results=6)
+
+
+# --- ties are broken by client id, whatever the arrival order ------------------------------
+
+Placed = dict[int, tuple[float, float]]
+"""Client id -> its 2-D update."""
+
+# Four corners of a diamond: each is at squared distance 2 from two others and 4 from the
+# third, so every Krum score (f = 0, the n - f - 2 = 2 nearest) is exactly 4: a four-way tie.
+DIAMOND: Placed = {9: (1, 0), 3: (0, 1), 14: (-1, 0), 6: (0, -1)}
+
+# For Bulyan (f = 1, n = 7 = 4f + 3, theta = 5, beta = 3): a centre, the diamond and two
+# outliers; every column sums to 7, so the centred distances are exact integers. In client-id
+# order repeated Krum takes (r = updates left, k = neighbours):
+#   r=7 k=4: centre 4 (ring 9)                             -> 4
+#   r=6 k=3: ring 2+2+4 = 8 each, four-way tie               -> 2 (0, 1)
+#   r=5 k=2: 6 (-1,0) 6, 9 (1,0) 6, 13 (0,-1) 2+2 = 4          -> 13
+#   r=4 k=1: 6 and 9 tie at 4                                 -> 6
+#   r=3 k=1: 9 (1,0) and outlier 1 (7,0) tie at 36            -> 1
+# chosen x = [0, 0, 0, -1, 7], y = [0, 1, -1, 0, 0]: the 3 values closest to each median 0
+# are 0, 0, 0. Other tie-breaks choose another set and give (-1/3, 0) or (0, -1/3).
+RING: Placed = {4: (0, 0), 9: (1, 0), 2: (0, 1), 6: (-1, 0), 13: (0, -1), 1: (7, 0), 8: (0, 7)}
+
+
+def arrival_orders(cids: list[int], count: int = 24) -> list[list[int]]:
+    """Client-id order, its reverse and seeded shuffles."""
+    rng = np.random.default_rng(5)
+    shuffled = [[cids[i] for i in rng.permutation(len(cids))] for _ in range(count - 2)]
+    return [sorted(cids), sorted(cids, reverse=True), *shuffled]
+
+
+def as_update(point: tuple[float, float]) -> tuple[Weights, int]:
+    return {"x": f64(point[0]), "y": f64(point[1])}, 10
+
+
+def aggregated_in_order(strategy: Strategy, placed: Placed, order: list[int]) -> Weights:
+    agg = strategy.aggregator(ctx())
+    for cid in order:
+        weights, n = as_update(placed[cid])
+        agg.add(weights, n, cid)
+    return agg.result()
+
+
+def as_bytes(weights: Weights) -> tuple[bytes, ...]:
+    return tuple(weights[name].tobytes() for name in ("x", "y"))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "rule", "placed", "expected"),
+    [
+        # the lowest client id among the tied four: 3 at (0, 1)
+        (Krum(min_results=3), lambda u: krum(u, 0), DIAMOND, (0.0, 1.0)),
+        # the three lowest ids, 3 (0, 1), 6 (0, -1) and 9 (1, 0)
+        (
+            MultiKrum(num_selected=3, min_results=3),
+            lambda u: multi_krum(u, 0, 3),
+            DIAMOND,
+            (1 / 3, 0.0),
+        ),
+        (Bulyan(num_malicious=1, min_results=7), lambda u: bulyan(u, 1), RING, (0.0, 0.0)),
+    ],
+    ids=["krum", "multikrum", "bulyan"],
+)
+def test_robust_rules_break_exact_ties_by_client_id_whatever_the_arrival_order(
+    strategy: Strategy, rule: Any, placed: Placed, expected: tuple[float, float]
+) -> None:
+    orders = arrival_orders(list(placed))
+    # the ties are real: applied in arrival order, the rule itself gives several models
+    raw = {as_bytes(rule([as_update(placed[cid]) for cid in order])) for order in orders}
+    assert len(raw) > 1
+    # the strategy's aggregator gives one model, bit for bit: the rule in client-id order
+    models = {as_bytes(aggregated_in_order(strategy, placed, order)) for order in orders}
+    assert len(models) == 1
+    in_id_order = rule([as_update(placed[cid]) for cid in sorted(placed)])
+    assert models == {as_bytes(in_id_order)}
+    out = aggregated_in_order(strategy, placed, orders[-1])
+    np.testing.assert_allclose([out["x"][0], out["y"][0]], expected, rtol=0, atol=1e-15)

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.datasets.partition import check_int
+
 __all__ = [
     "Device",
     "load_digits",
@@ -141,10 +143,10 @@ def synthetic(
     """
     alpha = _check_scale("alpha", alpha)
     beta = _check_scale("beta", beta)
-    num_devices = _check_count("num_devices", num_devices, minimum=1)
-    num_classes = _check_count("num_classes", num_classes, minimum=2)
-    dim = _check_count("dim", dim, minimum=1)
-    seed = _check_count("seed", seed, minimum=0)
+    num_devices = check_int("synthetic", "num_devices", num_devices, minimum=1)
+    num_classes = check_int("synthetic", "num_classes", num_classes, minimum=2)
+    dim = check_int("synthetic", "dim", dim, minimum=1)
+    seed = check_int("synthetic", "seed", seed, minimum=0)
 
     rng = np.random.default_rng(seed)
     sizes = rng.lognormal(4.0, 2.0, num_devices).astype(np.int64) + 50
@@ -192,7 +194,7 @@ def train_test_split_devices(
         raise ValueError(
             f"train_test_split_devices: expected 0 < test_fraction < 1, got {test_fraction}"
         )
-    seed = _check_count("seed", seed, minimum=0, func="train_test_split_devices")
+    seed = check_int("train_test_split_devices", "seed", seed, minimum=0)
     rng = np.random.default_rng(seed)
     train: list[Device] = []
     test: list[Device] = []
@@ -222,13 +224,4 @@ def _check_scale(name: str, value: object) -> float:
     number = float(value)
     if not (np.isfinite(number) and number >= 0):
         raise ValueError(f"synthetic: expected {name} >= 0 (finite), got {name}={number}")
-    return number
-
-
-def _check_count(name: str, value: object, *, minimum: int, func: str = "synthetic") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{func}: expected {name} to be an integer, got {value!r}")
-    number = int(value)
-    if number < minimum:
-        raise ValueError(f"{func}: expected {name} >= {minimum}, got {name}={number}")
     return number

@@ -35,8 +35,8 @@ def iid(num_samples: int, num_clients: int, seed: int) -> Partition:
 
     Sizes differ by at most one, so no client is starved by chance.
     """
-    num_samples = _check_int("iid", "num_samples", num_samples, minimum=1)
-    num_clients = _check_int("iid", "num_clients", num_clients, minimum=1)
+    num_samples = check_int("iid", "num_samples", num_samples, minimum=1)
+    num_clients = check_int("iid", "num_clients", num_clients, minimum=1)
     seed = _check_seed("iid", seed)
     if num_samples < num_clients:
         raise ValueError(
@@ -67,15 +67,15 @@ def dirichlet(
     samples; after ``max_tries`` failed draws a ``ValueError`` explains what to change.
     """
     y = _check_labels("dirichlet", labels)
-    num_clients = _check_int("dirichlet", "num_clients", num_clients, minimum=1)
+    num_clients = check_int("dirichlet", "num_clients", num_clients, minimum=1)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise ValueError(f"dirichlet: expected alpha to be a number > 0, got {alpha!r}")
     alpha = float(alpha)
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"dirichlet: expected alpha > 0 (finite), got alpha={alpha}")
     seed = _check_seed("dirichlet", seed)
-    min_size = _check_int("dirichlet", "min_size", min_size, minimum=0)
-    max_tries = _check_int("dirichlet", "max_tries", max_tries, minimum=1)
+    min_size = check_int("dirichlet", "min_size", min_size, minimum=0)
+    max_tries = check_int("dirichlet", "max_tries", max_tries, minimum=1)
     if min_size * num_clients > y.size:
         raise ValueError(
             f"dirichlet: expected at least min_size * num_clients = {min_size} * "
@@ -118,8 +118,8 @@ def shards(
     shard can straddle a class boundary, exactly as in the original experiment.
     """
     y = _check_labels("shards", labels)
-    num_clients = _check_int("shards", "num_clients", num_clients, minimum=1)
-    shards_per_client = _check_int("shards", "shards_per_client", shards_per_client, minimum=1)
+    num_clients = check_int("shards", "num_clients", num_clients, minimum=1)
+    shards_per_client = check_int("shards", "shards_per_client", shards_per_client, minimum=1)
     seed = _check_seed("shards", seed)
     num_shards = num_clients * shards_per_client
     if y.size < num_shards:
@@ -150,7 +150,8 @@ def by_group(groups: ArrayLike) -> Partition:
     return list(np.split(order, np.cumsum(counts)[:-1]))
 
 
-def _check_int(func: str, name: str, value: object, *, minimum: int) -> int:
+def check_int(func: str, name: str, value: object, *, minimum: int) -> int:
+    """`value` as an int, or a ValueError naming the function, the argument and the bound."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{func}: expected {name} to be an integer, got {value!r}")
     number = int(value)
@@ -160,7 +161,7 @@ def _check_int(func: str, name: str, value: object, *, minimum: int) -> int:
 
 
 def _check_seed(func: str, seed: object) -> int:
-    return _check_int(func, "seed", seed, minimum=0)
+    return check_int(func, "seed", seed, minimum=0)
 
 
 def _check_labels(func: str, labels: ArrayLike) -> NDArray[np.generic]:

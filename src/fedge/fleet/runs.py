@@ -13,9 +13,11 @@ nodes) and, per run, ``runs/<id>/checkpoints``. When the server starts:
 Every finished round is checkpointed first (weights, strategy state and the round's
 record) and recorded in the database after, so a round is never reported without its
 weights; a crash between the two leaves a checkpoint the database lacks, and on start the
-checkpoint is the truth: its record is written then. The history lives in the database
-only, so checkpoints and memory do not grow with the number of rounds. A full disk pauses
-the run (the round waits in memory) until space is freed or the server is stopped.
+checkpoint is the truth: its record is written then (also for the run a ``--new-run``
+leaves behind). A stopped or failed run served again is ``running`` again. The history
+lives in the database only, so checkpoints and memory do not grow with the number of
+rounds. A full disk pauses the run (the round waits in memory) until space is freed or the
+server is stopped.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedge.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from fedge.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
 from fedge.config import RunConfig, parse_config
 from fedge.errors import ConfigError, is_disk_full
 from fedge.fleet.service import Stopped
@@ -82,6 +84,11 @@ class RunService:
         if latest is not None:
             _adopt_legacy_checkpoints(state_dir, latest["run_id"])
         settings = config.settings()
+        if latest is not None and new_run:  # the old run keeps its last checkpointed round
+            try:
+                cls(store, state_dir, latest["run_id"], config).reconcile()
+            except CheckpointError as exc:
+                log.warning("run %s: %s", latest["run_id"], exc)
         if latest is None or new_run:
             run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
             store.start_run(run_id, settings, config.run.rounds, str(config.base_dir.resolve()))
@@ -109,17 +116,34 @@ class RunService:
     # --- resuming --------------------------------------------------------------------
 
     def resume_point(self) -> Resume:
-        """Where to continue, reconciling the database with the newest checkpoint."""
-        ckpt = latest_checkpoint(self.checkpoints)
+        """Where to continue, reconciling the database with the newest checkpoint. A run
+        served again is no longer stopped or failed: its status says so."""
+        ckpt = self.reconcile()
+        run = self.store.get_run(self.run_id)
+        status: RunStatus = "finished" if self.finished() else "running"
+        if run is not None and run["status"] != status:
+            self.store.set_run_status(self.run_id, status)
         if ckpt is None:
             return Resume(1, self.store.attempts(self.run_id, 1))
-        if self.store.last_round(self.run_id) < ckpt.round and "record" in ckpt.meta:
-            log.warning("round %d was checkpointed but not recorded; recording it now", ckpt.round)
-            self.store.record_round(self.run_id, RoundRecord.from_dict(ckpt.meta["record"]))
         next_round = ckpt.round + 1
         return Resume(
             next_round, self.store.attempts(self.run_id, next_round), ckpt.weights, ckpt.state
         )
+
+    def reconcile(self) -> Checkpoint | None:
+        """The newest checkpoint, after recording its round if the database lacks it (a
+        crash between the checkpoint and the record: the checkpoint is the truth)."""
+        ckpt = latest_checkpoint(self.checkpoints)
+        if ckpt is None:
+            return None
+        if self.store.last_round(self.run_id) < ckpt.round and "record" in ckpt.meta:
+            log.warning(
+                "run %s: round %d was checkpointed but not recorded; recording it now",
+                self.run_id,
+                ckpt.round,
+            )
+            self.store.record_round(self.run_id, RoundRecord.from_dict(ckpt.meta["record"]))
+        return ckpt
 
     def finished(self) -> bool:
         return self.store.last_round(self.run_id) >= self.config.run.rounds
@@ -177,16 +201,20 @@ def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any], most: int =
     before, after = dict(_flatten(old)), dict(_flatten(new))
     keys = sorted(set(before) | set(after))
     changed = [
-        f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
+        f"{k}: {_shown(before, k)} -> {_shown(after, k)}"
         for k in keys
-        if before.get(k, "(unset)") != after.get(k, "(unset)")
+        if k not in before or k not in after or before[k] != after[k]
     ]
     more = f" and {len(changed) - most} more" if len(changed) > most else ""
     return "; ".join(changed[:most]) + more
 
 
+def _shown(settings: Mapping[str, Any], key: str) -> str:
+    return repr(settings[key]) if key in settings else "(unset)"
+
+
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, Mapping) and value:
+    if isinstance(value, Mapping) and (value or not prefix):  # an empty table is a value
         for key, item in value.items():
             yield from _flatten(item, f"{prefix}{key}.")
     else:

@@ -130,9 +130,18 @@ class FleetService:
         _check_capabilities(capabilities)
         first = self.sessions.check_join(node_id, cid)
         if first:
-            await asyncio.to_thread(
-                self.bindings.bind, node_id, cid, address[:MAX_STRING], capabilities.as_dict()
-            )
+            # claimed before the binding is written, so that a concurrent join of another
+            # identity with this client id is refused here rather than by the database
+            sessions = self.sessions
+            sessions.owner[cid], sessions.bound[node_id] = node_id, cid
+            try:
+                await asyncio.to_thread(
+                    self.bindings.bind, node_id, cid, address[:MAX_STRING], capabilities.as_dict()
+                )
+            except Exception:
+                if sessions.owner.get(cid) == node_id and sessions.bound.get(node_id) == cid:
+                    del sessions.owner[cid], sessions.bound[node_id]
+                raise
             log.info("client id %d is now bound to node %s", cid, node_id)
         session = self.sessions.open(node_id, cid, address[:MAX_STRING], capabilities)
         self.events.emit("node.joined", node=node_id, cid=cid, address=session.address)

@@ -33,8 +33,10 @@ from fedge.weights import CheckedWeights, FileWeights, Spec, validate, view_byte
 
 SMALL_PAYLOAD = 4 << 20
 """Payloads up to this size are received in memory."""
-HELD_MEMORY = 256 << 20
-"""Memory for small results waiting for their turn to be folded; beyond it, files."""
+HELD_MEMORY = max(256 << 20, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
+"""Memory for small results waiting for their turn to be folded (results are folded in
+client-id order); beyond it they wait in files. An eighth of the machine's memory: with
+256 MiB, a 1,000-node round of 400 KB results spent a third of its server CPU on files."""
 HEADER_ALLOWANCE = 4096
 """Bytes a safetensors header may take beyond ~200 per tensor."""
 

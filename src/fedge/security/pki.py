@@ -19,7 +19,6 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -28,7 +27,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedge.errors import FedgeError
+from fedge.security.credentials import (
+    CA_CERT_FILE,
+    Credentials,
+    PKIError,
+    read_credentials,
+    validate_name,
+)
 
 __all__ = [
     "CA_CERT_FILE",
@@ -36,19 +41,15 @@ __all__ = [
     "DEFAULT_SERVER_HOSTS",
     "Credentials",
     "PKIError",
-    "identity_from_cert_pem",
     "init_ca",
     "issue",
     "load_credentials",
     "validate_name",
 ]
 
-CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
 DEFAULT_SERVER_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 
-MAX_NAME_LENGTH = 64
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 # A DNS name as it may appear in a SAN: labels of letters, digits, '-' and '_', optionally
 # a leading "*." wildcard.
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -56,19 +57,6 @@ _HOST_RE = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\.?")
 # Certificates start a little in the past so that a node whose clock lags the CA's
 # by a few minutes still accepts a freshly issued certificate.
 _CLOCK_SKEW = dt.timedelta(minutes=5)
-
-
-class PKIError(FedgeError):
-    """A certificate or key is missing, invalid, or would be overwritten."""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """PEM bytes for one TLS endpoint, ready for `grpc.ssl_*_credentials`."""
-
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
 
 
 def init_ca(
@@ -222,13 +210,8 @@ def load_credentials(directory: Path, name: str) -> Credentials:
     turns what would be an opaque TLS handshake failure into an error that says what to fix.
     """
     directory = Path(directory)
-    validate_name(name)
-    ca_pem = _read(directory / CA_CERT_FILE, "CA certificate", hint="copy ca.crt from the CA")
-    cert_pem = _read(
-        directory / f"{name}.crt", "certificate", hint=f"issue one with issue(dir, {name!r})"
-    )
-    key_pem = _read(directory / f"{name}.key", "private key", hint="it is written next to the .crt")
-
+    creds = read_credentials(directory, name)
+    ca_pem, cert_pem, key_pem = creds.ca_pem, creds.cert_pem, creds.key_pem
     ca_cert = _parse_cert(ca_pem, directory / CA_CERT_FILE)
     cert = _parse_cert(cert_pem, directory / f"{name}.crt")
     key = _parse_key(key_pem, directory / f"{name}.key")
@@ -252,39 +235,7 @@ def load_credentials(directory: Path, name: str) -> Credentials:
                 f"{path} is valid from {c.not_valid_before_utc:%Y-%m-%d %H:%M} to "
                 f"{c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, but now is {now:%Y-%m-%d %H:%M} UTC"
             )
-    return Credentials(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem)
-
-
-def identity_from_cert_pem(pem: bytes) -> str:
-    """Return the certificate's Common Name, which is the holder's fedge identity."""
-    cert = _parse_cert(pem, None)
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) != 1:
-        raise PKIError(
-            f"expected exactly one Common Name in the certificate subject, found {len(cns)} "
-            f"({cert.subject.rfc4514_string() or 'empty subject'})"
-        )
-    value = cns[0].value
-    return value if isinstance(value, str) else value.decode()
-
-
-def validate_name(name: str) -> None:
-    """Check `name` is usable both as a CN and as a file name in the PKI directory."""
-    if not isinstance(name, str) or not name:
-        raise PKIError(f"certificate name must be a non-empty string, got {name!r}")
-    if len(name) > MAX_NAME_LENGTH:
-        raise PKIError(
-            f"certificate name must be at most {MAX_NAME_LENGTH} characters, "
-            f"got {len(name)}: {name[:20]!r}..."
-        )
-    if not _NAME_RE.fullmatch(name):
-        bad = sorted({ch for ch in name if not _NAME_RE.fullmatch(ch)})
-        raise PKIError(
-            f"certificate name {name!r} may only contain letters, digits, '.', '_' and '-'; "
-            f"found {''.join(bad)!r}"
-        )
-    if name in {".", ".."}:
-        raise PKIError(f"certificate name {name!r} is not allowed (it is a directory name)")
+    return creds
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -328,15 +279,6 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     if key.public_key() != cert.public_key():
         raise PKIError(f"{key_path} does not belong to {cert_path}: the public keys differ")
     return cert, key
-
-
-def _read(path: Path, what: str, *, hint: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"{what} not found: {path} ({hint})") from None
-    except OSError as exc:
-        raise PKIError(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
 def _parse_cert(pem: bytes, path: Path | None) -> x509.Certificate:

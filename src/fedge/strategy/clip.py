@@ -28,7 +28,12 @@ from fedge.weights import Array, Weights, blocks
 class ClipUpdates(StrategyWrapper):
     def __init__(self, inner: Strategy, *, max_norm: float) -> None:
         super().__init__(inner)
-        if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
+        if not (
+            isinstance(max_norm, int | float)
+            and not isinstance(max_norm, bool)
+            and math.isfinite(max_norm)
+            and max_norm > 0
+        ):
             raise ConfigError(f"clip_updates.max_norm must be a number > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 
@@ -88,9 +93,10 @@ class ScaledDelta(Mapping[str, Array]):
         ref = self._reference[name]
         flat, start = ref.reshape(-1), 0
         for block in blocks(self._weights, name):
-            if _is_float(ref):
+            if _is_float(ref):  # in float64: a float16 delta of two finite values can be Inf
                 base = flat[start : start + block.size]
-                step = np.multiply(np.subtract(block, base), self._scale)
+                step = np.subtract(block, base, dtype=np.float64)
+                step *= self._scale
                 yield np.add(base, step).astype(ref.dtype, copy=False)
             else:
                 yield block

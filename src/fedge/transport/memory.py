@@ -5,6 +5,7 @@ identity is whatever the test says it is (there is no TLS to check it)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ class MemoryLink:
             identity,
             chunk_size,
         )
-        self._stream: asyncio.Future[None] | None = None
+        self._stream: concurrent.futures.Future[None] | None = None
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
         try:
@@ -67,11 +68,15 @@ class MemoryLink:
             finally:
                 items.put(_END)
 
-        self._stream = asyncio.run_coroutine_threadsafe(pump(), self.loop)  # type: ignore[assignment]
-        while (item := items.get()) is not _END:
-            if isinstance(item, LinkError):
-                raise item
-            yield item  # type: ignore[misc]
+        def ended(stream: concurrent.futures.Future[None]) -> None:
+            if stream.cancelled():  # maybe before pump() ran at all, so it could not say so
+                items.put(LinkError(Code.CANCELLED, "cancelled"))
+                items.put(_END)
+
+        # opened now, not when first read: `cancel` right after this returns must end it
+        self._stream = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        self._stream.add_done_callback(ended)
+        return _read(items)
 
     def cancel(self) -> None:
         if self._stream is not None:
@@ -104,3 +109,10 @@ class MemoryLink:
 
     def close(self) -> None:
         self.cancel()
+
+
+def _read(items: queue.Queue[object]) -> Iterator[TaskHeader | Keepalive]:
+    while (item := items.get()) is not _END:
+        if isinstance(item, LinkError):
+            raise item
+        yield item  # type: ignore[misc]

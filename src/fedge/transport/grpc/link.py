@@ -32,7 +32,7 @@ from fedge.node.link import LinkError
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.transport.grpc import convert
-from fedge.transport.grpc.tls import NODE_NAME_METADATA, channel_credentials
+from fedge.transport.grpc.tls import NODE_NAME_METADATA, channel_credentials, explain_refusal
 
 T = TypeVar("T")
 
@@ -59,6 +59,7 @@ class GrpcLink:
         self._stream_token = ""
         self._acks: dict[str, queue.Queue[pb.UploadReply | LinkError]] = {}
         self._inline: OrderedDict[str, bytes] = OrderedDict()  # models that came with tasks
+        self._explained = insecure  # a refused connection was checked against the certs
 
     def _fleet(self) -> pb_grpc.FleetStub:
         with self._lock:
@@ -94,10 +95,20 @@ class GrpcLink:
         request = pb.JoinRequest(
             cid=cid, capabilities=convert.capabilities_to_pb(capabilities), protocol=protocol
         )
-        reply = self._call(lambda s: s.Join(request, timeout=10, metadata=self._metadata))
+        try:
+            reply = self._call(lambda s: s.Join(request, timeout=10, metadata=self._metadata))
+        except LinkError as exc:
+            refused_tcp = "Connection refused" in exc.message  # the server is down
+            if exc.code == Code.UNAVAILABLE and not refused_tcp and not self._explained:
+                self._explained = True  # once: the check loads `cryptography`
+                assert self.certs is not None
+                explain_refusal(self.certs, self.name)
+            raise
+        self._explained = True
         return Joined(reply.node_id, reply.session_token, reply.heartbeat_interval_s)
 
     def tasks(self, joined: Joined) -> Iterator[TaskHeader | Keepalive]:
+        """Opens the stream now, so a `cancel` that comes before the first read ends it."""
         requests: queue.Queue[pb.NodeMessage | bytes | None] = queue.Queue()
         requests.put(
             pb.NodeMessage(open=pb.TasksRequest(node_id=joined.node_id, session_token=joined.token))
@@ -109,6 +120,11 @@ class GrpcLink:
 
         stream = self._call(lambda s: self._connect(outgoing(), metadata=self._metadata))
         self._stream, self._requests, self._stream_token = stream, requests, joined.token
+        return self._receive(stream, requests)
+
+    def _receive(
+        self, stream: Any, requests: queue.Queue[pb.NodeMessage | bytes | None]
+    ) -> Iterator[TaskHeader | Keepalive]:
         try:
             for message in stream:
                 body = message.WhichOneof("body")

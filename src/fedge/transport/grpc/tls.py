@@ -9,13 +9,15 @@ from pathlib import Path
 import grpc
 
 from fedge.errors import FedgeError
-from fedge.security import load_credentials
+from fedge.security.credentials import read_credentials
 
 NODE_NAME_METADATA = "fedge-node-name"
 """Plaintext (loopback-only) connections name themselves in this metadata key."""
 
 
 def server_credentials(certs: Path, name: str = "server") -> grpc.ServerCredentials:
+    from fedge.security.pki import load_credentials  # checked up front: say what to fix
+
     creds = load_credentials(certs, name)
     return grpc.ssl_server_credentials(
         [(creds.key_pem, creds.cert_pem)], root_certificates=creds.ca_pem, require_client_auth=True
@@ -23,8 +25,18 @@ def server_credentials(certs: Path, name: str = "server") -> grpc.ServerCredenti
 
 
 def channel_credentials(certs: Path, name: str) -> grpc.ChannelCredentials:
-    creds = load_credentials(certs, name)
+    """The files as they are: the handshake checks them, and `explain_refusal` says what
+    is wrong with them if it fails (a node that connects never loads `cryptography`)."""
+    creds = read_credentials(certs, name)
     return grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
+
+
+def explain_refusal(certs: Path, name: str) -> None:
+    """Raise `PKIError` naming what to fix if the credentials cannot work (another CA's
+    certificate, a key of another certificate, expired); otherwise return."""
+    from fedge.security.pki import load_credentials
+
+    load_credentials(certs, name)
 
 
 def peer_identity(context: grpc.aio.ServicerContext, insecure: bool) -> str | None:
