@@ -137,7 +137,10 @@ def test_fedge_stop_ends_the_server_cleanly_and_a_restart_resumes_the_run(
         assert f"error: cannot reach the server at {fleet.address}" in gone.stderr
         assert "Traceback" not in gone.stderr
         (run,) = db_runs(fleet.state_dir)
-        assert (run["status"], run["reason"]) == ("stopped", "stopped by the operator")
+        assert (run["status"], run["reason"]) == (
+            "stopped",
+            "stopped by the operator: maintenance window",
+        )
         done = run["last_round"]
         assert isinstance(done, int) and 1 <= done < 10
         listed = fedge(fleet, "runs", "--state-dir", fleet.state_dir)

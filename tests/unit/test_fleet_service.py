@@ -668,3 +668,20 @@ def test_a_join_whose_binding_was_not_recorded_does_not_hold_the_client_id(
         fleet.call(service.join("first", 1, "memory", Capabilities(), PROTOCOL))
     assert info.value.code == Code.PERMISSION_DENIED
     assert "client id 1 is bound to node 'second'" in info.value.message
+
+
+def test_a_task_payload_over_the_inline_limit_is_refused_when_opened(fleet: Harness) -> None:
+    """Payloads travel with their task on every push: large arrays belong in the model."""
+    import dataclasses
+
+    from fedge.limits import MAX_PAYLOAD_BYTES
+
+    service, _ = fleet.serve()
+    big = {"nonce": np.zeros(MAX_PAYLOAD_BYTES // 4 + 1, dtype=np.float32)}
+    task = dataclasses.replace(task_for(0, None, kind="probe"), payload=big)
+    with pytest.raises(
+        ValueError, match=rf"payload of \d+ bytes, expected at most {MAX_PAYLOAD_BYTES}"
+    ):
+        fleet.on_loop(service.open_tasks, [task], {})
+    small = dataclasses.replace(task, payload={"nonce": np.zeros(4, dtype=np.float32)})
+    fleet.on_loop(service.open_tasks, [small], {})

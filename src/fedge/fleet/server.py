@@ -103,6 +103,7 @@ class Aggregator(Observer):
         self.round = self.resume.round - 1
         self.last_metrics: Metrics = {}
         self._stop: asyncio.Event | None = None
+        self._stop_reason = "stopped by the operator"
         self._started = time.perf_counter()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -134,6 +135,8 @@ class Aggregator(Observer):
     def request_stop(self, reason: str = "") -> None:
         """Stop after the current write; safe to call from the loop (signal handlers)."""
         log.warning("stop requested: %s", reason or "no reason given")
+        if reason:
+            self._stop_reason = f"stopped by the operator: {reason}"
         self.runs.stop_requested.set()
         if self._stop is not None:
             self._stop.set()
@@ -148,7 +151,7 @@ class Aggregator(Observer):
             )
         except Stopped:
             self.state = "stopped"
-            self._end("stopped", "stopped by the operator")
+            self._end("stopped", self._stop_reason)
             return
         except QuorumError as exc:
             self.state, self.reason = "failed", str(exc)

@@ -30,6 +30,7 @@ from fedge.limits import (
     MAX_EXAMPLES,
     MAX_KEY_LENGTH,
     MAX_LABELS,
+    MAX_PAYLOAD_BYTES,
     MAX_STRING,
     MAX_TASK_ID,
     MAX_UPLOAD_BYTES,
@@ -121,7 +122,10 @@ class FleetService:
         self, identity: str, cid: int, address: str, capabilities: Capabilities, protocol: int
     ) -> Joined:
         node_id = _identity(identity)
-        if protocol < PROTOCOL:
+        if protocol < PROTOCOL:  # such a node retries for ever: say it here too
+            log.warning(
+                "refused node %r: it speaks protocol %d, not %d", node_id, protocol, PROTOCOL
+            )
             raise FleetError(
                 Code.FAILED_PRECONDITION,
                 f"node {node_id!r} speaks protocol {protocol}; this server needs {PROTOCOL} "
@@ -298,6 +302,12 @@ class FleetService:
 
     def open_tasks(self, tasks: Sequence[Task], models: dict[str, ModelRef]) -> None:
         for task in tasks:
+            payload = to_bytes(task.payload) if task.payload else b""
+            if len(payload) > MAX_PAYLOAD_BYTES:  # it travels with the task, on every push
+                raise ValueError(
+                    f"task {task.task_id}: payload of {len(payload)} bytes, expected at most "
+                    f"{MAX_PAYLOAD_BYTES}; send large arrays as the task's model"
+                )
             header = TaskHeader(
                 task_id=task.task_id,
                 run_id=self.settings.run_id,
@@ -305,7 +315,7 @@ class FleetService:
                 kind=task.kind,
                 config=task.config,
                 model=models[task.model] if task.model else None,
-                payload=to_bytes(task.payload) if task.payload else b"",
+                payload=payload,
                 partial_work=task.partial_work,
                 deadline=task.deadline or 0.0,
             )
