@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fedprox_bench.py
 	$(BIN)/python benchmarks/fleet_bench.py
 	$(BIN)/python benchmarks/scale_bench.py
+	$(BIN)/python benchmarks/longrun_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
