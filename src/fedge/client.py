@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedge.metrics import Metrics
-from fedge.weights import Array, Weights
+from fedge.weights import Array, Weights, is_norm_bound
 
 Config = dict[str, Any]
 
@@ -132,12 +132,7 @@ class ClipClient(ClientWrapper):
 
     def __init__(self, inner: Client, *, max_norm: float) -> None:
         super().__init__(inner)
-        if not (
-            isinstance(max_norm, int | float)
-            and not isinstance(max_norm, bool)
-            and math.isfinite(max_norm)
-            and max_norm > 0
-        ):
+        if not is_norm_bound(max_norm):
             raise ValueError(f"ClipClient: max_norm must be a number > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 

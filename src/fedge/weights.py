@@ -123,6 +123,16 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
         weights.checked, weights.magnitude = dict(spec), magnitude
 
 
+def is_norm_bound(value: object) -> bool:
+    """A usable clipping bound: a finite number > 0 (not a bool: TOML's `true` is no 1.0)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 def magnitude(weights: Mapping[str, Array]) -> float:
     """The largest absolute value of the float tensors (measured by `validate` if it ran)."""
     known: float | None = getattr(weights, "magnitude", None)

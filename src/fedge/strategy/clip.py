@@ -22,18 +22,13 @@ import numpy as np
 from fedge.aggregate import Aggregator
 from fedge.errors import ConfigError
 from fedge.strategy.base import RoundContext, Strategy, StrategyWrapper
-from fedge.weights import Array, Weights, blocks
+from fedge.weights import Array, Weights, blocks, is_norm_bound
 
 
 class ClipUpdates(StrategyWrapper):
     def __init__(self, inner: Strategy, *, max_norm: float) -> None:
         super().__init__(inner)
-        if not (
-            isinstance(max_norm, int | float)
-            and not isinstance(max_norm, bool)
-            and math.isfinite(max_norm)
-            and max_norm > 0
-        ):
+        if not is_norm_bound(max_norm):
             raise ConfigError(f"clip_updates.max_norm must be a number > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 
