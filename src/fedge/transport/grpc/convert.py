@@ -14,6 +14,7 @@ from fedge.messages import (
     NodeInfo,
     Status,
     TaskHeader,
+    UploadAck,
     UploadHeader,
 )
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
@@ -144,6 +145,16 @@ def node_to_pb(node: NodeInfo) -> pb.NodeStatus:
         tasks_done=node.tasks_done,
         connected=node.connected,
         live=node.live,
+    )
+
+
+def ack_to_pb(ack: UploadAck, task_id: str = "") -> pb.UploadReply:
+    return pb.UploadReply(
+        task_id=task_id,
+        accepted=ack.accepted,
+        duplicate=ack.duplicate,
+        message=ack.message,
+        received_bytes=ack.received_bytes,
     )
 
 

@@ -163,13 +163,7 @@ class FleetServicer(pb_grpc.FleetServicer):
             ack = await self.service.upload(self._who(context), header, chunks())
         except FleetError as exc:
             return pb.UploadReply(task_id=header.task_id, code=exc.code.value, message=exc.message)
-        return pb.UploadReply(
-            task_id=header.task_id,
-            accepted=ack.accepted,
-            duplicate=ack.duplicate,
-            message=ack.message,
-            received_bytes=ack.received_bytes,
-        )
+        return convert.ack_to_pb(ack, header.task_id)
 
     async def Download(
         self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext
@@ -218,12 +212,7 @@ class FleetServicer(pb_grpc.FleetServicer):
                 yield message.chunk.offset, message.chunk.data
 
         ack = await call(context, self.service.upload(self._who(context), header, chunks()))
-        return pb.UploadReply(
-            accepted=ack.accepted,
-            duplicate=ack.duplicate,
-            message=ack.message,
-            received_bytes=ack.received_bytes,
-        )
+        return convert.ack_to_pb(ack)
 
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
