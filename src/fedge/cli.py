@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fedge.errors import FedgeError
+from fedge.malloc import pause_gc
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -101,6 +102,7 @@ def sim(
 ) -> None:
     """Simulate a federation on this machine, with the app named in the config."""
     from fedge.config import load_config
+    from fedge.malloc import started
     from fedge.progress import ProgressObserver, history_table
     from fedge.sim import simulate
     from fedge.weights import to_file
@@ -111,6 +113,7 @@ def sim(
     if backend is not None:
         cfg.simulation.backend = backend.value
     user_app = _app_of(cfg)
+    started()
     with ProgressObserver(cfg.run.rounds, _console(), disable=quiet) as observer:
         history = simulate(
             user_app.client_fn,
@@ -240,6 +243,7 @@ def server(
     from fedge.config import load_config
     from fedge.fleet.runs import RunService
     from fedge.fleet.server import Aggregator, ServerSettings
+    from fedge.malloc import started
     from fedge.transport.grpc.server import GrpcTransport
     from fedge.weights import to_file
 
@@ -262,6 +266,7 @@ def server(
             loop.add_signal_handler(sig, aggregator.request_stop, f"signal {sig.name}")
         await aggregator.serve(transport)
 
+    started()
     try:
         asyncio.run(main())
         if aggregator.state == "finished" and out is not None:
@@ -296,7 +301,7 @@ def node(
     import signal
 
     from fedge.config import load_config
-    from fedge.malloc import release_startup_garbage
+    from fedge.malloc import started
     from fedge.node.runtime import Node, NodeSettings
     from fedge.transport.grpc.link import GrpcLink
     from fedge.transport.grpc.tls import require_loopback
@@ -316,7 +321,7 @@ def node(
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop())
-    release_startup_garbage()
+    started()
     edge.run()
     if edge.stopped_because is not None:
         raise FedgeError(f"node {identity!r} stopped: {edge.stopped_because}")
@@ -339,7 +344,7 @@ def status(
     """Show the run, round, connected nodes and last metrics."""
     from rich.table import Table
 
-    from fedge.transport.grpc.control import fetch_status
+    from fedge.transport.grpc.control_client import fetch_status
 
     with _calling(server):
         reply = fetch_status(server, certs, name, insecure)
@@ -371,7 +376,7 @@ def stop(
     reason: Annotated[str, typer.Option(help="Why, for the server's log.")] = "fedge stop",
 ) -> None:
     """Stop the server's run after its current write (resume it by starting it again)."""
-    from fedge.transport.grpc.control import Control
+    from fedge.transport.grpc.control_client import Control
 
     with _calling(server), Control(server, certs, name, insecure) as control:
         _console().print(f"server: {control.stop(reason)}")
@@ -428,7 +433,7 @@ def nodes_list(
     """Every node the server knows: bound client id, connection, tasks done."""
     from rich.table import Table
 
-    from fedge.transport.grpc.control import Control
+    from fedge.transport.grpc.control_client import Control
 
     with _calling(server), Control(server, certs, name, insecure) as control:
         found = control.nodes()
@@ -455,7 +460,7 @@ def nodes_assign(
     insecure: InsecureOption = False,
 ) -> None:
     """Bind a client id to a node (e.g. a replacement device); its holder stops."""
-    from fedge.transport.grpc.control import Control
+    from fedge.transport.grpc.control_client import Control
 
     with _calling(server), Control(server, certs, name, insecure) as control:
         previous = control.assign(node_id, cid)
@@ -472,7 +477,9 @@ def demo(
 ) -> None:
     """A real fleet on this machine: CA, server and N nodes over mutual TLS."""
     from fedge.demo import run_demo
+    from fedge.malloc import started
 
+    started()
     history = run_demo(config, clients, rounds, _console())
     if history is not None:
         from fedge.progress import history_table
@@ -483,6 +490,9 @@ def demo(
 
 
 def main() -> None:
+    """The command; the cyclic collector stays off until a long-running command
+    (server, node, sim, demo) has started (`fedge.malloc.started`)."""
+    pause_gc()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()

@@ -8,13 +8,15 @@ import json
 import tempfile
 import time
 from pathlib import Path
-
-from rich.console import Console
-from rich.live import Live
+from typing import TYPE_CHECKING
 
 from fedge.errors import FedgeError
-from fedge.history import History
 from fedge.launch import Launcher
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from fedge.history import History
 
 
 def run_demo(config: Path, clients: int, rounds: int, console: Console) -> History:
@@ -26,11 +28,15 @@ def run_demo(config: Path, clients: int, rounds: int, console: Console) -> Histo
         tempfile.TemporaryDirectory(prefix="fedge-demo-") as tmp,
         Launcher(Path(tmp), config.resolve()) as fleet,
     ):
-        fleet.issue(*(f"node-{cid}" for cid in range(clients)))
         out = Path(tmp) / "results.json"
+        # the server first: the processes start while this one still makes certificates
         server = fleet.server("--out", out, "--rounds", str(rounds), "--wait-for", str(clients))
         for cid in range(clients):
             fleet.node(cid)
+        from rich.live import Live
+
+        from fedge.history import History
+
         with Live(console=console, refresh_per_second=10, transient=False) as live:
             while server.poll() is None:
                 s = fleet.status(timeout=1.0)

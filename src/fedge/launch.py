@@ -23,6 +23,13 @@ T = TypeVar("T")
 FEDGE = [sys.executable, "-m", "fedge"]
 
 
+_REDIAL_QUICKLY = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,6 +57,7 @@ class Launcher:
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._files: list[IO[bytes]] = []
+        self._control: Any = None
 
     def __enter__(self) -> Launcher:
         return self
@@ -145,6 +153,8 @@ class Launcher:
         return path.read_text(errors="replace")[-tail:] if path.exists() else ""
 
     def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
         procs = list(self.procs.values())
         for proc in procs:
             if proc.poll() is None:
@@ -162,14 +172,20 @@ class Launcher:
     # --- watching ---------------------------------------------------------------------
 
     def status(self, timeout: float = 2.0) -> Any:
-        """The server's Control.Status reply, or None while it does not answer."""
+        """The server's Control.Status reply, or None while it does not answer. One
+        connection serves every call (a handshake per poll cost the demo ~1 s of CPU);
+        it redials quickly when the server (re)starts."""
         import grpc
 
-        from fedge.transport.grpc.control import fetch_status
+        from fedge.transport.grpc.control_client import Control
 
-        certs = None if self.insecure else self.certs
+        if self._control is None:
+            certs = None if self.insecure else self.certs
+            self._control = Control(
+                self.address, certs, "admin", self.insecure, options=_REDIAL_QUICKLY
+            )
         try:
-            return fetch_status(self.address, certs, "admin", self.insecure, timeout=timeout)
+            return self._control.status(timeout)
         except grpc.RpcError:
             return None
 

@@ -241,7 +241,7 @@ def test_rerunning_a_config_with_the_nodes_still_up_counts_every_node_at_once(
 def test_an_operator_moves_a_client_id_to_a_replacement_device(
     fleet: Launcher, transport: str
 ) -> None:
-    from fedge.transport.grpc.control import Control
+    from fedge.transport.grpc.control_client import Control
 
     config = write_config(fleet.work / "slow", num_clients=2, rounds=6, fit_delay=0.3)
     out = fleet.work / "out.json"

@@ -295,6 +295,15 @@ def test_load_digits_shapes_dtypes_and_range() -> None:
     assert sorted(np.unique(y).tolist()) == list(range(10))
 
 
+def test_load_digits_matches_scikit_learns_loader() -> None:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    x, y = load_digits()
+    reference = sklearn_digits()
+    np.testing.assert_array_equal(x * 16, reference.data.astype(np.float32))
+    np.testing.assert_array_equal(y, reference.target)
+
+
 def test_load_mnist1d_default_shapes_and_dtypes() -> None:
     x_train, y_train, x_test, y_test = load_mnist1d()
     assert x_train.shape == (4000, 40)

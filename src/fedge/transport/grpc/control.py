@@ -1,9 +1,8 @@
-"""The `Control` service: its server side (for the operator's CLI, admin certificates only)
-and its client side (`fedge status`, `stop`, `nodes`)."""
+"""The `Control` service's server side: for the operator's CLI, admin certificates only.
+The client side is in `control_client.py` (a CLI need not load the server to call it)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -13,7 +12,7 @@ from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.transport.grpc import convert
 from fedge.transport.grpc.servicer import abort, call
-from fedge.transport.grpc.tls import NODE_NAME_METADATA, channel_credentials, peer_identity
+from fedge.transport.grpc.tls import peer_identity
 
 if TYPE_CHECKING:
     from fedge.fleet.server import Aggregator
@@ -64,56 +63,3 @@ class ControlServicer(pb_grpc.ControlServicer):
     ) -> pb.ListNodesReply:
         await self._authorize(context)
         return pb.ListNodesReply(nodes=[convert.node_to_pb(n) for n in await self.control.nodes()])
-
-
-class Control:
-    """A connection to a server's Control service as `name` (an admin certificate)."""
-
-    def __init__(
-        self, server: str, certs: Path | None, name: str = "admin", insecure: bool = False
-    ) -> None:
-        if insecure or certs is None:
-            self.channel = grpc.insecure_channel(server)
-        else:
-            self.channel = grpc.secure_channel(server, channel_credentials(certs, name))
-        self.stub = pb_grpc.ControlStub(self.channel)
-        self.metadata = ((NODE_NAME_METADATA, name),)
-
-    def __enter__(self) -> Control:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.channel.close()
-
-    def status(self, timeout: float = 5.0) -> pb.StatusReply:
-        reply: pb.StatusReply = self.stub.Status(
-            pb.StatusRequest(), timeout=timeout, metadata=self.metadata
-        )
-        return reply
-
-    def stop(self, reason: str, timeout: float = 5.0) -> str:
-        reply = self.stub.Stop(
-            pb.StopRequest(reason=reason), timeout=timeout, metadata=self.metadata
-        )
-        return str(reply.state)
-
-    def assign(self, node_id: str, cid: int, timeout: float = 10.0) -> str:
-        reply = self.stub.AssignNode(
-            pb.AssignRequest(node_id=node_id, cid=cid), timeout=timeout, metadata=self.metadata
-        )
-        return str(reply.previous_node)
-
-    def nodes(self, timeout: float = 10.0) -> list[pb.NodeStatus]:
-        reply = self.stub.ListNodes(pb.ListNodesRequest(), timeout=timeout, metadata=self.metadata)
-        return list(reply.nodes)
-
-
-def fetch_status(
-    server: str,
-    certs: Path | None,
-    name: str = "admin",
-    insecure: bool = False,
-    timeout: float = 5.0,
-) -> pb.StatusReply:
-    with Control(server, certs, name, insecure) as control:
-        return control.status(timeout)
