@@ -1,4 +1,4 @@
-"""glibc allocator setting for a process that streams MiB-sized buffers through threads.
+"""Process memory set-up: glibc's arenas, and the garbage collector around start-up.
 
 glibc gives each thread that allocates its own arena (up to 8 per core), and freed
 1 MiB chunk buffers stay cached in whichever arena they came from: with ten uploads at
@@ -6,6 +6,8 @@ once on gRPC's and asyncio's threads, the aggregator kept ~0.5× the model of de
 Two arenas bound that; the measured cost on throughput is nil (docs/benchmarks.md).
 A fixed mmap threshold was tried too: it returns buffers at once but halves download
 speed (a page fault per fresh page), so it is not used.
+
+Start-up runs with the cyclic collector off (`pause_gc`, `started`): see `pause_gc`.
 """
 
 from __future__ import annotations
