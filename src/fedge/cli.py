@@ -55,6 +55,12 @@ class Backend(StrEnum):
     process = "process"
 
 
+class CertRole(StrEnum):
+    node = "node"
+    admin = "admin"
+    server = "server"
+
+
 class LogLevel(StrEnum):
     debug = "debug"
     info = "info"
@@ -154,29 +160,42 @@ CertsOption = Annotated[Path, typer.Option("--certs", help="Directory with the C
 
 @ca_app.command("init")
 def ca_init(
-    dir: Annotated[Path, typer.Option("--dir", help="Where to create ca.crt and ca.key.")],
+    dir: Annotated[Path, typer.Option("--dir", help="Where to create the CA's files.")],
     force: Annotated[bool, typer.Option(help="Replace an existing CA.")] = False,
 ) -> None:
-    """Create a project CA (EC P-256)."""
-    from fedge.security import init_ca
+    """Create a root CA and the issuing CA under it (EC P-256); ca.key may then go offline."""
+    from fedge.security import ca_pin, init_ca
 
-    _console().print(f"CA certificate: {init_ca(dir, force=force)}")
+    _console().print(f"CA certificate: {init_ca(dir, force=force)}\npin: {ca_pin(dir)}")
 
 
 @ca_app.command("issue")
 def ca_issue(
     dir: Annotated[Path, typer.Option("--dir", help="The CA directory.")],
     name: Annotated[str, typer.Option("--name", help="Identity (certificate name).")],
-    server: Annotated[bool, typer.Option("--server", help="A server certificate.")] = False,
+    role: Annotated[CertRole, typer.Option(help="What the certificate may do.")] = CertRole.node,
     host: Annotated[
         list[str] | None, typer.Option("--host", help="Server host/IP (repeat).")
     ] = None,
+    days: Annotated[
+        int | None, typer.Option(min=1, help="Lifetime [default: node 30, others 365].")
+    ] = None,
 ) -> None:
-    """Issue a node, admin or (--server) server certificate signed by the CA."""
+    """Issue a certificate signed by the issuing CA."""
     from fedge.security import issue
 
-    cert, key = issue(dir, name, server=server, hosts=host or ())
+    cert, key = issue(dir, name, role=role.value, hosts=host or (), days=days)  # type: ignore[arg-type]
     _console().print(f"certificate: {cert}\nkey: {key}")
+
+
+@ca_app.command("pin")
+def ca_pin_command(
+    dir: Annotated[Path, typer.Option("--dir", help="A directory holding ca.crt.")],
+) -> None:
+    """Print the root CA's pin for `fedge node enroll --ca-pin`."""
+    from fedge.security import ca_pin
+
+    typer.echo(ca_pin(dir))
 
 
 ServerOption = Annotated[str, typer.Option("--server", help="Aggregator HOST:PORT.")]
@@ -231,6 +250,13 @@ def server(
             min=0.1, help="Seconds between node heartbeats; silent for 3 of them: not selected."
         ),
     ] = 5.0,
+    enroll_address: Annotated[
+        str,
+        typer.Option(help="HOST:PORT where devices enroll with tokens (TLS, no client cert)."),
+    ] = "",
+    node_cert_days: Annotated[
+        int, typer.Option(min=1, help="Lifetime of the node certificates it issues.")
+    ] = 30,
 ) -> None:
     """Run the aggregator for the config's app until the run finishes.
 
@@ -252,8 +278,15 @@ def server(
         cfg.run.rounds = rounds
     if max_upload_mb is not None:
         cfg.limits.max_upload_mb = max_upload_mb
-    transport = GrpcTransport(address, certs, insecure)
     runs = RunService.open(state_dir, cfg, new_run=new_run, resume=resume)
+    enrollment = None
+    if enroll_address and certs is not None:
+        from fedge.fleet.enrollment import Enrollment
+
+        enrollment = Enrollment(runs.store, certs, node_days=node_cert_days)
+    transport = GrpcTransport(
+        address, certs, insecure, enrollment=enrollment, enroll_address=enroll_address
+    )
     aggregator = Aggregator(  # the app is not kept: the initial weights go after round 1
         _app_of(runs.config),
         runs,
@@ -279,10 +312,18 @@ def server(
         runs.store.close()
 
 
-@app.command()
+node_app = typer.Typer(
+    help="Run an edge node (`fedge node --server … --cid …`), or enroll a device.",
+    invoke_without_command=True,
+)
+app.add_typer(node_app, name="node")
+
+
+@node_app.callback()
 def node(
-    server: ServerOption,
-    cid: Annotated[int, typer.Option(help="This node's data partition (client id).")],
+    ctx: typer.Context,
+    server: Annotated[str | None, typer.Option(help="Aggregator HOST:PORT.")] = None,
+    cid: Annotated[int | None, typer.Option(help="This node's data partition (client id).")] = None,
     config: ConfigOption = Path("fedge.toml"),
     certs: Annotated[
         Path | None, typer.Option(help="Directory with ca.crt and NAME.crt/key.")
@@ -298,6 +339,8 @@ def node(
     ] = None,
 ) -> None:
     """Run an edge node: dial the server, train on local data, reconnect forever."""
+    if ctx.invoked_subcommand is not None:
+        return
     import signal
 
     from fedge.config import load_config
@@ -306,6 +349,8 @@ def node(
     from fedge.transport.grpc.link import GrpcLink
     from fedge.transport.grpc.tls import require_loopback
 
+    if server is None or cid is None:
+        raise FedgeError("a node needs --server HOST:PORT and --cid N")
     if insecure:
         require_loopback(server)
     elif certs is None:
@@ -327,10 +372,28 @@ def node(
         raise FedgeError(f"node {identity!r} stopped: {edge.stopped_because}")
 
 
-def _pair(item: str) -> tuple[str, str]:
+@node_app.command("enroll")
+def node_enroll(
+    server: Annotated[str, typer.Option(help="The server's enrollment HOST:PORT.")],
+    token: Annotated[str, typer.Option(help="One-time token from `fedge tokens create`.")],
+    ca_pin: Annotated[str, typer.Option(help="sha256:… of the root CA (`fedge ca pin`).")],
+    name: Annotated[str, typer.Option(help="This device's name (certificate CN).")],
+    certs: Annotated[Path, typer.Option(help="Where to write ca.crt, NAME.crt, NAME.key.")],
+    force: Annotated[bool, typer.Option(help="Replace this name's key and certificate.")] = False,
+) -> None:
+    """Get this device's certificate: a key made here, a CSR and the token over TLS
+    verified against the pinned root CA."""
+    from fedge.transport.grpc.enroll_client import enroll
+
+    with _calling(server):
+        cert = enroll(server, token, ca_pin, name, certs, force=force)
+    _console().print(f"enrolled {name!r}: {cert}")
+
+
+def _pair(item: str, option: str = "--label") -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise FedgeError(f"--label must look like KEY=VALUE, got {item!r}")
+        raise FedgeError(f"{option} must look like KEY=VALUE, got {item!r}")
     return key, value
 
 
@@ -466,6 +529,114 @@ def nodes_assign(
         previous = control.assign(node_id, cid)
     held = f" (it was bound to {previous!r}, whose session ended)" if previous else ""
     _console().print(f"client id {cid} is bound to {node_id!r}{held}")
+
+
+tokens_app = typer.Typer(
+    help="One-time enrollment tokens for devices (`fedge node enroll`).", no_args_is_help=True
+)
+app.add_typer(tokens_app, name="tokens")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    server: ServerOption,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The one node name the token is for.")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="Or: tokens for any one name starting with this.")
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, help="How many tokens (with --prefix).")] = 1,
+    ttl: Annotated[str, typer.Option(help="Valid for, e.g. 30m, 24h, 7d.")] = "24h",
+    labels: Annotated[
+        list[str] | None, typer.Option("--labels", help="KEY=VALUE for the node (repeat).")
+    ] = None,
+    certs: AdminCertsOption = None,
+    admin: Annotated[str, typer.Option("--admin", help="Admin certificate name.")] = "admin",
+    insecure: InsecureOption = False,
+) -> None:
+    """Print one-time tokens (shown once: the server keeps only their hash)."""
+    from fedge.proto.fedge.v1 import fleet_pb2 as pb
+    from fedge.transport.grpc.control_client import Control
+
+    request = pb.CreateTokensRequest(
+        name=name or "",
+        prefix=prefix or "",
+        count=count,
+        ttl_s=_seconds(ttl),
+        labels=dict(_pair(item, "--labels") for item in labels or []),
+    )
+    with _calling(server), Control(server, certs, admin, insecure) as control:
+        reply = control.create_tokens(request)
+    for token in reply.tokens:
+        typer.echo(token)
+    where = reply.enroll_address or "ENROLL-HOST:PORT"
+    _console().print(
+        f"on the device: fedge node enroll --server {where} --token TOKEN "
+        f"--ca-pin {reply.ca_pin} --name NAME --certs DIR",
+        soft_wrap=True,
+    )
+
+
+@tokens_app.command("list")
+def tokens_list(
+    server: ServerOption,
+    certs: AdminCertsOption = None,
+    admin: Annotated[str, typer.Option("--admin", help="Admin certificate name.")] = "admin",
+    insecure: InsecureOption = False,
+) -> None:
+    """Every token: what it is for, its state (unused, used, expired, revoked), expiry."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from fedge.transport.grpc.control_client import Control
+
+    with _calling(server), Control(server, certs, admin, insecure) as control:
+        found = control.tokens()
+    table = Table("token id", "for", "state", "expires", "used by", "labels")
+    for t in found:
+        expires = dt.datetime.fromtimestamp(t.expires_unix_ms / 1000).strftime("%Y-%m-%d %H:%M")
+        table.add_row(
+            t.token_id,
+            t.name or f"{t.prefix}*",
+            t.state,
+            expires,
+            t.used_by,
+            _escape(",".join(f"{k}={v}" for k, v in sorted(t.labels.items()))),
+        )
+    _console(stdout=True).print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (the part before the dot).")],
+    server: ServerOption,
+    certs: AdminCertsOption = None,
+    admin: Annotated[str, typer.Option("--admin", help="Admin certificate name.")] = "admin",
+    insecure: InsecureOption = False,
+) -> None:
+    """Revoke an unused token: no device can enroll with it."""
+    from fedge.transport.grpc.control_client import Control
+
+    with _calling(server), Control(server, certs, admin, insecure) as control:
+        control.revoke_token(token_id.partition(".")[0])
+    _console().print(f"token {token_id.partition('.')[0]} revoked")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> float:
+    """'90s', '30m', '24h', '7d' (or plain seconds) as seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise FedgeError(f"--ttl must look like 30m, 24h or 7d, got {text!r}") from None
+    if value <= 0:
+        raise FedgeError(f"--ttl must be positive, got {text!r}")
+    return value
 
 
 @app.command()

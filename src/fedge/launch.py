@@ -73,8 +73,8 @@ class Launcher:
 
         if not (self.certs / "ca.crt").exists():
             init_ca(self.certs)
-            issue(self.certs, "server", server=True, hosts=["127.0.0.1", "localhost"])
-            issue(self.certs, "admin")
+            issue(self.certs, "server", role="server", hosts=["127.0.0.1", "localhost"])
+            issue(self.certs, "admin", role="admin")
         for name in names:
             if not (self.certs / f"{name}.crt").exists():
                 issue(self.certs, name)

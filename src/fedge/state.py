@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 RunStatus = Literal["running", "finished", "failed", "stopped"]
 RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Stored in ``PRAGMA user_version``; `_MIGRATIONS[i]` upgrades version i to i + 1."""
 
 _MIGRATIONS: list[list[str]] = [
@@ -100,6 +100,33 @@ _MIGRATIONS: list[list[str]] = [
         # to one node; only an operator moves it (`fedge nodes assign`).
         "ALTER TABLE runs ADD COLUMN base_dir TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE runs ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
+    ],
+    [
+        # One-time enrollment tokens (only a hash of the secret is kept), and the
+        # certificates the server issued, for listing, renewal and revocation.
+        """CREATE TABLE tokens (
+            token_id TEXT PRIMARY KEY,
+            secret_sha256 BLOB NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            prefix TEXT NOT NULL DEFAULT '',
+            labels_json TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL,
+            used_by TEXT NOT NULL DEFAULT '',
+            revoked_at REAL
+        )""",
+        """CREATE TABLE certificates (
+            serial TEXT PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            not_after REAL NOT NULL,
+            issued_at REAL NOT NULL,
+            token_id TEXT NOT NULL DEFAULT '',
+            labels_json TEXT NOT NULL DEFAULT '{}',
+            revoked_at REAL,
+            reason TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX certificates_by_node ON certificates (node_id)",
     ],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -371,6 +398,82 @@ class StateStore:
             }
             for r in rows
         ]
+
+    # -- enrollment ------------------------------------------------------------------
+
+    def add_tokens(self, tokens: list[dict[str, Any]]) -> None:
+        """New tokens: token_id, secret_sha256, name or prefix, labels, created/expires."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO tokens (token_id, secret_sha256, name, prefix, labels_json,"
+                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        t["token_id"],
+                        t["secret_sha256"],
+                        t["name"],
+                        t["prefix"],
+                        _dumps(t["labels"], "token labels", sort_keys=True),
+                        t["created_at"],
+                        t["expires_at"],
+                    )
+                    for t in tokens
+                ],
+            )
+
+    def tokens(self, token_id: str | None = None) -> list[dict[str, Any]]:
+        """Every token (or the one named), oldest first, labels decoded."""
+        sql, params = "SELECT * FROM tokens", [] if token_id is None else [token_id]
+        if token_id is not None:
+            sql += " WHERE token_id = ?"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY created_at, token_id", params).fetchall()
+        return [{**dict(r), "labels": json.loads(r["labels_json"])} for r in rows]
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Revoke an unused token; False if there is no such unused, unrevoked token."""
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND used_at IS NULL"
+                " AND revoked_at IS NULL",
+                (time.time(), token_id),
+            ).rowcount
+        return bool(changed)
+
+    def record_enrollment(
+        self, token_id: str, node_id: str, serial: int, not_after: float, labels: dict[str, str]
+    ) -> bool:
+        """Use the token and record the certificate issued with it, in one transaction;
+        False (nothing recorded) if the token was used, revoked or expired meanwhile."""
+        now = time.time()
+        with self._write() as db:
+            used = db.execute(
+                "UPDATE tokens SET used_at = ?, used_by = ? WHERE token_id = ?"
+                " AND used_at IS NULL AND revoked_at IS NULL AND expires_at > ?",
+                (now, node_id, token_id, now),
+            ).rowcount
+            if used:
+                db.execute(
+                    "INSERT INTO certificates (serial, node_id, not_after, issued_at, token_id,"
+                    " labels_json) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        f"{serial:x}",
+                        node_id,
+                        not_after,
+                        now,
+                        token_id,
+                        _dumps(labels, "labels", sort_keys=True),
+                    ),
+                )
+        return bool(used)
+
+    def enrolled(self, node_id: str) -> bool:
+        """Whether `node_id` holds an issued certificate that is neither revoked nor expired."""
+        row = self._query_one(
+            "SELECT 1 FROM certificates WHERE node_id = ? AND revoked_at IS NULL AND not_after > ?",
+            (node_id, time.time()),
+        )
+        return row is not None
 
     # -- internals -------------------------------------------------------------------
 

@@ -35,6 +35,14 @@ def _common_name(cert: x509.Certificate) -> str:
     return str(cn.value)
 
 
+def _assert_issued_by_the_ca(cert: x509.Certificate, pki: Path) -> None:
+    """Signed by the issuing CA, which the root signed."""
+    issuing = _cert(pki / "issuing.crt")
+    cert.verify_directly_issued_by(issuing)
+    issuing.verify_directly_issued_by(_cert(pki / "ca.crt"))
+    assert issuing.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -43,7 +51,7 @@ def _mode(path: Path) -> int:
 def pki(tmp_path: Path) -> Path:
     """A CA with one server ("aggregator") and one node ("node-1")."""
     init_ca(tmp_path)
-    issue(tmp_path, "aggregator", server=True)
+    issue(tmp_path, "aggregator", role="server")
     issue(tmp_path, "node-1")
     return tmp_path
 
@@ -85,12 +93,12 @@ def test_init_ca_refuses_to_overwrite_an_existing_ca(tmp_path: Path) -> None:
 
 
 def test_server_certificate_is_signed_by_the_ca_for_the_given_hosts(pki: Path) -> None:
-    crt, key = issue(pki, "edge-gw", server=True, hosts=["gw.fleet.local", "10.0.0.5", "::1"])
+    crt, key = issue(pki, "edge-gw", role="server", hosts=["gw.fleet.local", "10.0.0.5", "::1"])
 
     assert (crt, key) == (pki / "edge-gw.crt", pki / "edge-gw.key")
     assert _mode(key) == 0o600
     cert = _cert(crt)
-    cert.verify_directly_issued_by(_cert(pki / "ca.crt"))
+    _assert_issued_by_the_ca(cert, pki)
     assert _common_name(cert) == "edge-gw"
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
@@ -115,7 +123,7 @@ def test_node_certificate_is_client_only_and_named_after_the_node(pki: Path) -> 
     cert = _cert(pki / "node-1.crt")
 
     assert _mode(pki / "node-1.key") == 0o600
-    cert.verify_directly_issued_by(_cert(pki / "ca.crt"))
+    _assert_issued_by_the_ca(cert, pki)
     assert _common_name(cert) == "node-1"
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -129,7 +137,7 @@ def test_certificate_from_another_ca_does_not_verify(pki: Path, tmp_path: Path) 
     issue(other, "node-1")
 
     with pytest.raises(InvalidSignature):  # same issuer name, different key
-        _cert(other / "node-1.crt").verify_directly_issued_by(_cert(pki / "ca.crt"))
+        _cert(other / "node-1.crt").verify_directly_issued_by(_cert(pki / "issuing.crt"))
 
 
 @pytest.mark.parametrize(
@@ -151,9 +159,9 @@ def test_bad_names_are_rejected_with_a_precise_message(pki: Path, name: str, mes
 
 def test_bad_hosts_are_rejected(pki: Path) -> None:
     with pytest.raises(PKIError, match="neither an IP address nor a DNS name"):
-        issue(pki, "srv", server=True, hosts=["bad host"])
+        issue(pki, "srv", role="server", hosts=["bad host"])
     with pytest.raises(PKIError, match="must be a list"):
-        issue(pki, "srv", server=True, hosts="localhost")
+        issue(pki, "srv", role="server", hosts="localhost")
 
 
 def test_issue_refuses_to_overwrite_existing_credentials(pki: Path) -> None:
@@ -168,7 +176,7 @@ def test_issue_refuses_to_overwrite_existing_credentials(pki: Path) -> None:
 
 
 def test_issue_without_a_ca_names_the_missing_files(tmp_path: Path) -> None:
-    with pytest.raises(PKIError, match=r"no CA in .*ca\.crt.*init_ca") as err:
+    with pytest.raises(PKIError, match=r"no CA in .*ca\.crt.*fedge ca init") as err:
         issue(tmp_path, "node-1")
     assert str(tmp_path / "ca.key") in str(err.value)
     assert not (tmp_path / "node-1.key").exists()

@@ -209,7 +209,11 @@ def test_services_have_the_documented_shape() -> None:
         "Stop": ("StopRequest", "StopReply", False, False),
         "AssignNode": ("AssignRequest", "AssignReply", False, False),
         "ListNodes": ("ListNodesRequest", "ListNodesReply", False, False),
+        "CreateTokens": ("CreateTokensRequest", "CreateTokensReply", False, False),
+        "ListTokens": ("ListTokensRequest", "ListTokensReply", False, False),
+        "RevokeToken": ("RevokeTokenRequest", "RevokeTokenReply", False, False),
     }
+    assert methods("Enrollment") == {"Enroll": ("EnrollRequest", "EnrollReply", False, False)}
     assert callable(fleet_pb2_grpc.FleetStub)
     assert callable(fleet_pb2_grpc.add_ControlServicer_to_server)
 

@@ -290,7 +290,7 @@ def test_a_version_1_database_is_migrated_keeping_its_nodes(tmp_path: Path) -> N
     db.commit()
     db.close()
     with StateStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         (node,) = store.nodes()
         assert (node["node_id"], node["cid"], node["tasks_done"]) == ("old", 3, 7)
         assert store.bindings() == {"old": 3}  # the binding a version-1 node had is kept

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedge.security.credentials import Credentials, PKIError, validate_name
-    from fedge.security.pki import init_ca, issue, load_credentials
+    from fedge.security.pki import ca_pin, init_ca, issue, load_credentials
 
 _EXPORTS = {
     "Credentials": "credentials",
     "PKIError": "credentials",
     "validate_name": "credentials",
+    "ca_pin": "pki",
     "init_ca": "pki",
     "issue": "pki",
     "load_credentials": "pki",
@@ -24,6 +25,7 @@ _EXPORTS = {
 __all__ = [
     "Credentials",
     "PKIError",
+    "ca_pin",
     "init_ca",
     "issue",
     "load_credentials",

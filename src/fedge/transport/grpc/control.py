@@ -15,14 +15,34 @@ from fedge.transport.grpc.servicer import abort, call
 from fedge.transport.grpc.tls import peer_identity
 
 if TYPE_CHECKING:
+    from fedge.fleet.enrollment import Enrollment
     from fedge.fleet.server import Aggregator
 
 
 class ControlServicer(pb_grpc.ControlServicer):
     """For the operator's CLI; only admin certificates may call it."""
 
-    def __init__(self, control: Aggregator, insecure: bool) -> None:
+    def __init__(
+        self,
+        control: Aggregator,
+        insecure: bool,
+        enrollment: Enrollment | None = None,
+        enroll_address: str = "",
+    ) -> None:
         self.control, self.insecure = control, insecure
+        self.enrollment, self.enroll_address = enrollment, enroll_address
+
+    async def _enrollment(self, context: grpc.aio.ServicerContext) -> Enrollment:
+        if self.enrollment is None:
+            await abort(
+                context,
+                FleetError(
+                    Code.FAILED_PRECONDITION,
+                    "this server does not enroll devices: start it with --enroll-address "
+                    "and a --certs directory holding the issuing CA",
+                ),
+            )
+        return self.enrollment
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self.insecure:
@@ -63,3 +83,40 @@ class ControlServicer(pb_grpc.ControlServicer):
     ) -> pb.ListNodesReply:
         await self._authorize(context)
         return pb.ListNodesReply(nodes=[convert.node_to_pb(n) for n in await self.control.nodes()])
+
+    async def CreateTokens(
+        self, request: pb.CreateTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTokensReply:
+        await self._authorize(context)
+        enrollment = await self._enrollment(context)
+        try:
+            tokens = enrollment.create_tokens(
+                name=request.name,
+                prefix=request.prefix,
+                count=request.count or 1,
+                ttl=request.ttl_s,
+                labels=dict(request.labels),
+            )
+        except FleetError as exc:
+            await abort(context, exc)
+        return pb.CreateTokensReply(
+            tokens=tokens, ca_pin=enrollment.pin, enroll_address=self.enroll_address
+        )
+
+    async def ListTokens(
+        self, request: pb.ListTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTokensReply:
+        await self._authorize(context)
+        enrollment = await self._enrollment(context)
+        return pb.ListTokensReply(tokens=[convert.token_to_pb(t) for t in enrollment.tokens()])
+
+    async def RevokeToken(
+        self, request: pb.RevokeTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeTokenReply:
+        await self._authorize(context)
+        enrollment = await self._enrollment(context)
+        try:
+            enrollment.revoke_token(request.token_id)
+        except FleetError as exc:
+            await abort(context, exc)
+        return pb.RevokeTokenReply()

@@ -63,6 +63,25 @@ class Control:
         reply = self.stub.ListNodes(pb.ListNodesRequest(), timeout=timeout, metadata=self.metadata)
         return list(reply.nodes)
 
+    def create_tokens(
+        self, request: pb.CreateTokensRequest, timeout: float = 60.0
+    ) -> pb.CreateTokensReply:
+        reply: pb.CreateTokensReply = self.stub.CreateTokens(
+            request, timeout=timeout, metadata=self.metadata
+        )
+        return reply
+
+    def tokens(self, timeout: float = 10.0) -> list[pb.TokenInfo]:
+        reply = self.stub.ListTokens(
+            pb.ListTokensRequest(), timeout=timeout, metadata=self.metadata
+        )
+        return list(reply.tokens)
+
+    def revoke_token(self, token_id: str, timeout: float = 10.0) -> None:
+        self.stub.RevokeToken(
+            pb.RevokeTokenRequest(token_id=token_id), timeout=timeout, metadata=self.metadata
+        )
+
 
 def fetch_status(
     server: str,

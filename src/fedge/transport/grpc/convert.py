@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 
@@ -155,6 +156,19 @@ def ack_to_pb(ack: UploadAck, task_id: str = "") -> pb.UploadReply:
         duplicate=ack.duplicate,
         message=ack.message,
         received_bytes=ack.received_bytes,
+    )
+
+
+def token_to_pb(token: dict[str, Any]) -> pb.TokenInfo:
+    return pb.TokenInfo(
+        token_id=token["token_id"],
+        name=token["name"],
+        prefix=token["prefix"],
+        labels=token["labels"],
+        created_unix_ms=int(token["created_at"] * 1000),
+        expires_unix_ms=int(token["expires_at"] * 1000),
+        state=token["state"],
+        used_by=token["used_by"],
     )
 
 

@@ -3,6 +3,7 @@ loopback), the Fleet, Control and standard health services."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedge.chunks import CHUNK_SIZE
 from fedge.errors import FedgeError
+from fedge.fleet.enrollment import Enrollment
 from fedge.fleet.server import Aggregator
 from fedge.fleet.service import FleetService
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.transport.grpc import convert
 from fedge.transport.grpc.control import ControlServicer
+from fedge.transport.grpc.enrollment import start_listener
+from fedge.transport.grpc.guard import Guard
 from fedge.transport.grpc.servicer import FleetServicer
 from fedge.transport.grpc.tls import require_loopback, server_credentials
 
@@ -36,20 +40,42 @@ OPTIONS = [
 
 
 class GrpcTransport:
-    def __init__(self, address: str, certs: Path | None, insecure: bool = False) -> None:
+    def __init__(
+        self,
+        address: str,
+        certs: Path | None,
+        insecure: bool = False,
+        *,
+        enrollment: Enrollment | None = None,
+        enroll_address: str = "",
+    ) -> None:
         if insecure:
             require_loopback(address)
+            if enroll_address:
+                raise FedgeError("enrollment needs TLS: --enroll-address cannot go with --insecure")
         elif certs is None:
             raise FedgeError("--certs is required (or --insecure on loopback)")
         self.address, self.certs, self.insecure = address, certs, insecure
+        self.enrollment, self.enroll_address = enrollment, enroll_address
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self._enroll_server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
 
     async def start(self, service: FleetService, control: Aggregator) -> None:
         server = grpc.aio.server(options=OPTIONS)
-        _add_fleet(FleetServicer(service, self.insecure, CHUNK_SIZE), server)
-        pb_grpc.add_ControlServicer_to_server(ControlServicer(control, self.insecure), server)
+        guard = Guard(self.insecure)
+        fleet = _handlers(
+            pb_grpc.add_FleetServicer_to_server, FleetServicer(service, self.insecure, CHUNK_SIZE)
+        )
+        # payload messages are encoded by hand: the serializer passes bytes through
+        fleet = {k: h._replace(response_serializer=convert.encode) for k, h in fleet.items()}
+        _add(server, SERVICE, guard.wrap(fleet, "node"))
+        control_handlers = _handlers(
+            pb_grpc.add_ControlServicer_to_server,
+            ControlServicer(control, self.insecure, self.enrollment, self.enroll_address),
+        )
+        _add(server, "fedge.v1.Control", guard.wrap(control_handlers, "admin"))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.insecure:
             self.port = server.add_insecure_port(self.address)
@@ -59,13 +85,20 @@ class GrpcTransport:
         if not self.port:
             raise FedgeError(f"cannot listen on {self.address}")
         await server.start()
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        if self.enroll_address and self.enrollment is not None:
+            assert self.certs is not None
+            self._enroll_server = await start_listener(
+                self.enroll_address, self.certs, self.enrollment
+            )
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace=grace)
+        if self._enroll_server is not None:
+            await self._enroll_server.stop(grace=grace)
 
 
 class _Handlers:
@@ -80,14 +113,13 @@ class _Handlers:
         self.handlers = handlers
 
 
-def _add_fleet(servicer: FleetServicer, server: grpc.aio.Server) -> None:
-    """The generated handlers, with a serializer that also passes bytes encoded by hand
-    through (`convert.encode`: messages that carry payloads)."""
+def _handlers(add: Callable[[Any, Any], None], servicer: object) -> dict[str, Any]:
+    """A servicer's method handlers, as its generated `add_…_to_server` makes them."""
     caught = _Handlers()
-    pb_grpc.add_FleetServicer_to_server(servicer, caught)
-    handlers = {
-        name: handler._replace(response_serializer=convert.encode)
-        for name, handler in caught.handlers.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+    add(servicer, caught)
+    return caught.handlers
+
+
+def _add(server: grpc.aio.Server, service: str, handlers: dict[str, Any]) -> None:
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

@@ -451,6 +451,21 @@ class ControlStub:
                 request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesReply.FromString,
                 _registered_method=True)
+        self.CreateTokens = channel.unary_unary(
+                '/fedge.v1.Control/CreateTokens',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.CreateTokensRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.CreateTokensReply.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/fedge.v1.Control/ListTokens',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListTokensReply.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/fedge.v1.Control/RevokeToken',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -486,6 +501,26 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTokens(self, request, context):
+        """One-time enrollment tokens: made (the secret is shown once; the server keeps a
+        hash), listed, revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -508,6 +543,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesRequest.FromString,
                     response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesReply.SerializeToString,
+            ),
+            'CreateTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTokens,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.CreateTokensRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.CreateTokensReply.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListTokensRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListTokensReply.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -619,6 +669,169 @@ class Control:
             '/fedge.v1.Control/ListNodes',
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListNodesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Control/CreateTokens',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.CreateTokensRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.CreateTokensReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Control/ListTokens',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListTokensRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ListTokensReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Control/RevokeToken',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EnrollmentStub:
+    """Served on the enrollment listener (`fedge server --enroll-address`): TLS that proves
+    the server, no client certificate (a device has none yet). The device verifies the
+    server against the root CA it pinned, and proves itself with a one-time token.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Enroll = channel.unary_unary(
+                '/fedge.v1.Enrollment/Enroll',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollReply.FromString,
+                _registered_method=True)
+
+
+class EnrollmentServicer:
+    """Served on the enrollment listener (`fedge server --enroll-address`): TLS that proves
+    the server, no client certificate (a device has none yet). The device verifies the
+    server against the root CA it pinned, and proves itself with a one-time token.
+    """
+
+    def Enroll(self, request, context):
+        """Sign the device's CSR: a node certificate for the name the token allows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EnrollmentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedge.v1.Enrollment', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedge.v1.Enrollment', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Enrollment:
+    """Served on the enrollment listener (`fedge server --enroll-address`): TLS that proves
+    the server, no client certificate (a device has none yet). The device verifies the
+    server against the root CA it pinned, and proves itself with a one-time token.
+    """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Enrollment/Enroll',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,188 @@
+"""Enrollment: a device with a one-time token gets a node certificate for its own key.
+
+Tokens read ``<id>.<secret>``; the server keeps only the SHA-256 of the secret. Each is
+single use, expires, may be revoked, and is bound to one node name or to a prefix of
+names. A device sends a CSR with its token (its private key never leaves it); the
+issuing CA signs a node certificate — every extension chosen by the CA, none copied
+from the request. Refused, with nothing issued: unknown, wrong-secret, used, expired or
+revoked tokens; a CSR whose name the token does not allow, or asking for more than a
+node gets (`pki.read_request`); a prefix token for a name that holds a live certificate
+(a device must not take over another's identity; a token for that exact name, made by
+the operator, may replace it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedge.limits import MAX_KEY_LENGTH
+from fedge.messages import Code, FleetError
+from fedge.security.credentials import PKIError, validate_name
+from fedge.state import StateStore
+
+MAX_TOKENS_PER_CALL = 10_000
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 256
+MAX_TOKEN_LENGTH = 128
+MAX_TTL_S = 365 * 86_400.0
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    chain_pem: bytes
+    ca_pem: bytes
+
+
+class Enrollment:
+    """Tokens and CSR signing for one server; `certs` holds ca.crt and the issuing CA."""
+
+    def __init__(self, store: StateStore, certs: Path, *, node_days: int = 30) -> None:
+        from fedge.security import pki
+
+        self.store, self.certs, self.node_days = store, Path(certs), node_days
+        self.ca_pem = (self.certs / pki.CA_CERT_FILE).read_bytes()
+        self.pin = pki.ca_pin(self.certs)
+        pki.check_issuer(self.certs)  # say now, not at the first device, if it cannot sign
+
+    # --- tokens (the operator, through Control) ---------------------------------------
+
+    def create_tokens(
+        self, *, name: str, prefix: str, count: int, ttl: float, labels: dict[str, str]
+    ) -> list[str]:
+        if bool(name) == bool(prefix):
+            raise FleetError(
+                Code.INVALID_ARGUMENT, "give a token either a name or a prefix, not both or neither"
+            )
+        if name and count != 1:
+            raise FleetError(
+                Code.INVALID_ARGUMENT, f"a token for the name {name!r} is one token, got {count}"
+            )
+        if not 1 <= count <= MAX_TOKENS_PER_CALL:
+            raise FleetError(
+                Code.INVALID_ARGUMENT, f"count must be in 1..{MAX_TOKENS_PER_CALL}, got {count}"
+            )
+        if not 0 < ttl <= MAX_TTL_S:
+            raise FleetError(
+                Code.INVALID_ARGUMENT, f"ttl must be in (0, {MAX_TTL_S:.0f}] seconds, got {ttl}"
+            )
+        try:
+            validate_name(name or prefix)
+        except PKIError as exc:
+            raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from None
+        _check_labels(labels)
+        now = time.time()
+        rows, tokens = [], []
+        for _ in range(count):
+            token_id, secret = secrets.token_hex(5), secrets.token_urlsafe(18)
+            tokens.append(f"{token_id}.{secret}")
+            rows.append(
+                {
+                    "token_id": token_id,
+                    "secret_sha256": hashlib.sha256(secret.encode()).digest(),
+                    "name": name,
+                    "prefix": prefix,
+                    "labels": labels,
+                    "created_at": now,
+                    "expires_at": now + ttl,
+                }
+            )
+        self.store.add_tokens(rows)
+        return tokens
+
+    def tokens(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{**t, "state": _state(t, now)} for t in self.store.tokens()]
+
+    def revoke_token(self, token_id: str) -> None:
+        if not self.store.revoke_token(token_id[:MAX_TOKEN_LENGTH]):
+            found = self.store.tokens(token_id[:MAX_TOKEN_LENGTH])
+            if not found:
+                raise FleetError(Code.NOT_FOUND, f"no token {token_id[:MAX_TOKEN_LENGTH]!r}")
+            state = _state(found[0], time.time())
+            raise FleetError(
+                Code.FAILED_PRECONDITION, f"token {token_id!r} is {state}; nothing to revoke"
+            )
+
+    # --- devices (the enrollment listener) -------------------------------------------
+
+    async def enroll(self, token: str, csr_pem: bytes) -> Enrolled:
+        """Off the event loop: parsing, signing and the state write (an fsync) are slow."""
+        return await asyncio.to_thread(self._enroll, token, csr_pem)
+
+    def _enroll(self, token: str, csr_pem: bytes) -> Enrolled:
+        from fedge.security import pki
+
+        found = self._token(token)
+        try:
+            csr, name = pki.read_request(csr_pem)
+        except PKIError as exc:
+            raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from None
+        if found["name"] and name != found["name"]:
+            raise FleetError(
+                Code.PERMISSION_DENIED,
+                f"the CSR names {name!r}, but the token is for {found['name']!r}",
+            )
+        if found["prefix"]:
+            if not name.startswith(found["prefix"]):
+                raise FleetError(
+                    Code.PERMISSION_DENIED,
+                    f"the CSR names {name!r}, but the token is for names starting with "
+                    f"{found['prefix']!r}",
+                )
+            if self.store.enrolled(name):
+                raise FleetError(
+                    Code.ALREADY_EXISTS,
+                    f"{name!r} is enrolled already; a prefix token cannot replace it "
+                    "(the operator may revoke it, or make a token for that name)",
+                )
+        cert, chain = pki.sign_request(self.certs, csr, name, self.node_days)
+        if not self.store.record_enrollment(
+            found["token_id"],
+            name,
+            cert.serial_number,
+            cert.not_valid_after_utc.timestamp(),
+            found["labels"],
+        ):  # another device used it a moment ago: this certificate is never handed out
+            raise FleetError(Code.PERMISSION_DENIED, "the token was used a moment ago")
+        return Enrolled(chain, self.ca_pem)
+
+    def _token(self, token: str) -> dict[str, Any]:
+        token_id, _, secret = token[:MAX_TOKEN_LENGTH].partition(".")
+        found = self.store.tokens(token_id) if token_id and secret else []
+        digest = hashlib.sha256(secret.encode()).digest()
+        if not found or not hmac.compare_digest(found[0]["secret_sha256"], digest):
+            raise FleetError(
+                Code.UNAUTHENTICATED,
+                "unknown enrollment token (expected <id>.<secret> from `fedge tokens create`)",
+            )
+        state = _state(found[0], time.time())
+        if state != "unused":
+            raise FleetError(Code.PERMISSION_DENIED, f"the enrollment token is {state}")
+        return found[0]
+
+
+def _state(token: dict[str, Any], now: float) -> str:
+    if token["used_at"] is not None:
+        return "used"
+    if token["revoked_at"] is not None:
+        return "revoked"
+    return "expired" if token["expires_at"] <= now else "unused"
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise FleetError(Code.INVALID_ARGUMENT, f"{len(labels)} labels; at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not 0 < len(key) <= MAX_KEY_LENGTH or len(value) > MAX_LABEL_VALUE:
+            raise FleetError(
+                Code.INVALID_ARGUMENT,
+                f"label {key[:MAX_KEY_LENGTH]!r}: keys take 1..{MAX_KEY_LENGTH} characters, "
+                f"values up to {MAX_LABEL_VALUE}",
+            )

@@ -1,0 +1,56 @@
+"""The enrollment listener: its own grpc.aio server, TLS without client certificates (a
+device has none yet), serving only `Enrollment`. Small messages, few calls at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from fedge.errors import FedgeError
+from fedge.fleet.enrollment import Enrollment
+from fedge.messages import FleetError
+from fedge.proto.fedge.v1 import fleet_pb2 as pb
+from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
+from fedge.security.pki import MAX_REQUEST_BYTES
+from fedge.transport.grpc.servicer import abort
+
+OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES + 1024),
+    ("grpc.max_concurrent_streams", 16),
+]
+MAX_CONCURRENT_CALLS = 64
+"""Enrollments in progress at once; more wait in their clients' retries (RESOURCE_EXHAUSTED)."""
+
+
+class EnrollmentServicer(pb_grpc.EnrollmentServicer):
+    def __init__(self, enrollment: Enrollment) -> None:
+        self.enrollment = enrollment
+
+    async def Enroll(
+        self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EnrollReply:
+        try:
+            enrolled = await self.enrollment.enroll(request.token, request.csr_pem)
+        except FleetError as exc:
+            await abort(context, exc)
+        return pb.EnrollReply(chain_pem=enrolled.chain_pem, ca_pem=enrolled.ca_pem)
+
+
+def listener_credentials(certs: Path, name: str = "server") -> grpc.ServerCredentials:
+    """The server's certificate chain with the root appended: a device that knows only
+    the root's pin finds the root among what the handshake presents (`fedge.node.enroll`)."""
+    from fedge.security.pki import load_credentials
+
+    creds = load_credentials(certs, name)
+    chain = creds.cert_pem if creds.cert_pem.endswith(b"\n") else creds.cert_pem + b"\n"
+    return grpc.ssl_server_credentials([(creds.key_pem, chain + creds.ca_pem)])
+
+
+async def start_listener(address: str, certs: Path, enrollment: Enrollment) -> grpc.aio.Server:
+    server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS)
+    pb_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(enrollment), server)
+    if not server.add_secure_port(address, listener_credentials(certs)):
+        raise FedgeError(f"cannot listen for enrollment on {address}")
+    await server.start()
+    return server
