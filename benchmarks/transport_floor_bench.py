@@ -31,7 +31,7 @@ import grpc
 from fedge.launch import Launcher
 from fedge.security import load_credentials
 from fedge.transport.grpc.server import OPTIONS
-from fedge.transport.grpc.tls import server_credentials
+from fedge.transport.grpc.tls import ReloadingCredentials
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import report
@@ -119,7 +119,7 @@ async def serve(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service, {method: handler}),)
     )
-    server.add_secure_port(address, server_credentials(certs))
+    server.add_secure_port(address, ReloadingCredentials(certs).credentials())
     await server.start()
     try:
         while len(streams) < nodes:

@@ -279,24 +279,33 @@ def server(
     if max_upload_mb is not None:
         cfg.limits.max_upload_mb = max_upload_mb
     runs = RunService.open(state_dir, cfg, new_run=new_run, resume=resume)
-    enrollment = None
-    if enroll_address and certs is not None:
-        from fedge.fleet.enrollment import Enrollment
-
-        enrollment = Enrollment(runs.store, certs, node_days=node_cert_days)
-    transport = GrpcTransport(
-        address, certs, insecure, enrollment=enrollment, enroll_address=enroll_address
-    )
     aggregator = Aggregator(  # the app is not kept: the initial weights go after round 1
         _app_of(runs.config),
         runs,
-        ServerSettings(state_dir, wait_for=wait_for, heartbeat_interval=heartbeat_interval),
+        ServerSettings(
+            state_dir,
+            wait_for=wait_for,
+            heartbeat_interval=heartbeat_interval,
+            certs=None if insecure else certs,
+        ),
+    )
+
+    enrollment = None  # signs enrollments and renewals, with the issuing CA if it is here
+    if certs is not None and not insecure and (enroll_address or (certs / "issuing.key").exists()):
+        from fedge.fleet.enrollment import Enrollment
+
+        enrollment = Enrollment(
+            runs.store, certs, node_days=node_cert_days, revocations=aggregator.revocations
+        )
+    transport = GrpcTransport(
+        address, certs, insecure, enrollment=enrollment, enroll_address=enroll_address
     )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, aggregator.request_stop, f"signal {sig.name}")
+        loop.add_signal_handler(signal.SIGHUP, transport.reload_certificates)
         await aggregator.serve(transport)
 
     started()
@@ -493,24 +502,92 @@ def nodes_list(
     name: AdminOption = "admin",
     insecure: InsecureOption = False,
 ) -> None:
-    """Every node the server knows: bound client id, connection, tasks done."""
+    """Every node the server knows: client id, state, certificate expiry, last seen."""
     from rich.table import Table
 
     from fedge.transport.grpc.control_client import Control
 
     with _calling(server), Control(server, certs, name, insecure) as control:
         found = control.nodes()
-    table = Table("node", "cid", "connected", "live", "last address", "tasks done")
+    table = Table(
+        "node", "cid", "state", "connected", "live", "cert expires", "last seen", "tasks done",
+        "labels",
+    )  # fmt: skip
     for n in found:
         table.add_row(
             n.node_id,
             str(n.cid) if n.has_cid else "-",
+            n.state,
             "yes" if n.connected else "no",
             "yes" if n.live else "no",
-            n.address,
+            _when(n.certificate_expires_unix_ms),
+            _when(n.last_seen_unix_ms),
             str(n.tasks_done),
+            _escape(",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))),
         )
     _console(stdout=True).print(table)
+
+
+@nodes_app.command("show")
+def nodes_show(
+    node_id: Annotated[str, typer.Argument(help="Node identity (certificate name).")],
+    server: ServerOption,
+    certs: AdminCertsOption = None,
+    name: AdminOption = "admin",
+    insecure: InsecureOption = False,
+) -> None:
+    """One node: its record, labels and every certificate the server issued or revoked."""
+    from fedge.transport.grpc.control_client import Control
+
+    with _calling(server), Control(server, certs, name, insecure) as control:
+        (n,) = control.nodes(node_id)
+    out = _console(stdout=True)
+    out.print(f"node {n.node_id}: {n.state}, client id {n.cid if n.has_cid else '-'}")
+    out.print(f"address {_escape(n.address) or '-'}, last seen {_when(n.last_seen_unix_ms)}")
+    out.print(f"connected {'yes' if n.connected else 'no'}, tasks done {n.tasks_done}")
+    out.print("labels: " + _escape(", ".join(f"{k}={v}" for k, v in sorted(n.labels.items()))))
+    for c in n.certificates:  # a line each: serials are long, and meant to be copied
+        why = f" ({_escape(c.reason)})" if c.reason else ""
+        out.print(
+            f"certificate {c.serial}: issued {_when(c.issued_unix_ms)}, expires "
+            f"{_when(c.expires_unix_ms)}, {c.state}{why}",
+            soft_wrap=True,
+        )
+
+
+@nodes_app.command("revoke")
+def nodes_revoke(
+    node_id: Annotated[
+        str, typer.Argument(help="Node identity: every certificate of it is revoked.")
+    ] = "",
+    serial: Annotated[
+        str | None, typer.Option(help="Revoke only this certificate (hexadecimal serial).")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why; the node is told.")] = "",
+    server: ServerOption = "",
+    certs: AdminCertsOption = None,
+    name: AdminOption = "admin",
+    insecure: InsecureOption = False,
+) -> None:
+    """Revoke a node (or one certificate) at once: its calls are cut, later ones refused."""
+    from fedge.transport.grpc.control_client import Control
+
+    if not server:
+        raise FedgeError("--server is required")
+    if not node_id and not serial:
+        raise FedgeError("name a node, or give --serial")
+    with _calling(server), Control(server, certs, name, insecure) as control:
+        reply = control.revoke(node_id, serial or "", reason)
+    what = f"certificate {serial}" if serial else "node"
+    _console().print(
+        f"{what} {reply.node_id or ''} revoked; {reply.calls_cut} call(s) in progress cut"
+    )
+
+
+def _when(unix_ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(unix_ms / 1000).strftime("%Y-%m-%d %H:%M") if unix_ms else "-"
 
 
 @nodes_app.command("assign")

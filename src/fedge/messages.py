@@ -8,6 +8,7 @@ have the same names). Field meanings are documented once, in proto/fedge/v1/flee
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -73,6 +74,8 @@ class Joined:
     node_id: str
     token: str
     heartbeat_interval: float
+    renew_after: float = 0.0
+    """When to renew the node's certificate (Unix time); 0: the server does not renew."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,21 @@ class NodeInfo:
     connected_since: float = 0.0
     last_seen: float = 0.0
     tasks_done: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    certificate_expires: float = 0.0
+    """Of its newest certificate the server issued; 0: made by hand, not known."""
+    state: str = "active"
+    """"active", "revoked" or "expired"."""
+    certificates: Sequence[CertificateInfo] = ()
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    serial: str
+    issued: float
+    expires: float
+    state: str
+    reason: str = ""
 
 
 @dataclass(frozen=True)

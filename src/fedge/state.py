@@ -28,7 +28,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -127,6 +127,13 @@ _MIGRATIONS: list[list[str]] = [
             reason TEXT NOT NULL DEFAULT ''
         )""",
         "CREATE INDEX certificates_by_node ON certificates (node_id)",
+        # A revoked name: every certificate of it that the server did not issue after
+        # `revoked_at` is refused (hand-made ones it never saw included).
+        """CREATE TABLE revoked_names (
+            node_id TEXT PRIMARY KEY,
+            revoked_at REAL NOT NULL,
+            reason TEXT NOT NULL DEFAULT ''
+        )""",
     ],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -467,6 +474,17 @@ class StateStore:
                 )
         return bool(used)
 
+    def record_certificate(
+        self, serial: int, node_id: str, not_after: float, labels: dict[str, str]
+    ) -> None:
+        """A certificate the server issued outside enrollment (a renewal)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO certificates (serial, node_id, not_after, issued_at, labels_json)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (f"{serial:x}", node_id, not_after, time.time(), _dumps(labels, "labels")),
+            )
+
     def enrolled(self, node_id: str) -> bool:
         """Whether `node_id` holds an issued certificate that is neither revoked nor expired."""
         row = self._query_one(
@@ -474,6 +492,68 @@ class StateStore:
             (node_id, time.time()),
         )
         return row is not None
+
+    def revoke_name(self, node_id: str, reason: str, serials: Iterable[int]) -> float:
+        """Revoke `node_id`: every certificate of it recorded here, those in `serials`
+        (seen on live calls), and any other issued before now. Returns the time."""
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO certificates (serial, node_id, not_after, issued_at)"
+                " VALUES (?, ?, 0, 0)",
+                [(f"{s:x}", node_id) for s in serials],
+            )
+            db.execute(
+                "UPDATE certificates SET revoked_at = ?, reason = ? WHERE node_id = ?"
+                " AND revoked_at IS NULL",
+                (now, reason, node_id),
+            )
+            db.execute(
+                "INSERT INTO revoked_names (node_id, revoked_at, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET revoked_at = excluded.revoked_at,"
+                " reason = excluded.reason",
+                (node_id, now, reason),
+            )
+        return now
+
+    def revoke_serial(self, serial: int, reason: str, node_id: str = "") -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO certificates (serial, node_id, not_after, issued_at, revoked_at,"
+                " reason) VALUES (?, ?, 0, 0, ?, ?) ON CONFLICT (serial) DO UPDATE SET"
+                " revoked_at = COALESCE(revoked_at, excluded.revoked_at),"
+                " reason = excluded.reason",
+                (f"{serial:x}", node_id, time.time(), reason),
+            )
+
+    def revocations(
+        self,
+    ) -> tuple[dict[str, tuple[float, str]], dict[int, tuple[float, str]], set[int]]:
+        """(revoked names and revoked serials with their times and reasons, serials
+        issued to a revoked name after its revocation)."""
+        with self._snapshot() as db:
+            names = db.execute("SELECT node_id, revoked_at, reason FROM revoked_names").fetchall()
+            serials = db.execute(
+                "SELECT serial, revoked_at, reason FROM certificates WHERE revoked_at IS NOT NULL"
+            ).fetchall()
+            reissued = db.execute(
+                "SELECT c.serial FROM certificates c JOIN revoked_names r USING (node_id)"
+                " WHERE c.issued_at > r.revoked_at AND c.revoked_at IS NULL"
+            ).fetchall()
+        return (
+            {r["node_id"]: (r["revoked_at"], r["reason"]) for r in names},
+            {int(r["serial"], 16): (r["revoked_at"], r["reason"]) for r in serials},
+            {int(r["serial"], 16) for r in reissued},
+        )
+
+    def certificates(self, node_id: str | None = None) -> list[dict[str, Any]]:
+        """Certificates the server issued or revoked, newest first, labels decoded."""
+        sql, params = "SELECT * FROM certificates", [] if node_id is None else [node_id]
+        if node_id is not None:
+            sql += " WHERE node_id = ?"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY issued_at DESC", params).fetchall()
+        return [{**dict(r), "labels": json.loads(r["labels_json"])} for r in rows]
 
     # -- internals -------------------------------------------------------------------
 

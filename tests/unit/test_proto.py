@@ -203,6 +203,7 @@ def test_services_have_the_documented_shape() -> None:
         "QueryUpload": ("QueryUploadRequest", "QueryUploadReply", False, False),
         "Heartbeat": ("HeartbeatRequest", "HeartbeatReply", False, False),
         "Leave": ("LeaveRequest", "LeaveReply", False, False),
+        "Renew": ("RenewRequest", "RenewReply", False, False),
     }
     assert methods("Control") == {
         "Status": ("StatusRequest", "StatusReply", False, False),
@@ -212,6 +213,7 @@ def test_services_have_the_documented_shape() -> None:
         "CreateTokens": ("CreateTokensRequest", "CreateTokensReply", False, False),
         "ListTokens": ("ListTokensRequest", "ListTokensReply", False, False),
         "RevokeToken": ("RevokeTokenRequest", "RevokeTokenReply", False, False),
+        "RevokeNode": ("RevokeNodeRequest", "RevokeNodeReply", False, False),
     }
     assert methods("Enrollment") == {"Enroll": ("EnrollRequest", "EnrollReply", False, False)}
     assert callable(fleet_pb2_grpc.FleetStub)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedge.fleet.revocation import Revocations
 from fedge.limits import MAX_KEY_LENGTH
 from fedge.messages import Code, FleetError
 from fedge.security.credentials import PKIError, validate_name
@@ -43,10 +44,18 @@ class Enrolled:
 class Enrollment:
     """Tokens and CSR signing for one server; `certs` holds ca.crt and the issuing CA."""
 
-    def __init__(self, store: StateStore, certs: Path, *, node_days: int = 30) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        certs: Path,
+        *,
+        node_days: int = 30,
+        revocations: Revocations | None = None,
+    ) -> None:
         from fedge.security import pki
 
         self.store, self.certs, self.node_days = store, Path(certs), node_days
+        self.revocations = revocations
         self.ca_pem = (self.certs / pki.CA_CERT_FILE).read_bytes()
         self.pin = pki.ca_pin(self.certs)
         pki.check_issuer(self.certs)  # say now, not at the first device, if it cannot sign
@@ -151,7 +160,35 @@ class Enrollment:
             found["labels"],
         ):  # another device used it a moment ago: this certificate is never handed out
             raise FleetError(Code.PERMISSION_DENIED, "the token was used a moment ago")
+        if self.revocations is not None:  # a revoked name re-enrolled by the operator
+            self.revocations.issued(name, cert.serial_number)
         return Enrolled(chain, self.ca_pem)
+
+    async def renew(self, name: str, csr_pem: bytes) -> bytes:
+        """A new certificate for a node's own name (the caller's certificate was checked:
+        a node, not revoked), carrying the labels of its last one; the chain as PEM."""
+        return await asyncio.to_thread(self._renew, name, csr_pem)
+
+    def _renew(self, name: str, csr_pem: bytes) -> bytes:
+        from fedge.security import pki
+
+        try:
+            csr, asked = pki.read_request(csr_pem)
+        except PKIError as exc:
+            raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from None
+        if asked != name:
+            raise FleetError(
+                Code.PERMISSION_DENIED, f"{name!r} may renew only its own name, not {asked!r}"
+            )
+        cert, chain = pki.sign_request(self.certs, csr, name, self.node_days)
+        last = self.store.certificates(name)
+        labels = last[0]["labels"] if last else {}
+        self.store.record_certificate(
+            cert.serial_number, name, cert.not_valid_after_utc.timestamp(), labels
+        )
+        if self.revocations is not None:
+            self.revocations.issued(name, cert.serial_number)
+        return chain
 
     def _token(self, token: str) -> dict[str, Any]:
         token_id, _, secret = token[:MAX_TOKEN_LENGTH].partition(".")

@@ -13,21 +13,22 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedge.app import App
 from fedge.coordinator import Coordinator, Observer, fit_round
 from fedge.errors import FedgeError, QuorumError
 from fedge.fleet.bridge import ServiceFleet
 from fedge.fleet.events import Events
+from fedge.fleet.revocation import CRL_FILE, Revocations
 from fedge.fleet.runs import RunService
 from fedge.fleet.service import FleetService, FleetSettings, Stopped
 from fedge.history import RoundRecord
 from fedge.malloc import limit_arenas
-from fedge.messages import NodeInfo, Status
+from fedge.messages import CertificateInfo, NodeInfo, Status
 from fedge.metrics import Metrics
 from fedge.weights import State, Weights
 
@@ -53,6 +54,8 @@ class ServerSettings:
     """Clients needed before a round starts (overrides strategy.min_available_clients)."""
     heartbeat_interval: float = 5.0
     keepalive_interval: float = 15.0
+    certs: Path | None = None
+    """The server's PKI directory: with the issuing CA's key, revocations write a CRL."""
 
 
 class Aggregator(Observer):
@@ -98,6 +101,7 @@ class Aggregator(Observer):
             self.events,
         )
         self.service.uploads.keep_only(f"{runs.run_id}/{self.resume.round}.{self.resume.attempt}")
+        self.revocations = Revocations(runs.store, settings.state_dir / CRL_FILE, settings.certs)
         self.state = "starting"
         self.reason = ""
         self.round = self.resume.round - 1
@@ -116,6 +120,7 @@ class Aggregator(Observer):
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         limit_arenas()  # uploads pass through in 1 MiB chunks on several threads
+        await self.revocations.publish()  # the CRL, fresh for this start
         await transport.start(self.service, self)
         log.info("serving run %s on port %d", self.runs.run_id, transport.port)
         housekeeping = asyncio.ensure_future(self.service.housekeeping())
@@ -232,24 +237,70 @@ class Aggregator(Observer):
             for s in sorted(self.service.sessions.by_node.values(), key=lambda s: s.cid)
         ]
 
-    async def nodes(self) -> Sequence[NodeInfo]:
-        """Every node the state knows (bound or not), with its live session if any."""
-        known = await asyncio.to_thread(self.runs.store.nodes)
+    async def nodes(self, node_id: str = "") -> Sequence[NodeInfo]:
+        """Every node the state knows (bound or not), with its live session if any, its
+        labels and its certificates' state; with `node_id`, that one with every certificate."""
+        known, certificates = await asyncio.to_thread(
+            lambda: (self.runs.store.nodes(), self.runs.store.certificates(node_id or None))
+        )
         current = {n.node_id: n for n in self._connected()}
+        newest: dict[str, dict[str, Any]] = {}
+        for cert in certificates:  # newest first
+            if cert["issued_at"]:
+                newest.setdefault(cert["node_id"], cert)
         out = []
         for row in known:
-            now = current.pop(row["node_id"], None)
+            live = current.pop(row["node_id"], None)
             out.append(
-                now
+                live
                 or NodeInfo(
                     row["node_id"],
                     row["cid"],
                     row["address"],
                     last_seen=row["last_seen"],
                     tasks_done=row["tasks_done"],
+                    labels=row["capabilities"].get("labels", {}),
                 )
             )
-        return [*out, *current.values()]
+        now = time.time()
+        nodes = [self._certified(n, newest.get(n.node_id), now) for n in (*out, *current.values())]
+        if not node_id:
+            return nodes
+        mine = [_certificate(c, now) for c in certificates]
+        return [replace(n, certificates=mine) for n in nodes if n.node_id == node_id]
+
+    def _certified(self, node: NodeInfo, cert: dict[str, Any] | None, now: float) -> NodeInfo:
+        labels = {**node.labels, **(cert["labels"] if cert else {})}
+        expires = cert["not_after"] if cert else 0.0
+        name_revoked = node.node_id in self.revocations.names and (
+            cert is None or int(cert["serial"], 16) not in self.revocations.reissued
+        )
+        state = "revoked" if name_revoked else _state(cert, now) if cert else "active"
+        return replace(node, labels=labels, certificate_expires=expires, state=state)
+
+    async def revoke(
+        self, node_id: str, serial: int | None, reason: str, live_serials: Iterable[int] = ()
+    ) -> None:
+        """Revoke a node (with the serials its calls in progress use), or one certificate;
+        end the node's session: it stops, with the reason."""
+        if serial is None:
+            await self.revocations.revoke_name(node_id, reason, live_serials)
+        else:
+            await self.revocations.revoke_serial(serial, reason, node_id)
+        if node_id:
+            self.service.end_session(node_id, f"certificate revoked: {reason}")
 
     async def assign(self, node_id: str, cid: int) -> str | None:
         return await self.service.assign(node_id, cid)
+
+
+def _state(cert: dict[str, Any], now: float) -> str:
+    if cert["revoked_at"]:
+        return "revoked"
+    return "expired" if cert["not_after"] < now else "active"
+
+
+def _certificate(cert: dict[str, Any], now: float) -> CertificateInfo:
+    return CertificateInfo(
+        cert["serial"], cert["issued_at"], cert["not_after"], _state(cert, now), cert["reason"]
+    )

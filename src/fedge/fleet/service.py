@@ -246,6 +246,18 @@ class FleetService:
 
     # --- the operator --------------------------------------------------------------
 
+    async def check_session(self, identity: str, token: str) -> None:
+        """Raise `FleetError` unless `token` is the caller's current session."""
+        self.sessions.authenticate(_identity(identity), token)
+
+    def end_session(self, node_id: str, reason: str) -> None:
+        """End the node's session, if it has one: its task stream ends with `reason`."""
+        session = self.sessions.by_node.get(node_id)
+        if session is not None:
+            self.sessions.end(session, reason)
+            log.warning("ended the session of node %s: %s", node_id, reason)
+            self._notify()
+
     async def assign(self, node_id: str, cid: int) -> str | None:
         """Bind `cid` to `node_id`; returns the node that held it. Sessions it invalidates
         end, and their nodes stop with the reason."""

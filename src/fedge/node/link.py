@@ -63,6 +63,11 @@ class Link(Protocol):
 
     def leave(self, token: str, reason: str) -> None: ...
 
+    def renew(self, token: str) -> None:
+        """Replace this node's key and certificate with new ones the server signs; the
+        next connection uses them."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from queue import Empty, Queue
 
 from fedge.client import EVALUATE, FIT, Client, EvaluateResult, FitResult, Message, Reply
+from fedge.errors import FedgeError
 from fedge.messages import PROTOCOL, Capabilities, Code, Joined, Keepalive, TaskHeader, UploadHeader
 from fedge.metrics import normalize
 from fedge.node.cache import Cache, Pending, decode, default_cache_dir
@@ -37,6 +38,10 @@ from fedge.weights import Weights, from_bytes
 
 log = logging.getLogger(__name__)
 
+RENEWAL_GRACE = 3600.0
+"""Seconds a due renewal may wait for the node to be between tasks."""
+RENEWAL_RETRY = 60.0
+"""Seconds between attempts after a failed renewal."""
 KEEP_DELIVERED = 4
 """Delivered results kept in case the server lost them (a restart) and asks again."""
 CHUNK = 1 << 20
@@ -67,6 +72,7 @@ class Node:
         self._delivered: OrderedDict[str, Pending] = OrderedDict()
         self._lock = threading.Lock()
         self._last_transfer = 0.0  # seconds the last model download took
+        self._next_renewal = 0.0  # after a failed renewal: not before this time
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -141,12 +147,34 @@ class Node:
 
     def _heartbeat(self, joined: Joined, interval: list[float]) -> None:
         while not self.stop_event.wait(interval[0]) and self._joined is joined:
+            if self._renewal_due(joined) and self._renew(joined):
+                return  # the session ends; the next one uses the new certificate
             try:
                 self.link.heartbeat(joined.token)
             except LinkError as exc:
                 log.info("heartbeat failed (%s); reconnecting", exc.code)
                 self.link.cancel()
                 return
+
+    def _renewal_due(self, joined: Joined) -> bool:
+        """Due, and between tasks (or an hour overdue): a renewal reconnects the node."""
+        now = time.time()
+        if not joined.renew_after or now < max(joined.renew_after, self._next_renewal):
+            return False
+        with self._lock:
+            idle = not self._busy
+        return idle or now > joined.renew_after + RENEWAL_GRACE
+
+    def _renew(self, joined: Joined) -> bool:
+        try:
+            self.link.renew(joined.token)
+        except (FedgeError, OSError) as exc:  # the link, the certificate, or the disk
+            self._next_renewal = time.time() + RENEWAL_RETRY
+            log.warning("certificate renewal failed (%s); trying again later", exc)
+            return False
+        log.info("certificate renewed; reconnecting with it")
+        self.link.cancel()
+        return True
 
     # --- work --------------------------------------------------------------------------
 

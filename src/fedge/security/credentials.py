@@ -7,6 +7,7 @@ checks that turn a refused handshake into a plain message live in `pki.load_cred
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,25 @@ class Credentials:
     key_pem: bytes
 
 
+NEXT = ".next"
+"""A renewed key or certificate waiting to replace the current one."""
+
+
+def finish_replacement(directory: Path, name: str) -> None:
+    """Move a renewed pair written as ``.next`` files into place (key first); after a
+    crash half-way, the next call finishes it."""
+    for suffix in (".key", ".crt"):
+        pending = Path(directory) / f"{name}{suffix}{NEXT}"
+        if pending.exists():
+            os.replace(pending, Path(directory) / f"{name}{suffix}")
+
+
 def read_credentials(directory: Path, name: str) -> Credentials:
     """`ca.crt`, `<name>.crt` and `<name>.key` of `directory`, as bytes."""
     directory = Path(directory)
     validate_name(name)
+    if (directory / f"{name}.crt{NEXT}").exists():
+        finish_replacement(directory, name)
     return Credentials(
         ca_pem=_read(directory / CA_CERT_FILE, "CA certificate", hint="copy ca.crt from the CA"),
         cert_pem=_read(

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fedge.security import pki
-from fedge.security.credentials import PKIError, validate_name
+from fedge.security.credentials import NEXT, PKIError, finish_replacement, validate_name
 
 _PIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -83,6 +83,14 @@ def make_request(name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
+def renewed(directory: Path, name: str, key: ec.EllipticCurvePrivateKey, chain_pem: bytes) -> None:
+    """Check a renewed certificate against the root already trusted here, then replace
+    NAME.key and NAME.crt (`save`)."""
+    ca_pem = (Path(directory) / pki.CA_CERT_FILE).read_bytes()
+    root = x509.load_pem_x509_certificate(ca_pem)
+    save(directory, name, key, chain_pem, ca_pem, pki.spki_pin(root))
+
+
 def save(
     directory: Path,
     name: str,
@@ -92,7 +100,9 @@ def save(
     pin: str,
 ) -> Path:
     """Check what the server signed — for this key and name, chained to the pinned root —
-    and write ca.crt, NAME.key (0600) and NAME.crt."""
+    and write ca.crt, NAME.key (0600) and NAME.crt. The pair is replaced in two steps:
+    both written as ``.next`` files, then renamed; a crash between the renames is
+    finished by the next `read_credentials`, so key and certificate always match."""
     directory = Path(directory)
     root = x509.load_pem_x509_certificate(ca_pem)
     if pki.spki_pin(root) != check_pin(pin):
@@ -106,6 +116,7 @@ def save(
     pki.verify_chain([cert, *chain], root, "the issued certificate", "the pinned root")
     directory.mkdir(parents=True, exist_ok=True)
     pki.write_file(directory / pki.CA_CERT_FILE, ca_pem, private=False)
-    pki.write_file(directory / f"{name}.key", pki.key_pem(key), private=True)
-    pki.write_file(directory / f"{name}.crt", chain_pem, private=False)
+    pki.write_file(directory / f"{name}.key{NEXT}", pki.key_pem(key), private=True)
+    pki.write_file(directory / f"{name}.crt{NEXT}", chain_pem, private=False)
+    finish_replacement(directory, name)
     return directory / f"{name}.crt"

@@ -26,7 +26,7 @@ import ipaddress
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -363,6 +363,29 @@ def sign_request(
     issuer = _load_issuer(Path(directory), root_allowed=False)
     cert = _sign(issuer, csr.public_key(), name, "node", (), days)
     return cert, _chain_pem(cert, issuer)
+
+
+CRL_VALIDITY = dt.timedelta(days=7)
+"""A CRL's nextUpdate: the server rewrites it on every revocation and at start."""
+
+
+def write_crl(directory: Path, revoked: Mapping[int, float], path: Path) -> None:
+    """A CRL of the `revoked` serials (with their Unix times), signed by the issuing CA,
+    written atomically to `path`."""
+    issuer = _load_issuer(Path(directory), root_allowed=False)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(now)
+        .next_update(now + CRL_VALIDITY)
+    )
+    for serial, when in sorted(revoked.items()):
+        revocation = x509.RevokedCertificateBuilder().serial_number(serial)
+        date = dt.datetime.fromtimestamp(when, dt.UTC)
+        builder = builder.add_revoked_certificate(revocation.revocation_date(date).build())
+    crl = builder.sign(issuer.key, hashes.SHA256())
+    write_file(path, crl.public_bytes(serialization.Encoding.PEM), private=False)
 
 
 def role_of(cert: x509.Certificate) -> str | None:

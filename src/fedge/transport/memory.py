@@ -107,6 +107,9 @@ class MemoryLink:
     def leave(self, token: str, reason: str) -> None:
         self._run(self.service.leave(self.identity, token, reason))
 
+    def renew(self, token: str) -> None:
+        raise LinkError(Code.FAILED_PRECONDITION, "an in-memory link has no certificate")
+
     def close(self) -> None:
         self.cancel()
 

@@ -10,7 +10,9 @@ import grpc
 from fedge.messages import Code, FleetError
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
+from fedge.security.credentials import MAX_NAME_LENGTH
 from fedge.transport.grpc import convert
+from fedge.transport.grpc.guard import Guard
 from fedge.transport.grpc.servicer import abort, call
 from fedge.transport.grpc.tls import peer_identity
 
@@ -26,14 +28,15 @@ class ControlServicer(pb_grpc.ControlServicer):
         self,
         control: Aggregator,
         insecure: bool,
+        guard: Guard,
         enrollment: Enrollment | None = None,
         enroll_address: str = "",
     ) -> None:
-        self.control, self.insecure = control, insecure
+        self.control, self.insecure, self.guard = control, insecure, guard
         self.enrollment, self.enroll_address = enrollment, enroll_address
 
     async def _enrollment(self, context: grpc.aio.ServicerContext) -> Enrollment:
-        if self.enrollment is None:
+        if self.enrollment is None or not self.enroll_address:
             await abort(
                 context,
                 FleetError(
@@ -82,7 +85,35 @@ class ControlServicer(pb_grpc.ControlServicer):
         self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListNodesReply:
         await self._authorize(context)
-        return pb.ListNodesReply(nodes=[convert.node_to_pb(n) for n in await self.control.nodes()])
+        node_id = request.node_id[:MAX_NAME_LENGTH]
+        nodes = await self.control.nodes(node_id)
+        if node_id and not nodes:
+            await abort(context, FleetError(Code.NOT_FOUND, f"no node {node_id!r} is known"))
+        return pb.ListNodesReply(nodes=[convert.node_to_pb(n) for n in nodes])
+
+    async def RevokeNode(
+        self, request: pb.RevokeNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeNodeReply:
+        await self._authorize(context)
+        serial = None
+        if request.serial:
+            try:
+                serial = int(request.serial[:64], 16)
+            except ValueError:
+                await abort(
+                    context,
+                    FleetError(
+                        Code.INVALID_ARGUMENT,
+                        f"serial must be hexadecimal, got {request.serial[:64]!r}",
+                    ),
+                )
+        node_id = request.node_id[:MAX_NAME_LENGTH] or self.guard.holder(serial)
+        if not node_id and serial is None:
+            await abort(context, FleetError(Code.INVALID_ARGUMENT, "name a node or a serial"))
+        reason = request.reason[:256] or "revoked by the operator"
+        await self.control.revoke(node_id, serial, reason, self.guard.serials(node_id))
+        cut = await self.guard.cut(node_id, f"certificate revoked: {reason}", serial)
+        return pb.RevokeNodeReply(node_id=node_id, calls_cut=cut)
 
     async def CreateTokens(
         self, request: pb.CreateTokensRequest, context: grpc.aio.ServicerContext

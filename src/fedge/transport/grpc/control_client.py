@@ -59,9 +59,21 @@ class Control:
         )
         return str(reply.previous_node)
 
-    def nodes(self, timeout: float = 10.0) -> list[pb.NodeStatus]:
-        reply = self.stub.ListNodes(pb.ListNodesRequest(), timeout=timeout, metadata=self.metadata)
+    def nodes(self, node_id: str = "", timeout: float = 10.0) -> list[pb.NodeStatus]:
+        reply = self.stub.ListNodes(
+            pb.ListNodesRequest(node_id=node_id), timeout=timeout, metadata=self.metadata
+        )
         return list(reply.nodes)
+
+    def revoke(
+        self, node_id: str, serial: str = "", reason: str = "", timeout: float = 10.0
+    ) -> pb.RevokeNodeReply:
+        reply: pb.RevokeNodeReply = self.stub.RevokeNode(
+            pb.RevokeNodeRequest(node_id=node_id, serial=serial, reason=reason),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+        return reply
 
     def create_tokens(
         self, request: pb.CreateTokensRequest, timeout: float = 60.0

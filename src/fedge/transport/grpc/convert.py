@@ -146,6 +146,19 @@ def node_to_pb(node: NodeInfo) -> pb.NodeStatus:
         tasks_done=node.tasks_done,
         connected=node.connected,
         live=node.live,
+        labels=node.labels,
+        certificate_expires_unix_ms=int(node.certificate_expires * 1000),
+        state=node.state,
+        certificates=[
+            pb.CertificateInfo(
+                serial=c.serial,
+                issued_unix_ms=int(c.issued * 1000),
+                expires_unix_ms=int(c.expires * 1000),
+                state=c.state,
+                reason=c.reason,
+            )
+            for c in node.certificates
+        ],
     )
 
 

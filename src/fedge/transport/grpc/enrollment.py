@@ -3,8 +3,6 @@ device has none yet), serving only `Enrollment`. Small messages, few calls at on
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 
 from fedge.errors import FedgeError
@@ -14,6 +12,7 @@ from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.security.pki import MAX_REQUEST_BYTES
 from fedge.transport.grpc.servicer import abort
+from fedge.transport.grpc.tls import ReloadingCredentials
 
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES + 1024),
@@ -37,20 +36,12 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         return pb.EnrollReply(chain_pem=enrolled.chain_pem, ca_pem=enrolled.ca_pem)
 
 
-def listener_credentials(certs: Path, name: str = "server") -> grpc.ServerCredentials:
-    """The server's certificate chain with the root appended: a device that knows only
-    the root's pin finds the root among what the handshake presents (`fedge.node.enroll`)."""
-    from fedge.security.pki import load_credentials
-
-    creds = load_credentials(certs, name)
-    chain = creds.cert_pem if creds.cert_pem.endswith(b"\n") else creds.cert_pem + b"\n"
-    return grpc.ssl_server_credentials([(creds.key_pem, chain + creds.ca_pem)])
-
-
-async def start_listener(address: str, certs: Path, enrollment: Enrollment) -> grpc.aio.Server:
+async def start_listener(
+    address: str, tls: ReloadingCredentials, enrollment: Enrollment
+) -> grpc.aio.Server:
     server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS)
     pb_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(enrollment), server)
-    if not server.add_secure_port(address, listener_credentials(certs)):
+    if not server.add_secure_port(address, tls.credentials()):
         raise FedgeError(f"cannot listen for enrollment on {address}")
     await server.start()
     return server

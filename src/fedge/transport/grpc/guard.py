@@ -1,11 +1,18 @@
 """Every call's certificate is checked before its handler runs: its role must fit the
 service (only nodes use Fleet, only admins use Control: an admin or server certificate
-cannot join as a node). gRPC's server interceptors do not see the peer's certificate,
-so the check wraps each method handler instead."""
+cannot join as a node), and it must not be revoked. gRPC's server interceptors do not
+see the peer's certificate, so the check wraps each method handler instead.
+
+The guard also knows each identity's calls in progress, so a revocation cuts them at
+once: it aborts each call from outside its handler (which gRPC allows: the status goes
+out at once) and cancels the handler. Cancelling alone would leave the caller waiting.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +27,8 @@ class Peer:
     name: str
     role: str | None
     serial: int
+    not_before: float = 0.0
+    not_after: float = 0.0
 
 
 class PeerCertificates:
@@ -50,31 +59,86 @@ def _parse(pem: bytes) -> Peer:
 
     cert = x509.load_pem_x509_certificate(pem)
     (name,) = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return Peer(str(name.value), role_of(cert), cert.serial_number)
+    return Peer(
+        str(name.value),
+        role_of(cert),
+        cert.serial_number,
+        cert.not_valid_before_utc.timestamp(),
+        cert.not_valid_after_utc.timestamp(),
+    )
+
+
+Revoked = Callable[[str, int], "str | None"]
 
 
 class Guard:
     """Wraps a service's handlers so that each call is refused unless its peer holds a
-    certificate of `role`. On plaintext (loopback, tests) there are no certificates."""
+    certificate of `role` that `revoked` does not refuse. On plaintext (loopback, tests)
+    there are no certificates."""
 
-    def __init__(self, insecure: bool) -> None:
-        self.insecure = insecure
-        self.peers = PeerCertificates()
+    def __init__(
+        self,
+        insecure: bool,
+        revoked: Revoked = lambda name, serial: None,
+        peers: PeerCertificates | None = None,
+    ) -> None:
+        self.insecure, self.revoked = insecure, revoked
+        self.peers = peers or PeerCertificates()
+        self.calls: dict[str, dict[asyncio.Task[Any], tuple[grpc.aio.ServicerContext, int]]] = {}
 
-    def refusal(self, context: grpc.aio.ServicerContext, role: str) -> str | None:
-        """Why this call may not proceed, or None."""
+    def admit(self, context: grpc.aio.ServicerContext, role: str) -> tuple[Peer | None, str | None]:
+        """(the peer, why this call may not proceed or None)."""
         if self.insecure:
-            return None
+            return None, None
         peer = self.peers.of(context)
         if peer is None:
-            return "no client certificate"
+            return None, "no client certificate"
         if peer.role != role:
             held = f"a {peer.role!r} certificate" if peer.role else "a certificate without a role"
-            return (
+            return peer, (
                 f"{peer.name!r} holds {held}; this service needs a {role!r} certificate "
                 f"(`fedge ca issue --role {role}`, or enrollment for nodes)"
             )
-        return None
+        return peer, self.revoked(peer.name, peer.serial)
+
+    def serials(self, name: str) -> set[int]:
+        """The serials of `name`'s certificates on calls in progress."""
+        return {serial for _, serial in self.calls.get(name, {}).values()}
+
+    def holder(self, serial: int | None) -> str:
+        """The name whose calls in progress use certificate `serial` ('' if none)."""
+        for name, calls in self.calls.items():
+            if any(held == serial for _, held in calls.values()):
+                return name
+        return ""
+
+    async def cut(self, name: str, reason: str, serial: int | None = None) -> int:
+        """End `name`'s calls in progress (only those with `serial`, if given) with
+        PERMISSION_DENIED and `reason`; returns how many."""
+        cut = 0
+        for task, (context, held) in list(self.calls.get(name, {}).items()):
+            if serial is not None and held != serial:
+                continue
+            with contextlib.suppress(Exception):  # AbortError, or the call just ended
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            task.cancel()
+            cut += 1
+        return cut
+
+    @contextlib.contextmanager
+    def _tracked(self, peer: Peer | None, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        task = asyncio.current_task()
+        if peer is None or task is None:
+            yield
+            return
+        calls = self.calls.setdefault(peer.name, {})
+        calls[task] = (context, peer.serial)
+        try:
+            yield
+        finally:
+            calls.pop(task, None)
+            if not calls:
+                self.calls.pop(peer.name, None)
 
     def wrap(
         self, handlers: dict[str, grpc.RpcMethodHandler], role: str
@@ -90,19 +154,21 @@ class Guard:
 
     def _unary(self, behaviour: Callable[..., Any], role: str) -> Callable[..., Any]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            reason = self.refusal(context, role)
+            peer, reason = self.admit(context, role)
             if reason is not None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-            return await behaviour(request, context)
+            with self._tracked(peer, context):
+                return await behaviour(request, context)
 
         return guarded
 
     def _streaming(self, behaviour: Callable[..., Any], role: str) -> Callable[..., Any]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            reason = self.refusal(context, role)
+            peer, reason = self.admit(context, role)
             if reason is not None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-            async for message in behaviour(request, context):
-                yield message
+            with self._tracked(peer, context):
+                async for message in behaviour(request, context):
+                    yield message
 
         return guarded

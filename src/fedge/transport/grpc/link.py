@@ -105,7 +105,12 @@ class GrpcLink:
                 explain_refusal(self.certs, self.name)
             raise
         self._explained = True
-        return Joined(reply.node_id, reply.session_token, reply.heartbeat_interval_s)
+        return Joined(
+            reply.node_id,
+            reply.session_token,
+            reply.heartbeat_interval_s,
+            reply.renew_after_unix_ms / 1000,
+        )
 
     def tasks(self, joined: Joined) -> Iterator[TaskHeader | Keepalive]:
         """Opens the stream now, so a `cancel` that comes before the first read ends it."""
@@ -223,6 +228,16 @@ class GrpcLink:
     def leave(self, token: str, reason: str) -> None:
         request = pb.LeaveRequest(session_token=token, reason=reason)
         self._call(lambda s: s.Leave(request, timeout=2, metadata=self._metadata))
+
+    def renew(self, token: str) -> None:
+        from fedge.security import enroll  # cryptography, loaded only when renewing
+
+        if self.certs is None:
+            raise LinkError(Code.FAILED_PRECONDITION, "a plaintext node has no certificate")
+        key, csr = enroll.make_request(self.name)
+        request = pb.RenewRequest(session_token=token, csr_pem=csr)
+        reply = self._call(lambda s: s.Renew(request, timeout=30, metadata=self._metadata))
+        enroll.renewed(self.certs, self.name, key, reply.chain_pem)
 
     def close(self) -> None:
         with self._lock:

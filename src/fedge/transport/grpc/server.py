@@ -21,7 +21,7 @@ from fedge.transport.grpc.control import ControlServicer
 from fedge.transport.grpc.enrollment import start_listener
 from fedge.transport.grpc.guard import Guard
 from fedge.transport.grpc.servicer import FleetServicer
-from fedge.transport.grpc.tls import require_loopback, server_credentials
+from fedge.transport.grpc.tls import ReloadingCredentials, require_loopback
 
 SERVICE = "fedge.v1.Fleet"
 RECEIVE_WINDOW = 4 << 20
@@ -60,20 +60,21 @@ class GrpcTransport:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._enroll_server: grpc.aio.Server | None = None
+        self.tls: ReloadingCredentials | None = None
+        self.enroll_tls: ReloadingCredentials | None = None
         self._health = health.aio.HealthServicer()
 
     async def start(self, service: FleetService, control: Aggregator) -> None:
         server = grpc.aio.server(options=OPTIONS)
-        guard = Guard(self.insecure)
-        fleet = _handlers(
-            pb_grpc.add_FleetServicer_to_server, FleetServicer(service, self.insecure, CHUNK_SIZE)
-        )
+        guard = Guard(self.insecure, control.revocations.refusal)
+        servicer = FleetServicer(service, self.insecure, CHUNK_SIZE, guard.peers, self.enrollment)
+        fleet = _handlers(pb_grpc.add_FleetServicer_to_server, servicer)
         # payload messages are encoded by hand: the serializer passes bytes through
         fleet = {k: h._replace(response_serializer=convert.encode) for k, h in fleet.items()}
         _add(server, SERVICE, guard.wrap(fleet, "node"))
         control_handlers = _handlers(
             pb_grpc.add_ControlServicer_to_server,
-            ControlServicer(control, self.insecure, self.enrollment, self.enroll_address),
+            ControlServicer(control, self.insecure, guard, self.enrollment, self.enroll_address),
         )
         _add(server, "fedge.v1.Control", guard.wrap(control_handlers, "admin"))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -81,17 +82,25 @@ class GrpcTransport:
             self.port = server.add_insecure_port(self.address)
         else:
             assert self.certs is not None
-            self.port = server.add_secure_port(self.address, server_credentials(self.certs))
+            self.tls = ReloadingCredentials(self.certs)
+            self.port = server.add_secure_port(self.address, self.tls.credentials())
         if not self.port:
             raise FedgeError(f"cannot listen on {self.address}")
         await server.start()
         self._server = server
         if self.enroll_address and self.enrollment is not None:
             assert self.certs is not None
+            self.enroll_tls = ReloadingCredentials(self.certs, enrollment=True)
             self._enroll_server = await start_listener(
-                self.enroll_address, self.certs, self.enrollment
+                self.enroll_address, self.enroll_tls, self.enrollment
             )
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def reload_certificates(self) -> None:
+        """Read the server's certificate files again before the next handshake (SIGHUP)."""
+        for tls in (self.tls, self.enroll_tls):
+            if tls is not None:
+                tls.reload()
 
     async def stop(self, grace: float) -> None:
         if self._server is not None:

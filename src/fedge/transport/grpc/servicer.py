@@ -9,11 +9,13 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
+from fedge.fleet.enrollment import Enrollment
 from fedge.fleet.service import FleetService
 from fedge.messages import Code, FleetError, Keepalive, TaskHeader
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.transport.grpc import convert
+from fedge.transport.grpc.guard import Peer, PeerCertificates
 from fedge.transport.grpc.tls import peer_identity
 
 T = TypeVar("T")
@@ -32,8 +34,16 @@ async def call(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
 
 
 class FleetServicer(pb_grpc.FleetServicer):
-    def __init__(self, service: FleetService, insecure: bool, chunk_size: int) -> None:
+    def __init__(
+        self,
+        service: FleetService,
+        insecure: bool,
+        chunk_size: int,
+        peers: PeerCertificates | None = None,
+        renewal: Enrollment | None = None,
+    ) -> None:
         self.service, self.insecure, self.chunk_size = service, insecure, chunk_size
+        self.peers, self.renewal = peers or PeerCertificates(), renewal
         self._models: dict[str, bytes] = {}
 
     def _who(self, context: grpc.aio.ServicerContext) -> str:
@@ -49,11 +59,30 @@ class FleetServicer(pb_grpc.FleetServicer):
                 self._who(context), request.cid, context.peer(), caps, request.protocol or 1
             ),
         )
+        peer = None if self.insecure or self.renewal is None else self.peers.of(context)
         return pb.JoinReply(
             node_id=joined.node_id,
             heartbeat_interval_s=joined.heartbeat_interval,
             session_token=joined.token,
+            renew_after_unix_ms=0 if peer is None else int(renew_after(peer) * 1000),
         )
+
+    async def Renew(
+        self, request: pb.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewReply:
+        who = self._who(context)
+        await call(context, self.service.check_session(who, request.session_token))
+        if self.renewal is None:
+            await abort(
+                context,
+                FleetError(
+                    Code.FAILED_PRECONDITION,
+                    "this server does not renew certificates (it has no issuing CA: "
+                    "--enroll-address with the issuing CA in --certs)",
+                ),
+            )
+        chain = await call(context, self.renewal.renew(who, request.csr_pem))
+        return pb.RenewReply(chain_pem=chain)
 
     async def Tasks(
         self, request: pb.TasksRequest, context: grpc.aio.ServicerContext
@@ -227,3 +256,11 @@ class FleetServicer(pb_grpc.FleetServicer):
             context, self.service.leave(self._who(context), request.session_token, request.reason)
         )
         return pb.LeaveReply()
+
+
+def renew_after(peer: Peer) -> float:
+    """When a node should renew: between a half and two thirds of its certificate's
+    life, at a point fixed by its serial, so a fleet's renewals spread over the window."""
+    life = peer.not_after - peer.not_before
+    spread = (peer.serial % 1000) / 1000
+    return peer.not_before + life * (1 / 2 + spread * (2 / 3 - 1 / 2))

@@ -50,14 +50,30 @@ class JoinRequest(_message.Message):
     def __init__(self, cid: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_s", "session_token")
+    __slots__ = ("node_id", "heartbeat_interval_s", "session_token", "renew_after_unix_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RENEW_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     heartbeat_interval_s: float
     session_token: str
-    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., session_token: _Optional[str] = ...) -> None: ...
+    renew_after_unix_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., session_token: _Optional[str] = ..., renew_after_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("session_token", "csr_pem")
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    session_token: str
+    csr_pem: bytes
+    def __init__(self, session_token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewReply(_message.Message):
+    __slots__ = ("chain_pem",)
+    CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    chain_pem: bytes
+    def __init__(self, chain_pem: _Optional[bytes] = ...) -> None: ...
 
 class TasksRequest(_message.Message):
     __slots__ = ("node_id", "session_token")
@@ -382,7 +398,14 @@ class StatusReply(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., results_received: _Optional[int] = ..., results_expected: _Optional[int] = ..., waiting_for: _Optional[int] = ..., missing_cids: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "cid", "address", "connected_since_unix_ms", "last_seen_unix_ms", "tasks_done", "connected", "live", "has_cid")
+    __slots__ = ("node_id", "cid", "address", "connected_since_unix_ms", "last_seen_unix_ms", "tasks_done", "connected", "live", "has_cid", "labels", "certificate_expires_unix_ms", "state", "certificates")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +415,10 @@ class NodeStatus(_message.Message):
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     HAS_CID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cid: int
     address: str
@@ -401,7 +428,25 @@ class NodeStatus(_message.Message):
     connected: bool
     live: bool
     has_cid: bool
-    def __init__(self, node_id: _Optional[str] = ..., cid: _Optional[int] = ..., address: _Optional[str] = ..., connected_since_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., tasks_done: _Optional[int] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ..., has_cid: _Optional[bool] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    certificate_expires_unix_ms: int
+    state: str
+    certificates: _containers.RepeatedCompositeFieldContainer[CertificateInfo]
+    def __init__(self, node_id: _Optional[str] = ..., cid: _Optional[int] = ..., address: _Optional[str] = ..., connected_since_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., tasks_done: _Optional[int] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ..., has_cid: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., certificate_expires_unix_ms: _Optional[int] = ..., state: _Optional[str] = ..., certificates: _Optional[_Iterable[_Union[CertificateInfo, _Mapping]]] = ...) -> None: ...
+
+class CertificateInfo(_message.Message):
+    __slots__ = ("serial", "issued_unix_ms", "expires_unix_ms", "state", "reason")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    issued_unix_ms: int
+    expires_unix_ms: int
+    state: str
+    reason: str
+    def __init__(self, serial: _Optional[str] = ..., issued_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StopRequest(_message.Message):
     __slots__ = ("reason",)
@@ -430,8 +475,28 @@ class AssignReply(_message.Message):
     def __init__(self, previous_node: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class RevokeNodeRequest(_message.Message):
+    __slots__ = ("node_id", "serial", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    serial: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., serial: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeNodeReply(_message.Message):
+    __slots__ = ("node_id", "calls_cut")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLS_CUT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    calls_cut: int
+    def __init__(self, node_id: _Optional[str] = ..., calls_cut: _Optional[int] = ...) -> None: ...
 
 class ListNodesReply(_message.Message):
     __slots__ = ("nodes",)

@@ -75,6 +75,11 @@ class FleetStub:
                 request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/fedge.v1.Fleet/Renew',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RenewRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RenewReply.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -149,6 +154,14 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """A new certificate for a new key, for the caller's own name, signed by the issuing
+        CA (the node renews before two thirds of its certificate's life).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +204,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.LeaveRequest.FromString,
                     response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.LeaveReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RenewRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RenewReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -420,6 +438,33 @@ class Fleet:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Fleet/Renew',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RenewRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RenewReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ControlStub:
     """The service the `fedge` CLI talks to, authorised by an admin certificate.
@@ -465,6 +510,11 @@ class ControlStub:
                 '/fedge.v1.Control/RevokeToken',
                 request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenReply.FromString,
+                _registered_method=True)
+        self.RevokeNode = channel.unary_unary(
+                '/fedge.v1.Control/RevokeNode',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeNodeRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeNodeReply.FromString,
                 _registered_method=True)
 
 
@@ -521,6 +571,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeNode(self, request, context):
+        """Revoke a node or one certificate: its calls are cut at once, and every later call
+        with it is refused; kept in the state; the CRL is rewritten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -558,6 +616,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenRequest.FromString,
                     response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenReply.SerializeToString,
+            ),
+            'RevokeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeNode,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeNodeRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeNodeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -750,6 +813,33 @@ class Control:
             '/fedge.v1.Control/RevokeToken',
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Control/RevokeNode',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeNodeRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.RevokeNodeReply.FromString,
             options,
             channel_credentials,
             insecure,
