@@ -34,6 +34,8 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/fedprox_bench.py
 	$(BIN)/python benchmarks/fleet_bench.py
 	$(BIN)/python benchmarks/scale_bench.py
+	$(BIN)/python benchmarks/transport_floor_bench.py
+	$(BIN)/python benchmarks/trust_bench.py
 	$(BIN)/python benchmarks/longrun_bench.py
 
 clean:

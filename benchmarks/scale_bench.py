@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import multiprocessing
@@ -34,7 +35,7 @@ from fedge.launch import Launcher
 from fedge.messages import PROTOCOL
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
-from fedge.security import load_credentials
+from fedge.security import enroll, issue, load_credentials
 from fedge.transport.grpc import convert
 from fedge.weights import from_bytes, to_bytes
 
@@ -59,19 +60,23 @@ def create_app(num_clients, seed):
 async def one_node(address: str, certs: Path, cid: int) -> None:
     """One node as `fedge node` speaks protocol 2: Join, then the Connect stream (tasks
     with their model inline, results up on it, acks down); like a node, it joins again
-    whenever its session ends (the driver stops it when the run is over)."""
-    creds = load_credentials(certs, f"node-{cid}")
-    channel_creds = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
-    async with grpc.aio.secure_channel(address, channel_creds) as channel:
-        while True:
-            try:
-                await session(channel, cid)
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(random.uniform(0.5, 2.0))
+    whenever its session ends (the driver stops it when the run is over), and renews its
+    certificate when the server says so, then reconnects with it."""
+    while True:
+        creds = load_credentials(certs, f"node-{cid}")
+        channel_creds = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
+        async with grpc.aio.secure_channel(address, channel_creds) as channel:
+            renewed = False
+            while not renewed:
+                try:
+                    renewed = await session(channel, certs, cid)
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(random.uniform(0.5, 2.0))
 
 
-async def session(channel: grpc.aio.Channel, cid: int) -> None:
-    """One session: Join, then serve tasks on Connect until the stream ends."""
+async def session(channel: grpc.aio.Channel, certs: Path, cid: int) -> bool:
+    """One session: Join, then serve tasks on Connect until the stream ends; True if it
+    ended because the certificate was renewed."""
     stub = pb_grpc.FleetStub(channel)
     reply = await stub.Join(
         pb.JoinRequest(cid=cid, protocol=PROTOCOL), wait_for_ready=True, timeout=300
@@ -89,6 +94,7 @@ async def session(channel: grpc.aio.Channel, cid: int) -> None:
         request_serializer=convert.encode,
         response_deserializer=pb.TaskMessage.FromString,
     )
+    stream = connect(requests())
 
     async def heartbeats() -> None:  # as a node does, on the stream
         interval = reply.heartbeat_interval_s or 5.0
@@ -96,10 +102,22 @@ async def session(channel: grpc.aio.Channel, cid: int) -> None:
             await asyncio.sleep(interval)
             await outgoing.put(pb.NodeMessage(heartbeat=pb.HeartbeatRequest(session_token=token)))
 
+    renewed = False
+
+    async def renewal() -> None:  # as a node does: a new key, Renew, then reconnect
+        nonlocal renewed
+        await asyncio.sleep(max(0.0, reply.renew_after_unix_ms / 1000 - time.time()))
+        key, csr = await asyncio.to_thread(enroll.make_request, f"node-{cid}")
+        answer = await stub.Renew(pb.RenewRequest(session_token=token, csr_pem=csr), timeout=60)
+        await asyncio.to_thread(enroll.renewed, certs, f"node-{cid}", key, answer.chain_pem)
+        renewed = True
+        stream.cancel()
+
     beating = asyncio.ensure_future(heartbeats())
+    renewing = asyncio.ensure_future(renewal()) if reply.renew_after_unix_ms else None
     models: dict[str, bytes] = {}
     try:
-        async for message in connect(requests()):
+        async for message in stream:
             if message.HasField("model"):
                 models = {message.model.version: message.model.data}
             if not message.HasField("task"):
@@ -128,8 +146,14 @@ async def session(channel: grpc.aio.Channel, cid: int) -> None:
                 sha256=hashlib.sha256(payload).digest(),
             )
             await outgoing.put(convert.node_upload_bytes(header, payload))
+    except asyncio.CancelledError:
+        if not renewed:
+            raise
     finally:
         beating.cancel()
+        if renewing is not None:
+            renewing.cancel()
+    return renewed
 
 
 def loadgen(address: str, certs: Path, cids: list[int]) -> None:
@@ -151,7 +175,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(nodes: int, rounds: int, work: Path) -> dict[str, object]:
+def run(
+    nodes: int,
+    rounds: int,
+    work: Path,
+    validity: tuple[dt.datetime, dt.datetime] | None = None,
+) -> dict[str, object]:
+    """`validity`: of the nodes' certificates (to have them renewed during the run)."""
     (work / "app.py").write_text(APP)
     config = work / "fedge.toml"
     config.write_text(
@@ -159,7 +189,9 @@ def run(nodes: int, rounds: int, work: Path) -> dict[str, object]:
         f"rounds = {rounds}\nround_timeout = 300.0\n"
     )
     with Launcher(work / f"fleet-{nodes}", config) as fleet:
-        certs = fleet.issue(*(f"node-{cid}" for cid in range(nodes)))
+        certs = fleet.issue()
+        for cid in range(nodes):
+            issue(certs, f"node-{cid}", validity=validity, force=True)
         out = fleet.work / "out.json"
         extra = os.environ.get("FEDGE_BENCH_SERVER_ARGS", "").split()
         server = fleet.server("--out", out, "--wait-for", str(nodes), *extra)

@@ -13,9 +13,6 @@ from pathlib import Path
 
 from conftest import write_config
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedge.launch import Launcher, wait_for
 from fedge.security import issue
@@ -23,40 +20,12 @@ from fedge.security.credentials import read_credentials
 
 
 def short_lived(certs: Path, name: str, seconds: float) -> int:
-    """A node certificate from the issuing CA that is half way through a life of
-    `seconds` (so it is due for renewal now or within a sixth of that); its serial."""
-    ca = x509.load_pem_x509_certificate((certs / "issuing.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((certs / "issuing.key").read_bytes(), None)
-    key = ec.generate_private_key(ec.SECP256R1())
+    """A node certificate half way through a life of `seconds` (so it is due for
+    renewal now or within a sixth of that); its serial."""
     now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "node"),
-                ]
-            )
-        )
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(seconds=seconds / 2))
-        .not_valid_after(now + dt.timedelta(seconds=seconds / 2))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    (certs / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (certs / f"{name}.crt").write_bytes(pem + (certs / "issuing.crt").read_bytes())
-    return cert.serial_number
+    half = dt.timedelta(seconds=seconds / 2)
+    crt, _ = issue(certs, name, validity=(now - half, now + half), force=True)
+    return leaf(crt).serial_number
 
 
 def leaf(path: Path) -> x509.Certificate:
@@ -67,6 +36,7 @@ def test_a_node_renews_its_certificate_over_its_link_and_trains_on(tmp_path: Pat
     config = write_config(tmp_path / "app", rounds=400, fit_delay=0.05)
     with Launcher(tmp_path, config) as fleet:
         fleet.issue("node-1")
+        fleet.issue()
         old_serial = short_lived(fleet.certs, "node-0", 120)
         old_key = (fleet.certs / "node-0.key").read_bytes()
         fleet.server("--wait-for", "2", "--heartbeat-interval", "0.5")

@@ -175,6 +175,7 @@ def issue(
     hosts: Sequence[str] = (),
     days: int | None = None,
     force: bool = False,
+    validity: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> tuple[Path, Path]:
     """Issue a certificate for `name` from the CA in `directory`; return (crt, key) paths.
 
@@ -183,7 +184,8 @@ def issue(
     `hosts` (default: localhost and 127.0.0.1), which clients check against the address
     they dial. The role goes into the OU: the server lets only nodes join and only admins
     use Control. An existing pair is only replaced with `force=True`, so a deployed node's
-    key is never clobbered by accident.
+    key is never clobbered by accident. `validity` (not before, not after) replaces
+    `days`: for tests and benchmarks of renewal, with lives of minutes.
     """
     directory = Path(directory)
     if isinstance(hosts, str):
@@ -198,7 +200,7 @@ def issue(
             "pass force=True to replace them"
         )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _sign(issuer, key.public_key(), name, role, hosts, days or DEFAULT_DAYS[role])
+    cert = _sign(issuer, key.public_key(), name, role, hosts, days or DEFAULT_DAYS[role], validity)
     write_file(key_path, key_pem(key), private=True)
     write_file(cert_path, _chain_pem(cert, issuer), private=False)
     return cert_path, key_path
@@ -243,13 +245,15 @@ def _sign(
     role: Role,
     hosts: Sequence[str],
     days: int,
+    validity: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> x509.Certificate:
     """A leaf certificate for `public_key`: every extension is the CA's choice."""
     _check_days(days)
     host_list = list(hosts) if hosts else (list(DEFAULT_SERVER_HOSTS) if role == "server" else [])
     san = _subject_alt_names(host_list if role == "server" else [name, *host_list])
     now = dt.datetime.now(dt.UTC)
-    not_after = min(now + dt.timedelta(days=days), issuer.cert.not_valid_after_utc)
+    not_before, not_after = validity or (now - _CLOCK_SKEW, now + dt.timedelta(days=days))
+    not_after = min(not_after, issuer.cert.not_valid_after_utc)
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if role == "server":
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
@@ -265,7 +269,7 @@ def _sign(
         .issuer_name(issuer.cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
