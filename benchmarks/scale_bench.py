@@ -102,22 +102,17 @@ async def session(channel: grpc.aio.Channel, certs: Path, cid: int) -> bool:
             await asyncio.sleep(interval)
             await outgoing.put(pb.NodeMessage(heartbeat=pb.HeartbeatRequest(session_token=token)))
 
-    renewed = False
-
-    async def renewal() -> None:  # as a node does: a new key, Renew, then reconnect
-        nonlocal renewed
-        await asyncio.sleep(max(0.0, reply.renew_after_unix_ms / 1000 - time.time()))
-        key, csr = await asyncio.to_thread(enroll.make_request, f"node-{cid}")
-        answer = await stub.Renew(pb.RenewRequest(session_token=token, csr_pem=csr), timeout=60)
-        await asyncio.to_thread(enroll.renewed, certs, f"node-{cid}", key, answer.chain_pem)
-        renewed = True
-        stream.cancel()
-
+    due = reply.renew_after_unix_ms / 1000 if reply.renew_after_unix_ms else float("inf")
     beating = asyncio.ensure_future(heartbeats())
-    renewing = asyncio.ensure_future(renewal()) if reply.renew_after_unix_ms else None
     models: dict[str, bytes] = {}
     try:
         async for message in stream:
+            if message.HasField("ack") and time.time() >= due:  # as a node: between tasks
+                key, csr = await asyncio.to_thread(enroll.make_request, f"node-{cid}")
+                request = pb.RenewRequest(session_token=token, csr_pem=csr)
+                answer = await stub.Renew(request, timeout=60)
+                await asyncio.to_thread(enroll.renewed, certs, f"node-{cid}", key, answer.chain_pem)
+                return True  # and reconnect with the new certificate
             if message.HasField("model"):
                 models = {message.model.version: message.model.data}
             if not message.HasField("task"):
@@ -146,14 +141,10 @@ async def session(channel: grpc.aio.Channel, certs: Path, cid: int) -> bool:
                 sha256=hashlib.sha256(payload).digest(),
             )
             await outgoing.put(convert.node_upload_bytes(header, payload))
-    except asyncio.CancelledError:
-        if not renewed:
-            raise
     finally:
         beating.cancel()
-        if renewing is not None:
-            renewing.cancel()
-    return renewed
+        stream.cancel()
+    return False
 
 
 def loadgen(address: str, certs: Path, cids: list[int]) -> None:

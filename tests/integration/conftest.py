@@ -131,6 +131,13 @@ def write_config(
     return path
 
 
+def cli(fleet: Launcher, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``fedge ARGS`` as the operator or a device runs it, with the fleet's environment."""
+    return subprocess.run(
+        [*FEDGE, *map(str, args)], capture_output=True, text=True, env=fleet.env, timeout=60
+    )
+
+
 def finished(proc: subprocess.Popen[bytes], fleet: Launcher, name: str = "server") -> None:
     code = wait_exit(proc)
     assert code == 0, fleet.log(name)

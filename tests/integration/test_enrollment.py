@@ -5,19 +5,18 @@ certificate, and trains with it. Every refusal issues nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import finished
+from conftest import cli, finished
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedge.launch import FEDGE, Launcher, free_port, wait_for
+from fedge.launch import Launcher, free_port, wait_for
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.security import ca_pin
@@ -34,16 +33,8 @@ def enrolling(fleet: Launcher) -> tuple[Launcher, str]:
     return fleet, address
 
 
-def fedge(fleet: Launcher, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FEDGE, *map(str, args)], capture_output=True, text=True, env=fleet.env, timeout=60
-    )
-
-
 def tokens(fleet: Launcher, *args: str) -> list[str]:
-    done = fedge(
-        fleet, "tokens", "create", "--server", fleet.address, "--certs", fleet.certs, *args
-    )
+    done = cli(fleet, "tokens", "create", "--server", fleet.address, "--certs", fleet.certs, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -70,7 +61,7 @@ def test_devices_enroll_from_tokens_and_train(enrolling: tuple[Launcher, str]) -
     devices = {"cam-0": by_name, "sensor-17": by_prefix[0]}
     for name, token in devices.items():
         device = fleet.work / "devices" / name
-        done = fedge(
+        done = cli(
             fleet, "node", "enroll", "--server", address, "--token", token, "--ca-pin", pin,
             "--name", name, "--certs", device,
         )  # fmt: skip
@@ -130,7 +121,7 @@ def test_bad_tokens_and_greedy_requests_are_refused_and_nothing_is_issued(
     enroll(address, used, pin, "dev-1", fleet.work / "dev-1")
     (short,) = tokens(fleet, "--name", "dev-2", "--ttl", "1s")
     (revoked,) = tokens(fleet, "--name", "dev-3")
-    done = fedge(
+    done = cli(
         fleet, "tokens", "revoke", revoked.split(".")[0], "--server", fleet.address,
         "--certs", fleet.certs,
     )  # fmt: skip
@@ -217,7 +208,7 @@ def test_only_node_certificates_join_and_only_admins_use_control(fleet: Launcher
 def test_token_commands_need_an_enrolling_server(fleet: Launcher) -> None:
     fleet.server("--wait-for", "4")
     wait_for(fleet.status, "the server's Control service")
-    done = fedge(
+    done = cli(
         fleet, "tokens", "create", "--server", fleet.address, "--certs", fleet.certs,
         "--name", "x",
     )  # fmt: skip

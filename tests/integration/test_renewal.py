@@ -120,3 +120,30 @@ def test_the_server_uses_a_replaced_certificate_without_a_restart(fleet: Launche
     server.send_signal(signal.SIGHUP)  # SIGHUP: read again, here still the bad key
     time.sleep(0.2)
     assert _server_serial(fleet.address) == second and server.poll() is None
+
+
+def test_a_connection_that_outlives_its_certificate_is_refused(fleet: Launcher) -> None:
+    import grpc
+
+    from fedge.proto.fedge.v1 import fleet_pb2 as pb
+    from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
+    from fedge.transport.grpc.tls import channel_credentials
+
+    fleet.server("--wait-for", "4")
+    wait_for(fleet.status, "the server")
+    now = dt.datetime.now(dt.UTC)
+    issue(
+        fleet.certs,
+        "node-0",
+        validity=(now - dt.timedelta(minutes=1), now + dt.timedelta(seconds=3)),
+    )
+    with grpc.secure_channel(fleet.address, channel_credentials(fleet.certs, "node-0")) as channel:
+        stub = pb_grpc.FleetStub(channel)
+        joined = stub.Join(pb.JoinRequest(cid=0, protocol=2), timeout=10)
+        time.sleep(4)  # the TLS connection stays up; the certificate expires
+        try:
+            stub.Heartbeat(pb.HeartbeatRequest(session_token=joined.session_token), timeout=10)
+            raise AssertionError("a call with an expired certificate was accepted")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "the certificate of 'node-0' has expired" in str(exc.details())

@@ -5,15 +5,14 @@ only a certificate the server issues afterwards brings the name back."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import wait_exit, write_config
+from conftest import cli, wait_exit, write_config
 from cryptography import x509
 
-from fedge.launch import FEDGE, Launcher, free_port, wait_for
+from fedge.launch import Launcher, free_port, wait_for
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.security import ca_pin
@@ -21,14 +20,8 @@ from fedge.transport.grpc.enroll_client import enroll
 from fedge.transport.grpc.tls import channel_credentials
 
 
-def fedge(fleet: Launcher, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FEDGE, *map(str, args)], capture_output=True, text=True, env=fleet.env, timeout=60
-    )
-
-
 def admin(fleet: Launcher, *args: str | Path) -> str:
-    done = fedge(fleet, *args, "--server", fleet.address, "--certs", fleet.certs)
+    done = cli(fleet, *args, "--server", fleet.address, "--certs", fleet.certs)
     assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr
 
@@ -117,13 +110,13 @@ def test_a_revoked_node_is_cut_at_once_and_refused_for_good(slow_fleet: Launcher
 def test_revoking_needs_an_admin_and_a_valid_serial(fleet: Launcher) -> None:
     fleet.server("--wait-for", "4")
     wait_for(fleet.status, "the server's Control service")
-    done = fedge(
+    done = cli(
         fleet, "nodes", "revoke", "--serial", "xyz", "--server", fleet.address,
         "--certs", fleet.certs,
     )  # fmt: skip
     assert done.returncode == 1 and "serial must be hexadecimal, got 'xyz'" in done.stderr
     fleet.issue("node-0")
-    done = fedge(
+    done = cli(
         fleet, "nodes", "revoke", "node-1", "--server", fleet.address, "--certs", fleet.certs,
         "--name", "node-0",
     )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,8 @@ class Guard:
                 f"{peer.name!r} holds {held}; this service needs a {role!r} certificate "
                 f"(`fedge ca issue --role {role}`, or enrollment for nodes)"
             )
+        if peer.not_after and peer.not_after < time.time():  # a connection outlived it
+            return peer, f"the certificate of {peer.name!r} has expired; renew or enroll again"
         return peer, self.revoked(peer.name, peer.serial)
 
     def serials(self, name: str) -> set[int]:
