@@ -3,6 +3,8 @@ loopback), the Fleet, Control and standard health services."""
 
 from __future__ import annotations
 
+import logging
+import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,13 @@ from fedge.transport.grpc.guard import Guard
 from fedge.transport.grpc.servicer import FleetServicer
 from fedge.transport.grpc.tls import ReloadingCredentials, require_loopback
 
+log = logging.getLogger(__name__)
+
 SERVICE = "fedge.v1.Fleet"
 RECEIVE_WINDOW = 4 << 20
+HANDSHAKE_TIMEOUT_MS = 10_000
+FDS_KEPT = 256
+"""File descriptors kept for state, spools and checkpoints when connections are capped."""
 OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -36,6 +43,10 @@ OPTIONS = [
     # 40 MB/s per upload at 100 ms round-trip time.
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
+    # A connection that has not finished its TLS handshake in 10 s is closed (gRPC's
+    # default, 120 s, let 1,100 idle sockets take every file descriptor of a 1,024 limit),
+    # and connections are capped below the file-descriptor limit (`fd_limit`).
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
 ]
 
 
@@ -65,7 +76,9 @@ class GrpcTransport:
         self._health = health.aio.HealthServicer()
 
     async def start(self, service: FleetService, control: Aggregator) -> None:
-        server = grpc.aio.server(options=OPTIONS)
+        limit = raise_fd_limit()
+        connections = ("grpc.max_allowed_incoming_connections", max(64, limit - FDS_KEPT))
+        server = grpc.aio.server(options=[*OPTIONS, connections])
         guard = Guard(self.insecure, control.revocations.refusal)
         servicer = FleetServicer(service, self.insecure, CHUNK_SIZE, guard.peers, self.enrollment)
         fleet = _handlers(pb_grpc.add_FleetServicer_to_server, servicer)
@@ -132,3 +145,20 @@ def _handlers(add: Callable[[Any, Any], None], servicer: object) -> dict[str, An
 def _add(server: grpc.aio.Server, service: str, handlers: dict[str, Any]) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (each node holds a connection);
+    returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return target
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    log.info("open-file limit: %d", soft)
+    return soft
