@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedge import logs
 from fedge.errors import FedgeError
 from fedge.malloc import pause_gc
 
@@ -355,6 +356,7 @@ def node(
     from fedge.config import load_config
     from fedge.malloc import started
     from fedge.node.runtime import Node, NodeSettings
+    from fedge.security.credentials import validate_name
     from fedge.transport.grpc.link import GrpcLink
     from fedge.transport.grpc.tls import require_loopback
 
@@ -368,6 +370,7 @@ def node(
     cfg = load_config(config, strategy=False)
     client = _app_of(cfg).client_fn(cid)  # only the client is kept: not the app's data
     identity = name or f"node-{cid}"
+    validate_name(identity)  # before anything uses it as a file or directory name
     edge = Node(
         client,
         GrpcLink(server, identity, certs, insecure),
@@ -741,7 +744,7 @@ def main() -> None:
     """The command; the cyclic collector stays off until a long-running command
     (server, node, sim, demo) has started (`fedge.malloc.started`)."""
     pause_gc()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(logging.WARNING)
     try:
         app()
     except FedgeError as exc:

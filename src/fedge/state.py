@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -151,6 +152,9 @@ class StateStore:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # 0600 from the start, like keys and checkpoints; SQLite gives its -wal and
+            # -shm files the database file's mode
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             # isolation_level=None: no implicit transactions; every write below opens its
             # own with BEGIN IMMEDIATE, so each one is atomic and its extent explicit.
             self._db = sqlite3.connect(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import attacker, finished, latest_weights, wait_exit, wait_for, write_config
+from conftest import attacker, cli, finished, latest_weights, wait_exit, wait_for, write_config
 
 from fedge.launch import Launcher
 from fedge.messages import PROTOCOL, Capabilities, Code, TaskHeader, UploadAck, UploadHeader
@@ -226,3 +226,28 @@ def test_huge_finite_values_cannot_overflow_the_aggregate(tmp_path: Path, transp
         finished(server, fleet)
         weights = latest_weights(fleet)["w"]
     assert np.all(np.isfinite(weights)) and np.all(weights > 2.9e38)  # dominated, not Inf
+
+
+def test_a_node_cannot_forge_lines_in_the_servers_log(fleet: Launcher, transport: str) -> None:
+    fleet.server("--wait-for", "4", before=("--log-level", "info"))
+    wait_for(fleet.status, "the server")
+    rogue = Hostile(attacker(fleet, transport, "rogue"), 0, stream=False)
+    forged = "ERROR fedge.fleet.server: round 7 failed: quorum lost"
+    rogue.link.leave(rogue.token, f"bye\n{forged}")
+    wait_for(lambda: "node rogue left" in fleet.log("server"), "the leave in the log")
+    log = fleet.log("server")
+    assert "bye\\nERROR fedge.fleet.server" in log
+    assert not any(line.startswith(forged) for line in log.splitlines())
+
+
+def test_a_bad_node_name_is_refused_before_any_file_is_touched(fleet: Launcher) -> None:
+    victim = fleet.work / "victim" / "results"  # where `--name ../../victim` would point
+    victim.mkdir(parents=True)
+    (victim / "precious").write_text("keep me")
+    done = cli(
+        fleet, "node", "--server", fleet.address, "--cid", "0", "--config", fleet.config,
+        "--certs", fleet.issue(), "--name", "../../victim",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "may only contain letters, digits" in done.stderr
+    assert (victim / "precious").read_text() == "keep me"

@@ -434,3 +434,13 @@ def test_sigkill_during_writes_leaves_a_resumable_state(tmp_path: Path) -> None:
     # every restart resumed exactly from the checkpoint checked after the previous kill
     assert resumed_from == [0, *checked[:-1]], f"seed {seed}"
     assert checked[-1] > 0
+
+
+def test_the_state_database_is_private(tmp_path: Path) -> None:
+    import stat
+
+    with StateStore(tmp_path / "state.db") as store:
+        store.bind("node-1", 1, "ipv4:10.0.0.1:5", {})  # a write: the WAL file exists
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
+    assert modes["state.db"] == 0o600
+    assert all(mode == 0o600 for mode in modes.values()), modes

@@ -34,6 +34,7 @@ from fedge.messages import PROTOCOL, Capabilities, Code, Joined, Keepalive, Task
 from fedge.metrics import normalize
 from fedge.node.cache import Cache, Pending, decode, default_cache_dir
 from fedge.node.link import FATAL_AT_JOIN, RETRYABLE, Backoff, Link, LinkError
+from fedge.security.credentials import validate_name
 from fedge.weights import Weights, from_bytes
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class NodeSettings:
 class Node:
     def __init__(self, client: Client, link: Link, settings: NodeSettings) -> None:
         self.client, self.link, self.settings = client, link, settings
+        validate_name(settings.name)  # it names a directory whose stale files are removed
         self.cache = Cache(settings.cache_dir or default_cache_dir(settings.name))
         self.stop_event = threading.Event()
         self.stopped_because: str | None = None

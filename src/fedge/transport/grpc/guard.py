@@ -20,6 +20,9 @@ from typing import Any
 import grpc
 
 MAX_CACHED = 4096
+MAX_CALLS: dict[str, int] = {"Download": 4, "Upload": 4, "Connect": 2, "Tasks": 2}
+"""Calls of a kind one identity may have in progress: a node needs one or two; 200
+Download streams left unread once held ~880 MB of server memory."""
 """Parsed certificates kept (a fleet's worth); beyond it the oldest is parsed again."""
 
 
@@ -72,6 +75,13 @@ def _parse(pem: bytes) -> Peer:
 Revoked = Callable[[str, int], "str | None"]
 
 
+@dataclass(frozen=True)
+class Call:
+    context: grpc.aio.ServicerContext
+    serial: int
+    method: str
+
+
 class Guard:
     """Wraps a service's handlers so that each call is refused unless its peer holds a
     certificate of `role` that `revoked` does not refuse. On plaintext (loopback, tests)
@@ -85,7 +95,7 @@ class Guard:
     ) -> None:
         self.insecure, self.revoked = insecure, revoked
         self.peers = peers or PeerCertificates()
-        self.calls: dict[str, dict[asyncio.Task[Any], tuple[grpc.aio.ServicerContext, int]]] = {}
+        self.calls: dict[str, dict[asyncio.Task[Any], Call]] = {}
 
     def admit(self, context: grpc.aio.ServicerContext, role: str) -> tuple[Peer | None, str | None]:
         """(the peer, why this call may not proceed or None)."""
@@ -106,12 +116,12 @@ class Guard:
 
     def serials(self, name: str) -> set[int]:
         """The serials of `name`'s certificates on calls in progress."""
-        return {serial for _, serial in self.calls.get(name, {}).values()}
+        return {call.serial for call in self.calls.get(name, {}).values()}
 
     def holder(self, serial: int | None) -> str:
         """The name whose calls in progress use certificate `serial` ('' if none)."""
         for name, calls in self.calls.items():
-            if any(held == serial for _, held in calls.values()):
+            if any(call.serial == serial for call in calls.values()):
                 return name
         return ""
 
@@ -119,23 +129,25 @@ class Guard:
         """End `name`'s calls in progress (only those with `serial`, if given) with
         PERMISSION_DENIED and `reason`; returns how many."""
         cut = 0
-        for task, (context, held) in list(self.calls.get(name, {}).items()):
-            if serial is not None and held != serial:
+        for task, call in list(self.calls.get(name, {}).items()):
+            if serial is not None and call.serial != serial:
                 continue
             with contextlib.suppress(Exception):  # AbortError, or the call just ended
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+                await call.context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
             task.cancel()
             cut += 1
         return cut
 
     @contextlib.contextmanager
-    def _tracked(self, peer: Peer | None, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def _tracked(
+        self, peer: Peer | None, context: grpc.aio.ServicerContext, method: str
+    ) -> Iterator[None]:
         task = asyncio.current_task()
         if peer is None or task is None:
             yield
             return
         calls = self.calls.setdefault(peer.name, {})
-        calls[task] = (context, peer.serial)
+        calls[task] = Call(context, peer.serial, method)
         try:
             yield
         finally:
@@ -143,34 +155,55 @@ class Guard:
             if not calls:
                 self.calls.pop(peer.name, None)
 
+    def _busy(self, peer: Peer | None, method: str) -> str | None:
+        """Why `peer` may not start another call of `method` now, or None."""
+        limit = MAX_CALLS.get(method)
+        if peer is None or limit is None:
+            return None
+        held = sum(c.method == method for c in self.calls.get(peer.name, {}).values())
+        if held < limit:
+            return None
+        return f"{peer.name!r} has {held} {method} calls in progress; at most {limit}"
+
     def wrap(
         self, handlers: dict[str, grpc.RpcMethodHandler], role: str
     ) -> dict[str, grpc.RpcMethodHandler]:
-        return {name: self._wrap(h, role) for name, h in handlers.items()}
+        return {name: self._wrap(h, role, name) for name, h in handlers.items()}
 
-    def _wrap(self, handler: Any, role: str) -> Any:
+    def _wrap(self, handler: Any, role: str, method: str) -> Any:
         if handler.unary_unary or handler.stream_unary:
             kind = "unary_unary" if handler.unary_unary else "stream_unary"
-            return handler._replace(**{kind: self._unary(getattr(handler, kind), role)})
-        kind = "unary_stream" if handler.unary_stream else "stream_stream"
-        return handler._replace(**{kind: self._streaming(getattr(handler, kind), role)})
+            behaviour = self._unary(getattr(handler, kind), role, method)
+        else:
+            kind = "unary_stream" if handler.unary_stream else "stream_stream"
+            behaviour = self._streaming(getattr(handler, kind), role, method)
+        return handler._replace(**{kind: behaviour})
 
-    def _unary(self, behaviour: Callable[..., Any], role: str) -> Callable[..., Any]:
+    async def _enter(
+        self, context: grpc.aio.ServicerContext, role: str, method: str
+    ) -> Peer | None:
+        peer, reason = self.admit(context, role)
+        if reason is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+        busy = self._busy(peer, method)
+        if busy is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+        return peer
+
+    def _unary(self, behaviour: Callable[..., Any], role: str, method: str) -> Callable[..., Any]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            peer, reason = self.admit(context, role)
-            if reason is not None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-            with self._tracked(peer, context):
+            peer = await self._enter(context, role, method)
+            with self._tracked(peer, context, method):
                 return await behaviour(request, context)
 
         return guarded
 
-    def _streaming(self, behaviour: Callable[..., Any], role: str) -> Callable[..., Any]:
+    def _streaming(
+        self, behaviour: Callable[..., Any], role: str, method: str
+    ) -> Callable[..., Any]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            peer, reason = self.admit(context, role)
-            if reason is not None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-            with self._tracked(peer, context):
+            peer = await self._enter(context, role, method)
+            with self._tracked(peer, context, method):
                 async for message in behaviour(request, context):
                     yield message
 
