@@ -29,7 +29,7 @@ from pathlib import Path
 from queue import Empty, Queue
 
 from fedge.client import EVALUATE, FIT, Client, EvaluateResult, FitResult, Message, Reply
-from fedge.errors import FedgeError
+from fedge.errors import FedgeError, WeightsError
 from fedge.messages import PROTOCOL, Capabilities, Code, Joined, Keepalive, TaskHeader, UploadHeader
 from fedge.metrics import normalize
 from fedge.node.cache import Cache, Pending, decode, default_cache_dir
@@ -281,6 +281,12 @@ class Node:
                 joined = self._wait_connected()
                 try:
                     for data in self.link.download(joined.token, ref.version, spool.size):
+                        if spool.size + len(data) > ref.size:  # the server is not trusted
+                            spool.discard()
+                            raise WeightsError(
+                                f"model {ref.version}: the server sent more than the "
+                                f"{ref.size} bytes it announced; refused"
+                            )
                         spool.write(data)
                     break
                 except LinkError as exc:
