@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -526,7 +526,7 @@ def nodes_list(
             _when(n.certificate_expires_unix_ms),
             _when(n.last_seen_unix_ms),
             str(n.tasks_done),
-            _escape(",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))),
+            _labels(n.labels),
         )
     _console(stdout=True).print(table)
 
@@ -548,7 +548,7 @@ def nodes_show(
     out.print(f"node {n.node_id}: {n.state}, client id {n.cid if n.has_cid else '-'}")
     out.print(f"address {_escape(n.address) or '-'}, last seen {_when(n.last_seen_unix_ms)}")
     out.print(f"connected {'yes' if n.connected else 'no'}, tasks done {n.tasks_done}")
-    out.print("labels: " + _escape(", ".join(f"{k}={v}" for k, v in sorted(n.labels.items()))))
+    out.print(f"labels: {_labels(n.labels)}")
     for c in n.certificates:  # a line each: serials are long, and meant to be copied
         why = f" ({_escape(c.reason)})" if c.reason else ""
         out.print(
@@ -587,6 +587,10 @@ def nodes_revoke(
     )
 
 
+def _labels(labels: Mapping[str, str]) -> str:
+    return _escape(",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+
+
 def _when(unix_ms: int) -> str:
     import datetime as dt
 
@@ -611,6 +615,7 @@ def nodes_assign(
     _console().print(f"client id {cid} is bound to {node_id!r}{held}")
 
 
+AdminFlagOption = Annotated[str, typer.Option("--admin", help="Admin certificate name.")]
 tokens_app = typer.Typer(
     help="One-time enrollment tokens for devices (`fedge node enroll`).", no_args_is_help=True
 )
@@ -632,7 +637,7 @@ def tokens_create(
         list[str] | None, typer.Option("--labels", help="KEY=VALUE for the node (repeat).")
     ] = None,
     certs: AdminCertsOption = None,
-    admin: Annotated[str, typer.Option("--admin", help="Admin certificate name.")] = "admin",
+    admin: AdminFlagOption = "admin",
     insecure: InsecureOption = False,
 ) -> None:
     """Print one-time tokens (shown once: the server keeps only their hash)."""
@@ -662,12 +667,10 @@ def tokens_create(
 def tokens_list(
     server: ServerOption,
     certs: AdminCertsOption = None,
-    admin: Annotated[str, typer.Option("--admin", help="Admin certificate name.")] = "admin",
+    admin: AdminFlagOption = "admin",
     insecure: InsecureOption = False,
 ) -> None:
     """Every token: what it is for, its state (unused, used, expired, revoked), expiry."""
-    import datetime as dt
-
     from rich.table import Table
 
     from fedge.transport.grpc.control_client import Control
@@ -676,14 +679,13 @@ def tokens_list(
         found = control.tokens()
     table = Table("token id", "for", "state", "expires", "used by", "labels")
     for t in found:
-        expires = dt.datetime.fromtimestamp(t.expires_unix_ms / 1000).strftime("%Y-%m-%d %H:%M")
         table.add_row(
             t.token_id,
             t.name or f"{t.prefix}*",
             t.state,
-            expires,
+            _when(t.expires_unix_ms),
             t.used_by,
-            _escape(",".join(f"{k}={v}" for k, v in sorted(t.labels.items()))),
+            _labels(t.labels),
         )
     _console(stdout=True).print(table)
 
@@ -693,7 +695,7 @@ def tokens_revoke(
     token_id: Annotated[str, typer.Argument(help="The token's id (the part before the dot).")],
     server: ServerOption,
     certs: AdminCertsOption = None,
-    admin: Annotated[str, typer.Option("--admin", help="Admin certificate name.")] = "admin",
+    admin: AdminFlagOption = "admin",
     insecure: InsecureOption = False,
 ) -> None:
     """Revoke an unused token: no device can enroll with it."""

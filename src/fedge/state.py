@@ -434,12 +434,7 @@ class StateStore:
 
     def tokens(self, token_id: str | None = None) -> list[dict[str, Any]]:
         """Every token (or the one named), oldest first, labels decoded."""
-        sql, params = "SELECT * FROM tokens", [] if token_id is None else [token_id]
-        if token_id is not None:
-            sql += " WHERE token_id = ?"
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY created_at, token_id", params).fetchall()
-        return [{**dict(r), "labels": json.loads(r["labels_json"])} for r in rows]
+        return self._labelled("tokens", "token_id", token_id, "created_at, token_id")
 
     def revoke_token(self, token_id: str) -> bool:
         """Revoke an unused token; False if there is no such unused, unrevoked token."""
@@ -552,11 +547,16 @@ class StateStore:
 
     def certificates(self, node_id: str | None = None) -> list[dict[str, Any]]:
         """Certificates the server issued or revoked, newest first, labels decoded."""
-        sql, params = "SELECT * FROM certificates", [] if node_id is None else [node_id]
-        if node_id is not None:
-            sql += " WHERE node_id = ?"
+        return self._labelled("certificates", "node_id", node_id, "issued_at DESC")
+
+    def _labelled(
+        self, table: str, column: str, value: str | None, order: str
+    ) -> list[dict[str, Any]]:
+        where = "" if value is None else f" WHERE {column} = ?"
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY issued_at DESC", params).fetchall()
+            rows = self._db.execute(
+                f"SELECT * FROM {table}{where} ORDER BY {order}", [] if value is None else [value]
+            ).fetchall()
         return [{**dict(r), "labels": json.loads(r["labels_json"])} for r in rows]
 
     # -- internals -------------------------------------------------------------------

@@ -147,3 +147,39 @@ def test_a_connection_that_outlives_its_certificate_is_refused(fleet: Launcher) 
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
             assert "the certificate of 'node-0' has expired" in str(exc.details())
+
+
+def test_a_node_can_renew_only_its_own_name_and_only_in_its_session(fleet: Launcher) -> None:
+    import grpc
+    import pytest
+
+    from fedge.proto.fedge.v1 import fleet_pb2 as pb
+    from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
+    from fedge.security.enroll import make_request
+    from fedge.transport.grpc.tls import channel_credentials
+
+    fleet.server("--wait-for", "4")
+    wait_for(fleet.status, "the server")
+    fleet.issue("node-0")
+    with grpc.secure_channel(fleet.address, channel_credentials(fleet.certs, "node-0")) as channel:
+        stub = pb_grpc.FleetStub(channel)
+        joined = stub.Join(pb.JoinRequest(cid=0, protocol=2), timeout=10)
+        assert joined.renew_after_unix_ms > time.time() * 1000  # told when to renew
+        cases = [
+            (joined.session_token, make_request("node-1")[1], "may renew only its own name"),
+            ("stale", make_request("node-0")[1], "has no current session with this token"),
+            (joined.session_token, b"junk", "expected a PEM certificate signing request"),
+        ]
+        for token, csr, message in cases:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Renew(pb.RenewRequest(session_token=token, csr_pem=csr), timeout=10)
+            assert message in str(refused.value.details())
+        renewed = stub.Renew(
+            pb.RenewRequest(session_token=joined.session_token, csr_pem=make_request("node-0")[1]),
+            timeout=10,
+        )
+        assert leaf_of(renewed.chain_pem).subject.rfc4514_string() == "OU=node,CN=node-0"
+
+
+def leaf_of(pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(pem)[0]
