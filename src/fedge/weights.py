@@ -196,10 +196,7 @@ def view_bytes(data: bytes, *, source: str = "payload") -> CheckedWeights:
     size = int.from_bytes(data[:8], "little")
     if not 2 <= size <= min(MAX_HEADER, len(data) - 8):
         raise WeightsError(f"{source}: not a valid safetensors payload (header length {size})")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{source}: not a valid safetensors payload ({exc})") from exc
+    header = _json(data[8 : 8 + size], f"{source}: not a valid safetensors payload")
     if not isinstance(header, dict):
         raise WeightsError(f"{source}: not a valid safetensors payload (header is not an object)")
     header.pop("__metadata__", None)
@@ -239,17 +236,36 @@ def view_bytes(data: bytes, *, source: str = "payload") -> CheckedWeights:
 
 def _order_from_header(data: bytes | bytearray | memoryview, source: str) -> list[str] | None:
     header_len = int.from_bytes(bytes(data[:8]), "little")
-    header = json.loads(bytes(data[8 : 8 + header_len]))
-    order = (header.get("__metadata__") or {}).get(_ORDER_KEY)
+    header = _json(bytes(data[8 : 8 + header_len]), f"{source}: not a valid safetensors payload")
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise WeightsError(f"{source}: __metadata__ must be an object of strings")
+    order = metadata.get(_ORDER_KEY)
     if order is None:
         return None
-    try:
-        names = json.loads(order)
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"{source}: metadata {_ORDER_KEY!r} is not JSON ({exc})") from exc
+    names = _json(order, f"{source}: metadata {_ORDER_KEY!r} is not JSON")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise WeightsError(f"{source}: metadata {_ORDER_KEY!r} must be a list of tensor names")
     return names
+
+
+def _json(text: str | bytes, what: str) -> Any:
+    """JSON from a node: any failure — bad syntax or encoding, a non-string, nesting
+    deep enough to exhaust the recursion limit — is a `WeightsError` saying `what`."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise WeightsError(f"{what} ({reason})") from None
+
+
+def _few(names: Iterable[object], shown: int = 5) -> str:
+    """A list for an error message: the first few, and how many more."""
+    items = list(names)
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return f"{[str(n)[:64] for n in items[:shown]]}{more}"
 
 
 def _ordered(arrays: dict[str, Array], order: list[str] | None, source: str) -> Weights:
@@ -257,7 +273,8 @@ def _ordered(arrays: dict[str, Array], order: list[str] | None, source: str) -> 
         return dict(sorted(arrays.items()))
     if sorted(order) != sorted(arrays):
         raise WeightsError(
-            f"{source}: metadata names {sorted(order)} do not match tensors {sorted(arrays)}"
+            f"{source}: metadata names {_few(sorted(order))} do not match tensors "
+            f"{_few(sorted(arrays))}"
         )
     return {name: arrays[name] for name in order}
 
@@ -365,10 +382,10 @@ def blocks(weights: Mapping[str, Array], name: str) -> Iterator[Array]:
 
 
 def _parse_order(order: str, names: list[str], source: str) -> list[str]:
-    try:
-        parsed = json.loads(order)
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"{source}: metadata {_ORDER_KEY!r} is not JSON ({exc})") from exc
+    parsed = _json(order, f"{source}: metadata {_ORDER_KEY!r} is not JSON")
     if not isinstance(parsed, list) or sorted(map(str, parsed)) != sorted(names):
-        raise WeightsError(f"{source}: metadata names {parsed!r} do not match tensors {names}")
+        shown = _few(parsed) if isinstance(parsed, list) else type(parsed).__name__
+        raise WeightsError(
+            f"{source}: metadata names {shown} do not match tensors {_few(sorted(names))}"
+        )
     return [str(n) for n in parsed]

@@ -251,3 +251,16 @@ def test_a_bad_node_name_is_refused_before_any_file_is_touched(fleet: Launcher) 
     assert done.returncode == 1
     assert "may only contain letters, digits" in done.stderr
     assert (victim / "precious").read_text() == "keep me"
+
+
+def test_deeply_nested_order_metadata_is_a_precise_refusal(fleet: Launcher, transport: str) -> None:
+    from safetensors.numpy import save
+
+    fleet.server("--wait-for", "1")
+    wait_for(fleet.status, "the server")
+    rogue = Hostile(attacker(fleet, transport, "rogue"), 0)
+    task = rogue.task()
+    weights = rogue.model(task)
+    nested = save(weights, metadata={"fedge.order": "[" * 1500 + "]" * 1500})
+    rogue.refused(Code.INVALID_ARGUMENT, "is not JSON (nested too deeply)", task, nested)
+    assert rogue.upload(task, to_bytes(weights)).accepted  # the server is fine

@@ -4,6 +4,7 @@ anything a peer could send that does not match the global model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,3 +377,20 @@ def test_views_refuse_a_header_length_out_of_bounds(payload: bytes) -> None:
 
     with pytest.raises(WeightsError, match="not a valid safetensors payload"):
         view_bytes(payload, source="node 3")
+
+
+def test_hostile_metadata_is_a_weights_error_not_a_crash(tmp_path: Path) -> None:
+    from safetensors.numpy import save
+
+    from fedge.weights import FileWeights, view_bytes
+
+    arrays = {"a": np.zeros(3, np.float32)}
+    nested = save(arrays, metadata={"fedge.order": "[" * 5000 + "]" * 5000})
+    with pytest.raises(WeightsError, match="nested too deeply"):
+        view_bytes(nested)
+    (tmp_path / "n.safetensors").write_bytes(nested)
+    with pytest.raises(WeightsError, match="nested too deeply"):
+        FileWeights(tmp_path / "n.safetensors")
+    header = b'{"__metadata__":[1],"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    with pytest.raises(WeightsError, match="__metadata__ must be an object"):
+        view_bytes(len(header).to_bytes(8, "little") + header)
