@@ -85,10 +85,12 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
         )
     missing = [n for n in spec if n not in weights]
     if missing:
-        raise WeightsError(f"{source}: missing tensor(s) {missing}; expected {list(spec)}")
+        raise WeightsError(f"{source}: missing tensor(s) {_few(missing)}; expected {_few(spec)}")
     unexpected = [n for n in weights if n not in spec]
     if unexpected:
-        raise WeightsError(f"{source}: unexpected tensor(s) {unexpected}; expected {list(spec)}")
+        raise WeightsError(
+            f"{source}: unexpected tensor(s) {_few(unexpected)}; expected {_few(spec)}"
+        )
     magnitude = 0.0
     for name, want in spec.items():
         if isinstance(weights, FileWeights):

@@ -394,3 +394,14 @@ def test_hostile_metadata_is_a_weights_error_not_a_crash(tmp_path: Path) -> None
     header = b'{"__metadata__":[1],"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
     with pytest.raises(WeightsError, match="__metadata__ must be an object"):
         view_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_an_error_about_many_tensors_names_a_few_and_counts_the_rest() -> None:
+    spec = spec_of({"w": np.zeros(2, np.float32)})
+    flood = {
+        "w": np.zeros(2, np.float32),
+        **{f"t{i}": np.zeros(0, np.float32) for i in range(10**4)},
+    }
+    with pytest.raises(WeightsError) as err:
+        validate(flood, spec, source="upload")
+    assert "and 9995 more" in str(err.value) and len(str(err.value)) < 300
