@@ -8,6 +8,7 @@ arrive (or, when small, kept in memory), so memory stays O(chunk) per transfer.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +42,13 @@ def bytes_chunks(
         yield start, bytes(view[start : start + size])
 
 
+def open_private(path: Path, append: bool = True) -> BinaryIO:
+    """Open `path` for writing (appending, or from empty), created 0600: payloads are
+    data, kept like keys."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), "ab" if append else "wb")
+
+
 class Spool:
     """A payload being received into a file; resumable by offset.
 
@@ -57,7 +65,7 @@ class Spool:
 
     def write(self, data: bytes) -> None:
         if self._file is None:
-            self._file = self.path.open("ab")
+            self._file = open_private(self.path)
         self._file.write(data)
         self.digest.update(data)
         self.size += len(data)

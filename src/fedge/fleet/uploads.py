@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.chunks import Spool
+from fedge.chunks import Spool, open_private
 from fedge.client import EVALUATE, FIT, EvaluateResult, FitResult, Reply, Result
 from fedge.coordinator import Task
 from fedge.errors import WeightsError, is_disk_full
@@ -176,7 +176,7 @@ class Uploads:
         """A validated result that must wait for its turn, moved to a file (page cache)."""
         path = self.path(task.task_id, ".safetensors")
         try:
-            await asyncio.to_thread(path.write_bytes, payload)
+            await asyncio.to_thread(_write_private, path, payload)
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise _disk_error(exc, self.directory, source) from exc
@@ -251,6 +251,11 @@ class Uploads:
                 f"expected tensors take {data} bytes; the configured maximum is "
                 f"{self.max_bytes})",
             )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    with open_private(path, append=False) as f:
+        f.write(data)
 
 
 def _checked_metrics(metrics: dict[str, float], source: str) -> dict[str, float]:

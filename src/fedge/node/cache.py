@@ -16,7 +16,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.chunks import MemorySpool, Spool, bytes_chunks, read_chunks, sha256_file
+from fedge.chunks import (
+    MemorySpool,
+    Spool,
+    bytes_chunks,
+    open_private,
+    read_chunks,
+    sha256_file,
+)
 from fedge.errors import WeightsError
 from fedge.messages import ModelRef, UploadHeader
 from fedge.weights import Array, Weights, from_bytes, num_bytes, read_file, to_bytes, to_file
@@ -98,6 +105,7 @@ class Cache:
             data = to_bytes(weights)
             return data, len(data), hashlib.sha256(data).digest()
         path = self.results / hashlib.sha256(task_id.encode()).hexdigest()
+        open_private(path, append=False).close()  # created 0600; the library keeps the mode
         to_file(weights, path)
         return path, path.stat().st_size, sha256_file(path).digest()
 
