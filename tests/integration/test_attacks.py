@@ -11,6 +11,7 @@ import signal
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,46 @@ def test_deeply_nested_order_metadata_is_a_precise_refusal(fleet: Launcher, tran
     nested = save(weights, metadata={"fedge.order": "[" * 1500 + "]" * 1500})
     rogue.refused(Code.INVALID_ARGUMENT, "is not JSON (nested too deeply)", task, nested)
     assert rogue.upload(task, to_bytes(weights)).accepted  # the server is fine
+
+
+BIG_APP = """
+import numpy as np
+import fedge
+
+def create_app(num_clients, seed):
+    return fedge.App(lambda cid: None, {"w": np.zeros(524_288, np.float32)})  # 2 MiB
+"""
+
+
+def test_oversized_chunks_and_uploads_for_a_closed_round_are_cut(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(BIG_APP)
+    config = tmp_path / "fedge.toml"
+    config.write_text(
+        '[app]\ntarget = "app:create_app"\n[run]\nnum_clients = 1\nrounds = 1\n'
+        "round_timeout = 4.0\nmax_round_retries = 5\n"
+    )
+    with Launcher(tmp_path / "fleet", config) as fleet:
+        fleet.server("--wait-for", "1")
+        wait_for(fleet.status, "the server")
+        rogue = Hostile(attacker(fleet, "grpc", "rogue"), 0)
+        task = rogue.task()
+        payload = to_bytes(rogue.model(task))
+        rogue.refused(Code.INVALID_ARGUMENT, "the protocol's chunks are at most", task, payload)
+
+        def trickle() -> Iterator[tuple[int, bytes]]:
+            yield 0, payload[: 1 << 20]
+            time.sleep(6)  # the round's deadline passes meanwhile: its task closes
+            yield 1 << 20, payload[1 << 20 :]
+
+        header = UploadHeader(
+            task.task_id,
+            token=rogue.token,
+            num_examples=10,
+            encoding="safetensors",
+            size=len(payload),
+            sha256=hashlib.sha256(payload).digest(),
+        )
+        with pytest.raises(LinkError) as cut:
+            rogue.link.upload(header, trickle())
+        assert cut.value.code == Code.ABORTED
+        assert "the round closed; the rest of the upload is not read" in cut.value.message

@@ -206,7 +206,9 @@ class FleetService:
                     True, True, "already counted", received_bytes=open_task.received_bytes
                 )
             try:
-                received = await self.uploads.receive(open_task.task, header, chunks, source)
+                received = await self.uploads.receive(
+                    open_task.task, header, self._while_open(header.task_id, chunks, source), source
+                )
             except FleetError as exc:
                 self._refused(session, exc)
                 raise
@@ -335,6 +337,16 @@ class FleetService:
             session = self.sessions.current(task.cid)
             if session is not None and session.streaming:
                 session.queue.put_nowait(header)
+
+    async def _while_open(self, task_id: str, chunks: Chunks, source: str) -> Chunks:
+        """The upload's chunks while its task is open: once its round closes, the rest is
+        not read (a node trickling bytes for a closed round is cut at its next chunk)."""
+        async for item in chunks:
+            if task_id not in self.board.open:
+                raise FleetError(
+                    Code.ABORTED, f"{source}: the round closed; the rest of the upload is not read"
+                )
+            yield item
 
     def close_tasks(self, task_ids: list[str]) -> None:
         for open_task in self.board.close(task_ids):

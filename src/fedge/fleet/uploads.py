@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.chunks import Spool, open_private
+from fedge.chunks import CHUNK_SIZE, Spool, open_private
 from fedge.client import EVALUATE, FIT, EvaluateResult, FitResult, Reply, Result
 from fedge.coordinator import Task
 from fedge.errors import WeightsError, is_disk_full
@@ -274,6 +274,12 @@ def _checked_metrics(metrics: dict[str, float], source: str) -> dict[str, float]
 
 
 def _check_chunk(offset: int, data: bytes, held: int, size: int, source: str) -> None:
+    if len(data) > CHUNK_SIZE:
+        raise FleetError(
+            Code.INVALID_ARGUMENT,
+            f"{source}: a chunk of {len(data)} bytes; the protocol's chunks are at most "
+            f"{CHUNK_SIZE} bytes",
+        )
     if offset != held:
         raise FleetError(
             Code.INVALID_ARGUMENT, f"{source}: expected a chunk at offset {held}, got {offset}"
