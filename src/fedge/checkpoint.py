@@ -115,8 +115,8 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path
     final = directory / checkpoint_name(ckpt.round)
     temp = directory / f".{final.name}.{secrets.token_hex(8)}.tmp"
     try:
-        # Create it ourselves (exclusive, mode 0o644 minus umask), then let safetensors fill it.
-        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        # Create it ourselves (exclusive, private), then let safetensors fill it.
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         save_file(tensors, temp, metadata=metadata)
         fd = os.open(temp, os.O_RDWR)
         try:

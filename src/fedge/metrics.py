@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedge.limits import MAX_KEY_LENGTH, MAX_METRICS
+from fedge.limits import MAX_KEY_LENGTH, MAX_METRICS, few
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,33 @@ def as_float(value: object) -> float | None:
 
 
 class WeightedMetrics:
-    """Example-weighted means of metrics, accumulated one client at a time."""
+    """Example-weighted means of metrics, accumulated one client at a time.
+
+    At most `MAX_METRICS` names, the first seen: each node may send that many, but nodes
+    naming different ones must not grow the round's record (and every checkpoint and
+    results file after it) with the number of nodes.
+    """
 
     def __init__(self) -> None:
         self._sums: dict[str, float] = {}
         self._weights: dict[str, float] = {}
+        self.dropped: set[str] = set()
+        """Names left out once `MAX_METRICS` were taken (bounded too: for the log)."""
 
     def add(self, metrics: Metrics, weight: int) -> None:
         for key, value in metrics.items():
+            if key not in self._sums and len(self._sums) == MAX_METRICS:
+                if len(self.dropped) < MAX_METRICS:
+                    self.dropped.add(key)
+                continue
             self._sums[key] = self._sums.get(key, 0.0) + value * weight
             self._weights[key] = self._weights.get(key, 0.0) + weight
 
     def mean(self) -> Metrics:
+        if self.dropped:
+            log.warning(
+                "clients sent more than %d metric names in all; left out: %s",
+                MAX_METRICS,
+                few(sorted(self.dropped)),
+            )
         return {k: self._sums[k] / self._weights[k] for k in self._sums}

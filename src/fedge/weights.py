@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from safetensors.numpy import save as _st_save
 from safetensors.numpy import save_file as _st_save_file
 
 from fedge.errors import WeightsError
+from fedge.limits import few
 
 Array = npt.NDArray[np.generic]
 Weights = dict[str, Array]
@@ -85,11 +87,11 @@ def validate(weights: Mapping[str, object], spec: Spec, *, source: str) -> None:
         )
     missing = [n for n in spec if n not in weights]
     if missing:
-        raise WeightsError(f"{source}: missing tensor(s) {_few(missing)}; expected {_few(spec)}")
+        raise WeightsError(f"{source}: missing tensor(s) {few(missing)}; expected {few(spec)}")
     unexpected = [n for n in weights if n not in spec]
     if unexpected:
         raise WeightsError(
-            f"{source}: unexpected tensor(s) {_few(unexpected)}; expected {_few(spec)}"
+            f"{source}: unexpected tensor(s) {few(unexpected)}; expected {few(spec)}"
         )
     magnitude = 0.0
     for name, want in spec.items():
@@ -166,7 +168,12 @@ def to_bytes(weights: Mapping[str, Array]) -> bytes:
 
 
 def to_file(weights: Mapping[str, Array], path: Path) -> None:
-    """Write safetensors straight to a file: one transient copy of the model, not two."""
+    """Write safetensors straight to a file: one transient copy of the model, not two.
+    The file is 0600 (a model holds what it learned from private data); the library
+    keeps the mode of the file it overwrites."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    os.close(fd)
     arrays = {name: np.asarray(a, order="C") for name, a in weights.items()}
     _st_save_file(arrays, str(path), metadata={_ORDER_KEY: json.dumps(list(arrays))})
 
@@ -263,20 +270,13 @@ def _json(text: str | bytes, what: str) -> Any:
         raise WeightsError(f"{what} ({reason})") from None
 
 
-def _few(names: Iterable[object], shown: int = 5) -> str:
-    """A list for an error message: the first few, and how many more."""
-    items = list(names)
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return f"{[str(n)[:64] for n in items[:shown]]}{more}"
-
-
 def _ordered(arrays: dict[str, Array], order: list[str] | None, source: str) -> Weights:
     if order is None:
         return dict(sorted(arrays.items()))
     if sorted(order) != sorted(arrays):
         raise WeightsError(
-            f"{source}: metadata names {_few(sorted(order))} do not match tensors "
-            f"{_few(sorted(arrays))}"
+            f"{source}: metadata names {few(sorted(order))} do not match tensors "
+            f"{few(sorted(arrays))}"
         )
     return {name: arrays[name] for name in order}
 
@@ -301,7 +301,17 @@ class FileWeights(Mapping[str, Array]):
 
     BLOCK_BYTES = 4 << 20
 
-    def __init__(self, path: Path, *, source: str = "payload") -> None:
+    def __init__(self, path: Path, *, source: str = "payload", max_header: int = 0) -> None:
+        """`max_header` (bytes; 0: any) bounds the header of a file a node sent before it
+        is parsed: a header of a million empty tensors costs a gigabyte to parse."""
+        if max_header:
+            with path.open("rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+            if header_len > max_header:
+                raise WeightsError(
+                    f"{source}: not a valid safetensors payload (a {header_len}-byte header; "
+                    f"the expected tensors need at most {max_header})"
+                )
         try:  # the library checks the header: offsets in bounds, sizes match dtypes and shapes
             with safe_open(str(path), framework="numpy") as checked:
                 names: list[str] = list(checked.keys())
@@ -386,8 +396,8 @@ def blocks(weights: Mapping[str, Array], name: str) -> Iterator[Array]:
 def _parse_order(order: str, names: list[str], source: str) -> list[str]:
     parsed = _json(order, f"{source}: metadata {_ORDER_KEY!r} is not JSON")
     if not isinstance(parsed, list) or sorted(map(str, parsed)) != sorted(names):
-        shown = _few(parsed) if isinstance(parsed, list) else type(parsed).__name__
+        shown = few(parsed) if isinstance(parsed, list) else type(parsed).__name__
         raise WeightsError(
-            f"{source}: metadata names {shown} do not match tensors {_few(sorted(names))}"
+            f"{source}: metadata names {shown} do not match tensors {few(sorted(names))}"
         )
     return [str(n) for n in parsed]

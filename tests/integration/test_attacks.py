@@ -144,13 +144,18 @@ def test_bad_uploads_are_refused_precisely_and_the_run_goes_on(
     rogue.refused(Code.PERMISSION_DENIED, "was assigned to client id 0", other, good)
     # after all that, an honest upload is accepted; the round closes as both answered, so
     # the same result sent again is refused, not counted twice
-    assert rogue.upload(task, good).accepted
+    # 64 metric names of its own (the most one upload may carry) do not add to the
+    # round's: its record keeps at most 64 names, the honest node's first
+    own = {f"rogue{i}": 1.0 for i in range(64)}
+    assert rogue.upload(task, good, metrics=own).accepted
     second = rogue.task()
     rogue.refused(Code.ABORTED, f"belongs to round {task.round}, which is closed", task, good)
     assert rogue.upload(second, to_bytes(rogue.model(second))).accepted
     finished(server, fleet)
     rounds = json.loads(out.read_text())["rounds"]
     assert [(r["status"], r["participants"]) for r in rounds] == [("ok", [0, 1])] * 2
+    honest = set(rounds[1]["fit_metrics"])
+    assert honest and len(rounds[0]["fit_metrics"]) == 64 and honest < set(rounds[0]["fit_metrics"])
 
 
 def test_no_node_can_take_another_nodes_client_id(fleet: Launcher, transport: str) -> None:
@@ -272,11 +277,18 @@ import numpy as np
 import fedge
 
 def create_app(num_clients, seed):
-    return fedge.App(lambda cid: None, {"w": np.zeros(524_288, np.float32)})  # 2 MiB
+    return fedge.App(lambda cid: None, {"w": np.zeros(1_310_720, np.float32)})  # 5 MiB
 """
 
 
-def test_oversized_chunks_and_uploads_for_a_closed_round_are_cut(tmp_path: Path) -> None:
+def chunked(payload: bytes, size: int = 1 << 20) -> list[tuple[int, bytes]]:
+    return [(at, payload[at : at + size]) for at in range(0, len(payload), size)]
+
+
+def test_large_uploads_that_lie_are_cut_and_leave_nothing_behind(tmp_path: Path) -> None:
+    """Payloads over 4 MiB are spooled to a file: a header of 80,000 empty tensors is
+    refused before it is parsed; an upload stalled mid-way for a round that closes is cut
+    at once, without waiting for its next chunk, and its spool file is removed."""
     (tmp_path / "app.py").write_text(BIG_APP)
     config = tmp_path / "fedge.toml"
     config.write_text(
@@ -289,22 +301,48 @@ def test_oversized_chunks_and_uploads_for_a_closed_round_are_cut(tmp_path: Path)
         rogue = Hostile(attacker(fleet, "grpc", "rogue"), 0)
         task = rogue.task()
         payload = to_bytes(rogue.model(task))
-        rogue.refused(Code.INVALID_ARGUMENT, "the protocol's chunks are at most", task, payload)
+        rogue.refused(
+            Code.INVALID_ARGUMENT, "the protocol's chunks are at most", task, payload[: 2 << 20],
+            size=len(payload), sha256=hashlib.sha256(payload).digest(),
+        )  # fmt: skip
 
-        def trickle() -> Iterator[tuple[int, bytes]]:
-            yield 0, payload[: 1 << 20]
-            time.sleep(6)  # the round's deadline passes meanwhile: its task closes
-            yield 1 << 20, payload[1 << 20 :]
-
-        header = UploadHeader(
-            task.task_id,
-            token=rogue.token,
-            num_examples=10,
-            encoding="safetensors",
-            size=len(payload),
-            sha256=hashlib.sha256(payload).digest(),
+        empty = {
+            f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(80_000)
+        }
+        header_json = json.dumps(empty, separators=(",", ":")).encode()
+        forged = len(header_json).to_bytes(8, "little") + header_json
+        assert len(payload) > len(forged) > 4 << 20
+        with pytest.raises(LinkError) as refused:
+            rogue.link.upload(upload_header(rogue, task, forged), chunked(forged))
+        assert refused.value.code == Code.INVALID_ARGUMENT
+        assert f"a {len(header_json)}-byte header; the expected tensors need at most" in (
+            refused.value.message
         )
+
+        task = rogue.task()  # the round is tried again: the forged upload failed it
+        sent_rest, resume = threading.Event(), threading.Event()
+
+        def stall() -> Iterator[tuple[int, bytes]]:
+            yield 0, payload[: 1 << 20]
+            resume.wait(60)  # the round's deadline passes meanwhile: its task closes
+            sent_rest.set()
+            yield from chunked(payload)[1:]
+
         with pytest.raises(LinkError) as cut:
-            rogue.link.upload(header, trickle())
+            rogue.link.upload(upload_header(rogue, task, payload), stall())
+        assert not sent_rest.is_set(), "the server waited for the next chunk"
+        resume.set()
         assert cut.value.code == Code.ABORTED
-        assert "the round closed; the rest of the upload is not read" in cut.value.message
+        assert "the round closed before the upload was complete" in cut.value.message
+        assert not list(fleet.state_dir.glob("runs/*/uploads/*"))
+
+
+def upload_header(node: Hostile, task: TaskHeader, payload: bytes) -> UploadHeader:
+    return UploadHeader(
+        task.task_id,
+        token=node.token,
+        num_examples=10,
+        encoding="safetensors",
+        size=len(payload),
+        sha256=hashlib.sha256(payload).digest(),
+    )

@@ -10,13 +10,18 @@ import subprocess
 import sys
 import time
 
-from fedge.launch import Launcher, wait_for
+import pytest
+
+from fedge.launch import Launcher, free_port, wait_for
 
 
-def test_idle_connections_without_a_handshake_are_closed(fleet: Launcher) -> None:
-    fleet.server("--wait-for", "4")
+@pytest.mark.parametrize("listener", ["fleet", "enrollment"])
+def test_idle_connections_without_a_handshake_are_closed(fleet: Launcher, listener: str) -> None:
+    enroll_address = f"127.0.0.1:{free_port()}"
+    fleet.server("--wait-for", "4", "--enroll-address", enroll_address)
     wait_for(fleet.status, "the server")
-    host, port = fleet.address.rsplit(":", 1)
+    address = fleet.address if listener == "fleet" else enroll_address
+    host, port = address.rsplit(":", 1)
     idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(300)]
     try:
         assert fleet.status() is not None  # a real client still gets through

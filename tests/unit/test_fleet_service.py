@@ -575,7 +575,7 @@ def test_a_late_upload_for_a_closed_task_is_aborted_and_not_counted(fleet: Harne
     with pytest.raises(FleetError) as caught:
         fleet.call(service.upload("node-0", header, closing()))
     assert caught.value.code == Code.ABORTED
-    assert "the round closed; the rest of the upload is not read" in caught.value.message
+    assert "the round closed before the upload was complete" in caught.value.message
     assert service.board.results.empty() and service.events.counts["upload.accepted"] == 0
     assert not list((fleet.tmp / "work" / "uploads").iterdir())
 

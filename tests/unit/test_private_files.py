@@ -1,5 +1,5 @@
-"""Payloads on disk (spools, spilled results, a node's results) are created 0600, like
-keys, checkpoints and the state database."""
+"""Payloads and models on disk (spools, spilled results, a node's results, published
+models, checkpoints) are created 0600, like keys and the state database."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge.checkpoint import Checkpoint, save_checkpoint
 from fedge.chunks import Spool
+from fedge.fleet.models import IN_MEMORY, ModelStore
 from fedge.node.cache import SPILL_BYTES, Cache
 
 
@@ -36,3 +38,15 @@ def test_a_result_spilled_by_the_server_is_private(tmp_path: Path) -> None:
 
     asyncio.run(asyncio.to_thread(_write_private, tmp_path / "r.safetensors", b"data"))
     assert _mode(tmp_path / "r.safetensors") == 0o600
+
+
+def test_a_published_model_on_disk_is_private(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    store.publish({"w": np.zeros(IN_MEMORY // 4 + 1, np.float32)})
+    (published,) = (tmp_path / "models").iterdir()
+    assert _mode(published) == 0o600
+
+
+def test_a_checkpoint_is_private(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, Checkpoint(round=1, weights={"w": np.zeros(3, np.float32)}))
+    assert _mode(path) == 0o600

@@ -115,6 +115,8 @@ class FleetService:
         self.disk_full: str | None = None
         """The last "disk full" refusal, until an upload is stored again."""
         self._changed = asyncio.Event()
+        self._closing: dict[str, asyncio.Future[None]] = {}
+        """Set when the task of an upload being received closes (see `_while_open`)."""
 
     # --- nodes -----------------------------------------------------------------------
 
@@ -219,9 +221,7 @@ class FleetService:
                 )
             if header.task_id not in self.board.open:  # the round closed while we checked
                 self.uploads.release(header.task_id)
-                raise FleetError(
-                    Code.ABORTED, f"{source}: the round closed before the upload completed"
-                )
+                raise FleetError(Code.ABORTED, _closed(source))
             self.disk_full = None
             self.board.accept(open_task, received.result, received.error, received.size)
             session.tasks_done += received.error is None
@@ -339,18 +339,34 @@ class FleetService:
                 session.queue.put_nowait(header)
 
     async def _while_open(self, task_id: str, chunks: Chunks, source: str) -> Chunks:
-        """The upload's chunks while its task is open: once its round closes, the rest is
-        not read (a node trickling bytes for a closed round is cut at its next chunk)."""
-        async for item in chunks:
-            if task_id not in self.board.open:
-                raise FleetError(
-                    Code.ABORTED, f"{source}: the round closed; the rest of the upload is not read"
-                )
-            yield item
+        """The upload's chunks while its task is open. When the task closes, the upload is
+        cut at once, even in the middle of a chunk: a node trickling bytes for a closed
+        round is not waited for. (Each wait races the close, rather than cancelling the
+        receiver, so the refusal reaches the node with its reason.)"""
+        closing = self._closing[task_id] = asyncio.get_running_loop().create_future()
+        pending, step = aiter(chunks), None
+        try:
+            while task_id in self.board.open:
+                step = asyncio.ensure_future(anext(pending))
+                await asyncio.wait((step, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    break
+                if isinstance(step.exception(), StopAsyncIteration):
+                    return
+                yield step.result()
+        finally:
+            if step is not None:
+                step.cancel()
+            if self._closing.get(task_id) is closing:
+                del self._closing[task_id]
+        raise FleetError(Code.ABORTED, _closed(source))
 
     def close_tasks(self, task_ids: list[str]) -> None:
         for open_task in self.board.close(task_ids):
             self.uploads.release(open_task.task.task_id)
+            closing = self._closing.pop(open_task.task.task_id, None)
+            if closing is not None:
+                closing.set_result(None)
 
     def stop(self) -> None:
         """End every task stream; a coordinator waiting for clients unwinds."""
@@ -396,6 +412,10 @@ class FleetService:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _closed(source: str) -> str:
+    return f"{source}: the round closed before the upload was complete; it was not counted"
 
 
 def _identity(identity: str) -> str:

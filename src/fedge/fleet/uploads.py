@@ -87,14 +87,17 @@ class Uploads:
         return spool.size
 
     def release(self, task_id: str) -> None:
-        """The task closed: forget its payload, in memory or on disk."""
+        """The task closed: forget its payload, in memory or on disk. A spool being written
+        is discarded by its receiver once the write in flight is done (discarded now, that
+        write would create the file again)."""
         self._held_total -= self._held.pop(task_id, 0)
-        self._locks.pop(task_id, None)
+        lock = self._locks.pop(task_id, None)
         spool = self._spools.pop(task_id, None)
-        if spool is not None:
-            spool.discard()
-        else:
-            self.path(task_id).unlink(missing_ok=True)
+        if lock is None or not lock.locked():
+            if spool is not None:
+                spool.discard()
+            else:
+                self.path(task_id).unlink(missing_ok=True)
         self.path(task_id, ".safetensors").unlink(missing_ok=True)
 
     async def receive(
@@ -207,10 +210,12 @@ class Uploads:
                 await asyncio.shield(writing)
         except OSError as exc:
             raise _disk_error(exc, self.directory, source) from exc
-        finally:
-            if writing is not None and not writing.done():
-                await asyncio.wait([writing])
-            spool.close()
+        finally:  # shielded: even a receiver cut twice leaves no file open or behind
+            await asyncio.shield(asyncio.ensure_future(self._settle(task.task_id, spool, writing)))
+        if self._spools.get(task.task_id) is not spool:
+            raise FleetError(
+                Code.ABORTED, f"{source}: the task closed while its upload was received"
+            )
         if spool.size < header.size:
             return None
         try:
@@ -229,6 +234,18 @@ class Uploads:
                 path.unlink(missing_ok=True)
                 raise
 
+    async def _settle(
+        self, task_id: str, spool: Spool, writing: asyncio.Future[None] | None
+    ) -> None:
+        """After a receive: let the write in flight finish, then close the spool — or
+        discard it, if its task was released meanwhile."""
+        if writing is not None:
+            await asyncio.wait([writing])
+        if self._spools.get(task_id) is spool:
+            spool.close()
+        else:
+            spool.discard()
+
     async def _spool(self, task_id: str) -> Spool:
         spool = self._spools.get(task_id)
         if spool is None:  # found on disk after a restart: hash its prefix off the loop
@@ -243,7 +260,7 @@ class Uploads:
                 f"{source}: encoding {header.encoding!r} is not supported; expected 'safetensors'",
             )
         data = sum(s.dtype.itemsize * math.prod(s.shape) for s in expects.values())
-        bound = min(self.max_bytes, 8 + data + HEADER_ALLOWANCE + 200 * len(expects))
+        bound = min(self.max_bytes, 8 + data + _header_bound(expects))
         if not 0 < header.size <= bound:
             raise FleetError(
                 Code.RESOURCE_EXHAUSTED if header.size > self.max_bytes else Code.INVALID_ARGUMENT,
@@ -251,6 +268,11 @@ class Uploads:
                 f"expected tensors take {data} bytes; the configured maximum is "
                 f"{self.max_bytes})",
             )
+
+
+def _header_bound(expects: Spec) -> int:
+    """The most header bytes the expected tensors need (names, dtypes, shapes, order)."""
+    return HEADER_ALLOWANCE + 200 * len(expects)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -316,7 +338,7 @@ def _validate(weights: CheckedWeights, spec: Spec, source: str) -> None:
 def _check_file(path: Path, spec: Spec, source: str) -> FileWeights:
     """Validate a received file block by block; the coordinator then folds it unread again."""
     try:
-        weights = FileWeights(path, source=source)
+        weights = FileWeights(path, source=source, max_header=_header_bound(spec))
         validate(weights, spec, source=source)
     except WeightsError as exc:
         raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc

@@ -20,7 +20,6 @@ from fedge.chunks import (
     MemorySpool,
     Spool,
     bytes_chunks,
-    open_private,
     read_chunks,
     sha256_file,
 )
@@ -105,7 +104,6 @@ class Cache:
             data = to_bytes(weights)
             return data, len(data), hashlib.sha256(data).digest()
         path = self.results / hashlib.sha256(task_id.encode()).hexdigest()
-        open_private(path, append=False).close()  # created 0600; the library keeps the mode
         to_file(weights, path)
         return path, path.stat().st_size, sha256_file(path).digest()
 

@@ -14,9 +14,15 @@ from fedge.security.pki import MAX_REQUEST_BYTES
 from fedge.transport.grpc.servicer import abort
 from fedge.transport.grpc.tls import ReloadingCredentials
 
+MAX_CONNECTIONS = 1024
+"""Connections the listener keeps at once: anyone may connect to it, so it gets a share of
+the file descriptors, not all of them (the fleet listener is capped below the rest)."""
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES + 1024),
     ("grpc.max_concurrent_streams", 16),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 30_000),  # a device enrolls once, then goes away
+    ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
 ]
 MAX_CONCURRENT_CALLS = 64
 """Enrollments in progress at once; more wait in their clients' retries (RESOURCE_EXHAUSTED)."""

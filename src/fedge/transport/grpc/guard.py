@@ -20,10 +20,10 @@ from typing import Any
 import grpc
 
 MAX_CACHED = 4096
+"""Parsed certificates kept (a fleet's worth); beyond it the oldest is parsed again."""
 MAX_CALLS: dict[str, int] = {"Download": 4, "Upload": 4, "Connect": 2, "Tasks": 2}
 """Calls of a kind one identity may have in progress: a node needs one or two; 200
 Download streams left unread once held ~880 MB of server memory."""
-"""Parsed certificates kept (a fleet's worth); beyond it the oldest is parsed again."""
 
 
 @dataclass(frozen=True)

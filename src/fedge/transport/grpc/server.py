@@ -20,6 +20,7 @@ from fedge.fleet.service import FleetService
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
 from fedge.transport.grpc import convert
 from fedge.transport.grpc.control import ControlServicer
+from fedge.transport.grpc.enrollment import MAX_CONNECTIONS as ENROLL_CONNECTIONS
 from fedge.transport.grpc.enrollment import start_listener
 from fedge.transport.grpc.guard import Guard
 from fedge.transport.grpc.servicer import FleetServicer
@@ -77,7 +78,8 @@ class GrpcTransport:
 
     async def start(self, service: FleetService, control: Aggregator) -> None:
         limit = raise_fd_limit()
-        connections = ("grpc.max_allowed_incoming_connections", max(64, limit - FDS_KEPT))
+        kept = FDS_KEPT + (ENROLL_CONNECTIONS if self.enroll_address else 0)
+        connections = ("grpc.max_allowed_incoming_connections", max(64, limit - kept))
         server = grpc.aio.server(options=[*OPTIONS, connections])
         guard = Guard(self.insecure, control.revocations.refusal)
         servicer = FleetServicer(service, self.insecure, CHUNK_SIZE, guard.peers, self.enrollment)
