@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SYSTEM := $(VENV)/.system
 
 .PHONY: demo test lint bench clean bytecode
 
@@ -10,6 +11,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch]"
+	touch $@
+
+# System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests.
+$(SYSTEM): scripts/system-deps.sh | $(STAMP)
+	scripts/system-deps.sh
 	touch $@
 
 # A fleet starts a dozen Python processes: with PYTHONDONTWRITEBYTECODE set (as in some
@@ -20,7 +26,7 @@ bytecode: $(STAMP)
 demo: $(STAMP) bytecode
 	$(BIN)/fedge demo --clients 10 --rounds 5 --out demo-results.json
 
-test: $(STAMP) lint bytecode
+test: $(STAMP) $(SYSTEM) lint bytecode
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

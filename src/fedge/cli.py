@@ -258,6 +258,13 @@ def server(
     node_cert_days: Annotated[
         int, typer.Option(min=1, help="Lifetime of the node certificates it issues.")
     ] = 30,
+    tpm_policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="Enroll only devices whose TPM attests PCRs 0-7 with these known-good "
+            'values (JSON: {"0": ["<hex>", ...], ...}).'
+        ),
+    ] = None,
 ) -> None:
     """Run the aggregator for the config's app until the run finishes.
 
@@ -291,12 +298,19 @@ def server(
         ),
     )
 
+    if tpm_policy is not None and not enroll_address:
+        raise FedgeError("--tpm-policy applies to enrollment: it needs --enroll-address")
     enrollment = None  # signs enrollments and renewals, with the issuing CA if it is here
     if certs is not None and not insecure and (enroll_address or (certs / "issuing.key").exists()):
         from fedge.fleet.enrollment import Enrollment
+        from fedge.security.attestation import PcrPolicy
 
         enrollment = Enrollment(
-            runs.store, certs, node_days=node_cert_days, revocations=aggregator.revocations
+            runs.store,
+            certs,
+            node_days=node_cert_days,
+            revocations=aggregator.revocations,
+            tpm_policy=None if tpm_policy is None else PcrPolicy.load(tpm_policy),
         )
     transport = GrpcTransport(
         address, certs, insecure, enrollment=enrollment, enroll_address=enroll_address
@@ -392,13 +406,21 @@ def node_enroll(
     name: Annotated[str, typer.Option(help="This device's name (certificate CN).")],
     certs: Annotated[Path, typer.Option(help="Where to write ca.crt, NAME.crt, NAME.key.")],
     force: Annotated[bool, typer.Option(help="Replace this name's key and certificate.")] = False,
+    tpm: Annotated[
+        bool, typer.Option(help="Attest this device's TPM and boot state (PCRs 0-7).")
+    ] = False,
+    tpm_tcti: Annotated[
+        str, typer.Option(help="How to reach the TPM (default: $TPM2TOOLS_TCTI, /dev/tpmrm0).")
+    ] = "",
 ) -> None:
     """Get this device's certificate: a key made here, a CSR and the token over TLS
     verified against the pinned root CA."""
     from fedge.transport.grpc.enroll_client import enroll
 
     with _calling(server):
-        cert = enroll(server, token, ca_pin, name, certs, force=force)
+        cert = enroll(
+            server, token, ca_pin, name, certs, force=force, tpm=tpm_tcti if tpm else None
+        )
     _console().print(f"enrolled {name!r}: {cert}")
 
 

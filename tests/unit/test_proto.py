@@ -215,7 +215,10 @@ def test_services_have_the_documented_shape() -> None:
         "RevokeToken": ("RevokeTokenRequest", "RevokeTokenReply", False, False),
         "RevokeNode": ("RevokeNodeRequest", "RevokeNodeReply", False, False),
     }
-    assert methods("Enrollment") == {"Enroll": ("EnrollRequest", "EnrollReply", False, False)}
+    assert methods("Enrollment") == {
+        "Enroll": ("EnrollRequest", "EnrollReply", False, False),
+        "Challenge": ("ChallengeRequest", "ChallengeReply", False, False),
+    }
     assert callable(fleet_pb2_grpc.FleetStub)
     assert callable(fleet_pb2_grpc.add_ControlServicer_to_server)
 

@@ -9,6 +9,11 @@ revoked tokens; a CSR whose name the token does not allow, or asking for more th
 node gets (`pki.read_request`); a prefix token for a name that holds a live certificate
 (a device must not take over another's identity; a token for that exact name, made by
 the operator, may replace it).
+
+With a TPM policy (`--tpm-policy`), a device must also prove its TPM and boot state in
+two steps: `challenge` (its endorsement and attestation keys; it gets a credential only
+that TPM can activate, and a nonce) and `enroll` with the activated secret and a quote
+of PCRs 0–7 over the nonce and its CSR (`fedge.security.attestation`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,15 @@ from typing import Any
 from fedge.fleet.revocation import Revocations
 from fedge.limits import MAX_KEY_LENGTH
 from fedge.messages import Code, FleetError
+from fedge.security.attestation import (
+    AttestationError,
+    PcrPolicy,
+    TpmPublic,
+    check_attestation_key,
+    check_quote,
+    make_credential,
+    read_public,
+)
 from fedge.security.credentials import PKIError, validate_name
 from fedge.state import StateStore
 
@@ -35,10 +51,34 @@ MAX_TOKEN_LENGTH = 128
 MAX_TTL_S = 365 * 86_400.0
 
 
+MAX_CHALLENGES = 1024
+"""TPM challenges outstanding at once (one per token); the oldest is dropped beyond it."""
+CHALLENGE_TTL_S = 120.0
+
+
 @dataclass(frozen=True)
 class Enrolled:
     chain_pem: bytes
     ca_pem: bytes
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """Step two of a TPM enrollment, as the device sent it."""
+
+    secret: bytes
+    quote: bytes
+    signature: bytes
+    pcr_values: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class _Challenge:
+    ak: TpmPublic
+    ek_id: str
+    secret: bytes
+    nonce: bytes
+    expires: float
 
 
 class Enrollment:
@@ -51,11 +91,14 @@ class Enrollment:
         *,
         node_days: int = 30,
         revocations: Revocations | None = None,
+        tpm_policy: PcrPolicy | None = None,
     ) -> None:
         from fedge.security import pki
 
         self.store, self.certs, self.node_days = store, Path(certs), node_days
-        self.revocations = revocations
+        self.revocations, self.tpm_policy = revocations, tpm_policy
+        self._challenges: OrderedDict[str, _Challenge] = OrderedDict()  # by token id
+        self._challenges_lock = threading.Lock()  # enrollments run in threads
         self.ca_pem = (self.certs / pki.CA_CERT_FILE).read_bytes()
         self.pin = pki.ca_pin(self.certs)
         pki.check_issuer(self.certs)  # say now, not at the first device, if it cannot sign
@@ -121,11 +164,48 @@ class Enrollment:
 
     # --- devices (the enrollment listener) -------------------------------------------
 
-    async def enroll(self, token: str, csr_pem: bytes) -> Enrolled:
-        """Off the event loop: parsing, signing and the state write (an fsync) are slow."""
-        return await asyncio.to_thread(self._enroll, token, csr_pem)
+    async def challenge(
+        self, token: str, ek_public: bytes, ak_public: bytes
+    ) -> tuple[bytes, bytes, bytes]:
+        """(credential, encrypted secret, nonce) for a device with a TPM; see the module."""
+        return await asyncio.to_thread(self._challenge, token, ek_public, ak_public)
 
-    def _enroll(self, token: str, csr_pem: bytes) -> Enrolled:
+    def _challenge(
+        self, token: str, ek_public: bytes, ak_public: bytes
+    ) -> tuple[bytes, bytes, bytes]:
+        if self.tpm_policy is None:
+            raise FleetError(
+                Code.FAILED_PRECONDITION,
+                "this server does not check TPM attestation (start it with --tpm-policy); "
+                "enroll without --tpm",
+            )
+        found = self._token(token)
+        try:
+            ek = read_public(ek_public, "the endorsement key")
+            ak = read_public(ak_public, "the attestation key")
+            check_attestation_key(ak)
+            secret, nonce = secrets.token_bytes(32), secrets.token_bytes(32)
+            credential, encrypted = make_credential(ek, ak.name, secret)
+        except AttestationError as exc:
+            raise FleetError(Code.INVALID_ARGUMENT, f"TPM attestation: {exc}") from None
+        ek_id = hashlib.sha256(ek_public).hexdigest()[:16]
+        challenge = _Challenge(ak, ek_id, secret, nonce, time.monotonic() + CHALLENGE_TTL_S)
+        with self._challenges_lock:
+            self._challenges.pop(found["token_id"], None)
+            self._challenges[found["token_id"]] = challenge
+            while len(self._challenges) > MAX_CHALLENGES:
+                self._challenges.popitem(last=False)
+        return credential, encrypted, nonce
+
+    async def enroll(
+        self, token: str, csr_pem: bytes, attestation: Attestation | None = None
+    ) -> Enrolled:
+        """Off the event loop: parsing, signing and the state write (an fsync) are slow."""
+        return await asyncio.to_thread(self._enroll, token, csr_pem, attestation)
+
+    def _enroll(
+        self, token: str, csr_pem: bytes, attestation: Attestation | None = None
+    ) -> Enrolled:
         from fedge.security import pki
 
         found = self._token(token)
@@ -133,6 +213,9 @@ class Enrollment:
             csr, name = pki.read_request(csr_pem)
         except PKIError as exc:
             raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from None
+        labels = dict(found["labels"])
+        if self.tpm_policy is not None:
+            labels["tpm.ek"] = self._attested(found["token_id"], csr_pem, attestation)
         if found["name"] and name != found["name"]:
             raise FleetError(
                 Code.PERMISSION_DENIED,
@@ -157,7 +240,7 @@ class Enrollment:
             name,
             cert.serial_number,
             cert.not_valid_after_utc.timestamp(),
-            found["labels"],
+            labels,
         ):  # another device used it a moment ago: this certificate is never handed out
             raise FleetError(Code.PERMISSION_DENIED, "the token was used a moment ago")
         if self.revocations is not None:  # a revoked name re-enrolled by the operator
@@ -189,6 +272,43 @@ class Enrollment:
         if self.revocations is not None:
             self.revocations.issued(name, cert.serial_number)
         return chain
+
+    def _attested(self, token_id: str, csr_pem: bytes, attestation: Attestation | None) -> str:
+        """Check step two of a TPM enrollment; the endorsement key's id (for `nodes show`)."""
+        assert self.tpm_policy is not None
+        if attestation is None:
+            raise FleetError(
+                Code.FAILED_PRECONDITION,
+                "this server enrolls only devices that attest their TPM and boot state: "
+                "run `fedge node enroll --tpm`",
+            )
+        with self._challenges_lock:
+            challenge = self._challenges.pop(token_id, None)
+        if challenge is None or challenge.expires < time.monotonic():
+            raise FleetError(
+                Code.FAILED_PRECONDITION,
+                "no TPM challenge for this token (none asked, used, or older than "
+                f"{CHALLENGE_TTL_S:.0f} s): ask Challenge first",
+            )
+        if not hmac.compare_digest(attestation.secret, challenge.secret):
+            raise FleetError(
+                Code.PERMISSION_DENIED,
+                "TPM attestation: the credential was not activated by the TPM holding the "
+                "endorsement key (wrong secret)",
+            )
+        nonce = hashlib.sha256(challenge.nonce + csr_pem).digest()
+        try:
+            check_quote(
+                challenge.ak,
+                attestation.quote,
+                attestation.signature,
+                attestation.pcr_values,
+                nonce,
+            )
+            self.tpm_policy.check(attestation.pcr_values)
+        except AttestationError as exc:
+            raise FleetError(Code.PERMISSION_DENIED, f"TPM attestation: {exc}") from None
+        return challenge.ek_id
 
     def _token(self, token: str) -> dict[str, Any]:
         token_id, _, secret = token[:MAX_TOKEN_LENGTH].partition(".")

@@ -238,8 +238,9 @@ class Aggregator(Observer):
         ]
 
     async def nodes(self, node_id: str = "") -> Sequence[NodeInfo]:
-        """Every node the state knows (bound or not), with its live session if any, its
-        labels and its certificates' state; with `node_id`, that one with every certificate."""
+        """Every node the state knows (bound or not, or only enrolled), with its live
+        session if any, its labels and its certificates' state; with `node_id`, that one
+        with every certificate."""
         known, certificates = await asyncio.to_thread(
             lambda: (self.runs.store.nodes(), self.runs.store.certificates(node_id or None))
         )
@@ -262,8 +263,13 @@ class Aggregator(Observer):
                     labels=row["capabilities"].get("labels", {}),
                 )
             )
+        listed = {n.node_id for n in out} | set(current)
+        enrolled = [NodeInfo(name, None) for name in newest if name not in listed]  # not seen yet
         now = time.time()
-        nodes = [self._certified(n, newest.get(n.node_id), now) for n in (*out, *current.values())]
+        nodes = [
+            self._certified(n, newest.get(n.node_id), now)
+            for n in (*out, *current.values(), *enrolled)
+        ]
         if not node_id:
             return nodes
         mine = [_certificate(c, now) for c in certificates]

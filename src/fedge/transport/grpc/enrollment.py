@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 
 from fedge.errors import FedgeError
-from fedge.fleet.enrollment import Enrollment
+from fedge.fleet.enrollment import Attestation, Enrollment
 from fedge.messages import FleetError
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.proto.fedge.v1 import fleet_pb2_grpc as pb_grpc
@@ -18,7 +18,7 @@ MAX_CONNECTIONS = 1024
 """Connections the listener keeps at once: anyone may connect to it, so it gets a share of
 the file descriptors, not all of them (the fleet listener is capped below the rest)."""
 OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES + 1024),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES + 4096),  # + a TPM attestation
     ("grpc.max_concurrent_streams", 16),
     ("grpc.server_handshake_timeout_ms", 10_000),
     ("grpc.max_connection_idle_ms", 30_000),  # a device enrolls once, then goes away
@@ -35,11 +35,28 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     async def Enroll(
         self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnrollReply:
+        attestation = None
+        if request.HasField("attestation"):
+            sent = request.attestation
+            attestation = Attestation(
+                sent.secret, sent.quote, sent.signature, tuple(sent.pcr_values)
+            )
         try:
-            enrolled = await self.enrollment.enroll(request.token, request.csr_pem)
+            enrolled = await self.enrollment.enroll(request.token, request.csr_pem, attestation)
         except FleetError as exc:
             await abort(context, exc)
         return pb.EnrollReply(chain_pem=enrolled.chain_pem, ca_pem=enrolled.ca_pem)
+
+    async def Challenge(
+        self, request: pb.ChallengeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ChallengeReply:
+        try:
+            credential, encrypted, nonce = await self.enrollment.challenge(
+                request.token, request.ek_public, request.ak_public
+            )
+        except FleetError as exc:
+            await abort(context, exc)
+        return pb.ChallengeReply(credential=credential, encrypted_secret=encrypted, nonce=nonce)
 
 
 async def start_listener(

@@ -267,12 +267,46 @@ class LeaveReply(_message.Message):
     def __init__(self) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "csr_pem")
+    __slots__ = ("token", "csr_pem", "attestation")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_FIELD_NUMBER: _ClassVar[int]
     token: str
     csr_pem: bytes
-    def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+    attestation: TpmAttestation
+    def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., attestation: _Optional[_Union[TpmAttestation, _Mapping]] = ...) -> None: ...
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ("token", "ek_public", "ak_public")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    AK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    ek_public: bytes
+    ak_public: bytes
+    def __init__(self, token: _Optional[str] = ..., ek_public: _Optional[bytes] = ..., ak_public: _Optional[bytes] = ...) -> None: ...
+
+class ChallengeReply(_message.Message):
+    __slots__ = ("credential", "encrypted_secret", "nonce")
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_SECRET_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    credential: bytes
+    encrypted_secret: bytes
+    nonce: bytes
+    def __init__(self, credential: _Optional[bytes] = ..., encrypted_secret: _Optional[bytes] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class TpmAttestation(_message.Message):
+    __slots__ = ("secret", "quote", "signature", "pcr_values")
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PCR_VALUES_FIELD_NUMBER: _ClassVar[int]
+    secret: bytes
+    quote: bytes
+    signature: bytes
+    pcr_values: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, secret: _Optional[bytes] = ..., quote: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., pcr_values: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EnrollReply(_message.Message):
     __slots__ = ("chain_pem", "ca_pem")

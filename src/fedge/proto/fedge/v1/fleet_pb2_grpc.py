@@ -868,6 +868,11 @@ class EnrollmentStub:
                 request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollReply.FromString,
                 _registered_method=True)
+        self.Challenge = channel.unary_unary(
+                '/fedge.v1.Enrollment/Challenge',
+                request_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ChallengeReply.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServicer:
@@ -883,6 +888,15 @@ class EnrollmentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Challenge(self, request, context):
+        """Step one of an enrollment with a TPM (servers started with --tpm-policy): a
+        credential only the TPM holding the endorsement key can activate, for its
+        attestation key; and a nonce for the quote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -890,6 +904,11 @@ def add_EnrollmentServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollRequest.FromString,
                     response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollReply.SerializeToString,
+            ),
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ChallengeRequest.FromString,
+                    response_serializer=fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ChallengeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -922,6 +941,33 @@ class Enrollment:
             '/fedge.v1.Enrollment/Enroll',
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
             fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.EnrollReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedge.v1.Enrollment/Challenge',
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ChallengeRequest.SerializeToString,
+            fedge_dot_proto_dot_fedge_dot_v1_dot_fleet__pb2.ChallengeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# System packages the tests need beyond Python: a software TPM 2.0 (swtpm) and tpm2-tools,
+# for enrollment with TPM attestation. Installs only what is missing (apt, as root or sudo).
+set -euo pipefail
+packages=(swtpm swtpm-tools tpm2-tools)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$package")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo=sudo
+echo "installing ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
