@@ -265,6 +265,13 @@ def server(
             'values (JSON: {"0": ["<hex>", ...], ...}).'
         ),
     ] = None,
+    tpm_ek_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --tpm-policy: PEM CAs of TPM manufacturers; a device's endorsement "
+            "key must have a certificate from one of them (no software TPMs)."
+        ),
+    ] = None,
 ) -> None:
     """Run the aggregator for the config's app until the run finishes.
 
@@ -300,10 +307,12 @@ def server(
 
     if tpm_policy is not None and not enroll_address:
         raise FedgeError("--tpm-policy applies to enrollment: it needs --enroll-address")
+    if tpm_ek_ca is not None and tpm_policy is None:
+        raise FedgeError("--tpm-ek-ca applies to TPM attestation: it needs --tpm-policy")
     enrollment = None  # signs enrollments and renewals, with the issuing CA if it is here
     if certs is not None and not insecure and (enroll_address or (certs / "issuing.key").exists()):
         from fedge.fleet.enrollment import Enrollment
-        from fedge.security.attestation import PcrPolicy
+        from fedge.security.attestation import EkIssuers, PcrPolicy
 
         enrollment = Enrollment(
             runs.store,
@@ -311,6 +320,7 @@ def server(
             node_days=node_cert_days,
             revocations=aggregator.revocations,
             tpm_policy=None if tpm_policy is None else PcrPolicy.load(tpm_policy),
+            ek_issuers=None if tpm_ek_ca is None else EkIssuers(tpm_ek_ca),
         )
     transport = GrpcTransport(
         address, certs, insecure, enrollment=enrollment, enroll_address=enroll_address

@@ -6,6 +6,7 @@ TPM did not activate, an attestation key made outside a TPM."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -33,10 +34,40 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def swtpm(tmp_path: Path) -> Iterator[str]:
-    """A software TPM 2.0 on 127.0.0.1; yields its TCTI."""
-    assert shutil.which("swtpm"), "swtpm is missing: scripts/system-deps.sh installs it"
-    state = tmp_path / "swtpm"
+    """A software TPM 2.0 on 127.0.0.1 with no EK certificate; yields its TCTI."""
+    with running_swtpm(tmp_path / "swtpm") as tcti:
+        yield tcti
+
+
+@pytest.fixture
+def certified_swtpm(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A software TPM "manufactured" with an EK certificate from a local CA (swtpm_setup,
+    as a TPM vendor does); yields its TCTI and the CA that issued the certificate."""
+    ca, state = tmp_path / "vendor-ca", tmp_path / "certified"
+    ca.mkdir()
     state.mkdir()
+    (tmp_path / "localca.conf").write_text(
+        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
+        f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
+    )
+    (tmp_path / "setup.conf").write_text(
+        "create_certs_tool = /usr/bin/swtpm_localca\n"
+        f"create_certs_tool_config = {tmp_path}/localca.conf\n"
+        "create_certs_tool_options = /etc/swtpm-localca.options\nactive_pcr_banks = sha256\n"
+    )
+    subprocess.run(
+        ["swtpm_setup", "--tpm2", "--tpmstate", state, "--create-ek-cert",
+         "--config", tmp_path / "setup.conf"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with running_swtpm(state) as tcti:
+        yield tcti, ca / "issuercert.pem"
+
+
+@contextlib.contextmanager
+def running_swtpm(state: Path) -> Iterator[str]:
+    assert shutil.which("swtpm"), "swtpm is missing: scripts/system-deps.sh installs it"
+    state.mkdir(exist_ok=True)
     port = control_pair()
     ctrl = port + 1  # where the swtpm TCTI looks for it
     proc = subprocess.Popen(
@@ -160,7 +191,7 @@ def test_forged_attestations_are_refused(attesting: tuple[Launcher, str, str]) -
                 call(request, timeout=30)
             return info.value.code(), info.value.details()
 
-        ek_public, ak_public = tpm.keys()
+        ek_public, ak_public, _ = tpm.keys()
         challenge = pb.ChallengeRequest(token=token, ek_public=ek_public, ak_public=ak_public)
         # an attestation with no challenge asked
         code, message = refused(
@@ -246,3 +277,25 @@ def software_ak(attributes: int = 0x00040072) -> bytes:
         + (32).to_bytes(2, "big") + numbers.y.to_bytes(32, "big")
     )  # fmt: skip
     return len(area).to_bytes(2, "big") + area
+
+
+def test_with_manufacturer_cas_only_tpms_with_their_ek_certificate_enroll(
+    fleet: Launcher, swtpm: str, certified_swtpm: tuple[str, Path]
+) -> None:
+    certified, vendor_ca = certified_swtpm
+    policy = fleet.work / "pcrs.json"
+    policy.write_text(
+        json.dumps({str(i): [v.hex()] for i, v in enumerate(pcrs(certified, fleet.work))})
+    )
+    address = f"127.0.0.1:{free_port()}"
+    fleet.server(
+        "--wait-for", "4", "--enroll-address", address, "--tpm-policy", policy,
+        "--tpm-ek-ca", vendor_ca,
+    )  # fmt: skip
+    wait_for(fleet.status, "the server's Control service")
+    first, second = tokens(fleet, 2)
+    # a software TPM without the vendor's certificate (the same boot state): refused
+    refused = enroll(fleet, address, first, "dev-soft", "--tpm", "--tpm-tcti", swtpm)
+    assert "no endorsement key certificate" in refused, refused
+    assert enroll(fleet, address, first, "dev-chip", "--tpm", "--tpm-tcti", certified) == "ok"
+    assert token_states(fleet)[second.split(".")[0]] == ("unused", "")

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from fedge.errors import FedgeError
 from fedge.security.attestation import (
     AttestationError,
+    EkIssuers,
     PcrPolicy,
     check_attestation_key,
     check_quote,
@@ -89,3 +94,56 @@ def test_a_pcr_policy_file_is_checked(tmp_path: Path) -> None:
         bad.write_text(content)
         with pytest.raises(FedgeError, match=fragment):
             PcrPolicy.load(bad)
+
+
+def rsa_public(key: rsa.RSAPublicKey) -> bytes:
+    """TPM2B_PUBLIC of an RSA-2048 storage key (the EK template's shape)."""
+    area = b"".join(
+        n.to_bytes(w, "big")
+        for n, w in [(0x0001, 2), (0x000B, 2), (0x000300B2, 4), (0, 2), (0x0006, 2),
+                     (128, 2), (0x0043, 2), (0x0010, 2), (2048, 2), (0, 4), (256, 2)]
+    ) + key.public_numbers().n.to_bytes(256, "big")  # fmt: skip
+    return len(area).to_bytes(2, "big") + area
+
+
+def certificate(
+    subject_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+    issuer: str,
+    signer: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(subject_key).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .sign(signer, hashes.SHA256())
+    )  # fmt: skip
+
+
+def test_an_ek_certificate_must_be_for_that_ek_and_from_a_listed_manufacturer(
+    tmp_path: Path,
+) -> None:
+    vendor, stranger = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ek_key = rsa.generate_private_key(65537, 2048).public_key()
+    ek = read_public(rsa_public(ek_key), "ek")
+    ca = certificate(vendor.public_key(), "vendor", vendor)
+    (tmp_path / "vendors.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    issuers = EkIssuers(tmp_path / "vendors.pem")
+    der = serialization.Encoding.DER
+    issuers.check(ek, certificate(ek_key, "vendor", vendor).public_bytes(der))
+    other_key = rsa.generate_private_key(65537, 2048).public_key()
+    for cert, fragment in [
+        (b"", "no endorsement key certificate"),
+        (b"\x30\x03abc", "not valid DER"),
+        (certificate(other_key, "vendor", vendor).public_bytes(der), "for another key"),
+        (
+            certificate(ek_key, "vendor", stranger).public_bytes(der),
+            "not issued by a TPM manufacturer",
+        ),
+    ]:
+        with pytest.raises(AttestationError, match=fragment):
+            issuers.check(ek, cert)

@@ -34,6 +34,7 @@ from fedge.limits import MAX_KEY_LENGTH
 from fedge.messages import Code, FleetError
 from fedge.security.attestation import (
     AttestationError,
+    EkIssuers,
     PcrPolicy,
     TpmPublic,
     check_attestation_key,
@@ -92,11 +93,12 @@ class Enrollment:
         node_days: int = 30,
         revocations: Revocations | None = None,
         tpm_policy: PcrPolicy | None = None,
+        ek_issuers: EkIssuers | None = None,
     ) -> None:
         from fedge.security import pki
 
         self.store, self.certs, self.node_days = store, Path(certs), node_days
-        self.revocations, self.tpm_policy = revocations, tpm_policy
+        self.revocations, self.tpm_policy, self.ek_issuers = revocations, tpm_policy, ek_issuers
         self._challenges: OrderedDict[str, _Challenge] = OrderedDict()  # by token id
         self._challenges_lock = threading.Lock()  # enrollments run in threads
         self.ca_pem = (self.certs / pki.CA_CERT_FILE).read_bytes()
@@ -165,13 +167,13 @@ class Enrollment:
     # --- devices (the enrollment listener) -------------------------------------------
 
     async def challenge(
-        self, token: str, ek_public: bytes, ak_public: bytes
+        self, token: str, ek_public: bytes, ak_public: bytes, ek_certificate: bytes = b""
     ) -> tuple[bytes, bytes, bytes]:
         """(credential, encrypted secret, nonce) for a device with a TPM; see the module."""
-        return await asyncio.to_thread(self._challenge, token, ek_public, ak_public)
+        return await asyncio.to_thread(self._challenge, token, ek_public, ak_public, ek_certificate)
 
     def _challenge(
-        self, token: str, ek_public: bytes, ak_public: bytes
+        self, token: str, ek_public: bytes, ak_public: bytes, ek_certificate: bytes
     ) -> tuple[bytes, bytes, bytes]:
         if self.tpm_policy is None:
             raise FleetError(
@@ -184,10 +186,15 @@ class Enrollment:
             ek = read_public(ek_public, "the endorsement key")
             ak = read_public(ak_public, "the attestation key")
             check_attestation_key(ak)
+        except AttestationError as exc:
+            raise FleetError(Code.INVALID_ARGUMENT, f"TPM attestation: {exc}") from None
+        try:
+            if self.ek_issuers is not None:
+                self.ek_issuers.check(ek, ek_certificate)
             secret, nonce = secrets.token_bytes(32), secrets.token_bytes(32)
             credential, encrypted = make_credential(ek, ak.name, secret)
         except AttestationError as exc:
-            raise FleetError(Code.INVALID_ARGUMENT, f"TPM attestation: {exc}") from None
+            raise FleetError(Code.PERMISSION_DENIED, f"TPM attestation: {exc}") from None
         ek_id = hashlib.sha256(ek_public).hexdigest()[:16]
         challenge = _Challenge(ak, ek_id, secret, nonce, time.monotonic() + CHALLENGE_TTL_S)
         with self._challenges_lock:

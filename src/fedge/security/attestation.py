@@ -10,6 +10,8 @@ What an enrollment with `--tpm` proves, step by step:
 2. `check_quote`: the AK signed the device's PCRs 0–7 (the measured boot) and a nonce
    bound to the token and the CSR, so the quote is fresh and belongs to this request.
 3. `PcrPolicy`: each PCR holds one of its known-good values.
+4. `EkIssuers` (optional): the EK comes with a certificate from a TPM manufacturer's CA,
+   which is what tells a TPM chip from a software TPM replaying known-good measurements.
 
 Only the structures fedge asks the TPM for are accepted: an RSA-2048 or NIST P-256
 AK, SHA-256 names and banks, ECDSA or RSASSA signatures.
@@ -26,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.decrepit.ciphers.modes import CFB  # the TPM's credential cipher
 from cryptography.hazmat.primitives import hashes
@@ -279,3 +282,42 @@ class PcrPolicy:
                     f"PCR {index} is {value.hex()}, not a known-good value of {self.source}: "
                     "the device did not boot into a known state"
                 )
+
+
+class EkIssuers:
+    """TPM manufacturers' CAs (a PEM bundle of the CAs that issue EK certificates): an
+    endorsement key must come with a certificate one of them signed, for that very key."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.issuers = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise FedgeError(f"{path}: expected PEM CA certificates ({exc})") from None
+        self.source = str(path)
+
+    def check(self, ek: TpmPublic, certificate: bytes) -> None:
+        if not certificate:
+            raise AttestationError(
+                "no endorsement key certificate (the TPM holds none at NV index 0x01c00002)"
+            )
+        try:
+            cert = x509.load_der_x509_certificate(certificate)
+            key = cert.public_key()
+        except ValueError as exc:
+            raise AttestationError(f"the EK certificate is not valid DER X.509 ({exc})") from None
+        if (
+            not isinstance(key, rsa.RSAPublicKey)
+            or not isinstance(ek.key, rsa.RSAPublicKey)
+            or (key.public_numbers() != ek.key.public_numbers())
+        ):
+            raise AttestationError("the EK certificate is for another key than the TPM's EK")
+        for issuer in self.issuers:
+            try:
+                cert.verify_directly_issued_by(issuer)
+                return
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+        raise AttestationError(
+            f"the EK certificate (issuer {cert.issuer.rfc4514_string()[:200]!r}) was not issued "
+            f"by a TPM manufacturer CA of {self.source}"
+        )

@@ -23,6 +23,8 @@ PCR_SELECTION = "sha256:0,1,2,3,4,5,6,7"
 CREDENTIAL_FILE = struct.pack(">II", 0xBADCC0DE, 1)
 """Header of tpm2-tools' credential file: TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET follow."""
 TIMEOUT_S = 60
+EK_CERTIFICATE_INDEX = "0x01c00002"
+"""Where TPMs keep the manufacturer's certificate of the RSA-2048 EK (TCG EK profile)."""
 
 
 class TpmError(FedgeError):
@@ -45,16 +47,19 @@ class Tpm:
         self._flush()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def keys(self) -> tuple[bytes, bytes]:
-        """(EK public, AK public) as TPM2B_PUBLIC: the EK from the standard RSA-2048
-        template, the AK a restricted P-256 ECDSA key under it."""
+    def keys(self) -> tuple[bytes, bytes, bytes]:
+        """(EK public, AK public, EK certificate): the publics as TPM2B_PUBLIC, the EK from
+        the standard RSA-2048 template, the AK a restricted P-256 ECDSA key under it; the
+        manufacturer's DER certificate of the EK, or b"" if the TPM holds none."""
         d = self._dir
         self._run("tpm2_createek", "-c", d / "ek.ctx", "-G", "rsa", "-u", d / "ek.pub")
         self._run(
             "tpm2_createak", "-C", d / "ek.ctx", "-c", d / "ak.ctx", "-G", "ecc", "-g",
             "sha256", "-s", "ecdsa", "-u", d / "ak.pub", "-n", d / "ak.name",
         )  # fmt: skip
-        return (d / "ek.pub").read_bytes(), (d / "ak.pub").read_bytes()
+        self._run("tpm2_nvread", EK_CERTIFICATE_INDEX, "-o", d / "ek.crt", check=False)
+        certificate = (d / "ek.crt").read_bytes() if (d / "ek.crt").exists() else b""
+        return (d / "ek.pub").read_bytes(), (d / "ak.pub").read_bytes(), _der(certificate)
 
     def activate(self, credential: bytes, encrypted_secret: bytes) -> bytes:
         """The secret of a server's credential: only this TPM's EK can unwrap it, and only
@@ -99,3 +104,11 @@ class Tpm:
 
     def _flush(self) -> None:
         self._run("tpm2_flushcontext", "-t", check=False)
+
+
+def _der(certificate: bytes) -> bytes:
+    """The DER certificate alone: NV indexes are often larger than what they hold, and
+    the rest is padding (the DER header says how long the certificate is)."""
+    if len(certificate) < 4 or certificate[0] != 0x30 or certificate[1] != 0x82:
+        return certificate
+    return certificate[: 4 + int.from_bytes(certificate[2:4], "big")]

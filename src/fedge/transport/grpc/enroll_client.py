@@ -50,9 +50,11 @@ def _attest(stub: pb_grpc.EnrollmentStub, token: str, csr: bytes, tcti: str) -> 
     from fedge.security.tpm import Tpm
 
     with Tpm(tcti) as tpm:
-        ek_public, ak_public = tpm.keys()
+        ek_public, ak_public, ek_certificate = tpm.keys()
         challenge = stub.Challenge(
-            pb.ChallengeRequest(token=token, ek_public=ek_public, ak_public=ak_public),
+            pb.ChallengeRequest(
+                token=token, ek_public=ek_public, ak_public=ak_public, ek_certificate=ek_certificate
+            ),
             timeout=30,
         )
         secret = tpm.activate(challenge.credential, challenge.encrypted_secret)

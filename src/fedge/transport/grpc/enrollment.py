@@ -52,7 +52,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     ) -> pb.ChallengeReply:
         try:
             credential, encrypted, nonce = await self.enrollment.challenge(
-                request.token, request.ek_public, request.ak_public
+                request.token, request.ek_public, request.ak_public, request.ek_certificate
             )
         except FleetError as exc:
             await abort(context, exc)

@@ -277,14 +277,16 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., attestation: _Optional[_Union[TpmAttestation, _Mapping]] = ...) -> None: ...
 
 class ChallengeRequest(_message.Message):
-    __slots__ = ("token", "ek_public", "ak_public")
+    __slots__ = ("token", "ek_public", "ak_public", "ek_certificate")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     EK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     AK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    EK_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     token: str
     ek_public: bytes
     ak_public: bytes
-    def __init__(self, token: _Optional[str] = ..., ek_public: _Optional[bytes] = ..., ak_public: _Optional[bytes] = ...) -> None: ...
+    ek_certificate: bytes
+    def __init__(self, token: _Optional[str] = ..., ek_public: _Optional[bytes] = ..., ak_public: _Optional[bytes] = ..., ek_certificate: _Optional[bytes] = ...) -> None: ...
 
 class ChallengeReply(_message.Message):
     __slots__ = ("credential", "encrypted_secret", "nonce")
