@@ -263,3 +263,36 @@ def test_an_operator_moves_a_client_id_to_a_replacement_device(
     assert new.poll() is None
     with_new = [r for r in json.loads(out.read_text())["rounds"] if r["participants"] == [0, 1]]
     assert with_new and with_new[-1]["round"] == 6
+
+
+def test_a_result_finished_before_the_node_died_is_delivered_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """The server is down when the node finishes round 1, and the node is killed while it
+    retries: the result it kept on disk is sent when both are back, without training
+    again, and counted once."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(
+        tmp_path / "app", num_clients=1, rounds=2, fit_delay=2.0, slow_round=1,
+        marker_dir=markers,
+    )  # fmt: skip
+    with Launcher(tmp_path / "fleet", config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "1", "--out", out, name="server-1")
+        node = fleet.node(0, before=("--log-level", "info"))
+        wait_for(lambda: (markers / "fit-1-0").exists(), "round 1's fit to start")
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        kept = fleet.work / "cache" / "fedge" / "node-0" / "results"
+        wait_for(lambda: list(kept.glob("*.json")), "the node to keep its finished result")
+        node.send_signal(signal.SIGKILL)
+        node.wait()
+        (markers / "fit-1-0").unlink()
+        server = fleet.server("--wait-for", "1", "--out", out, name="server-2")
+        fleet.node(0, before=("--log-level", "info"), name="node-0-again")
+        finished(server, fleet, "server-2")
+        assert "sending the kept result again" in fleet.log("node-0-again")
+        assert not (markers / "fit-1-0").exists(), "round 1 was trained again"
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [(r["status"], r["participants"]) for r in rounds] == [("ok", [0])] * 2

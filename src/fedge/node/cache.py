@@ -1,5 +1,10 @@
 """The node's cache: the current model by hash, and encoded results until delivered.
 
+Results are kept on disk until they are discarded (delivered and out of the node's
+last few, or refused for good): a result finished before a crash or a power cut is
+loaded when the node starts again, and delivered when the server asks for its task —
+if its round is still open — without training again.
+
 Large models and results pass through files in the node's cache directory, never whole
 in memory as bytes: the model is streamed to disk (and kept there, by hash, across
 restarts), decoded with one copy, and a result is written straight from its arrays and
@@ -11,21 +16,26 @@ less than a file.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedge.chunks import (
     MemorySpool,
     Spool,
     bytes_chunks,
+    open_private,
     read_chunks,
     sha256_file,
 )
 from fedge.errors import WeightsError
 from fedge.messages import ModelRef, UploadHeader
 from fedge.weights import Array, Weights, from_bytes, num_bytes, read_file, to_bytes, to_file
+
+log = logging.getLogger(__name__)
 
 SPILL_BYTES = 16 << 20
 """Models and results larger than this go through files instead of memory."""
@@ -43,6 +53,8 @@ class Pending:
 
     header: UploadHeader
     payload: bytes | Path | None = None
+    files: tuple[Path, ...] = ()
+    """Where it is kept on disk (`Cache.save`)."""
 
     def chunks(self, offset: int, size: int) -> Iterable[tuple[int, bytes]]:
         if isinstance(self.payload, bytes):
@@ -54,6 +66,8 @@ class Pending:
     def discard(self) -> None:
         if isinstance(self.payload, Path):
             self.payload.unlink(missing_ok=True)
+        for path in self.files:
+            path.unlink(missing_ok=True)
 
 
 class Cache:
@@ -61,8 +75,6 @@ class Cache:
         self.models, self.results = directory / "models", directory / "results"
         for d in (self.models, self.results):
             d.mkdir(parents=True, exist_ok=True)
-        for stale in self.results.iterdir():  # results of an earlier process: not pending
-            stale.unlink()
         self._model: tuple[bytes, bytes | Path] | None = None  # (sha256, model) last used
 
     def model(self, ref: ModelRef) -> bytes | Path | None:
@@ -103,9 +115,60 @@ class Cache:
         if num_bytes(weights) <= SPILL_BYTES:
             data = to_bytes(weights)
             return data, len(data), hashlib.sha256(data).digest()
-        path = self.results / hashlib.sha256(task_id.encode()).hexdigest()
+        path = self._result_path(task_id)
         to_file(weights, path)
         return path, path.stat().st_size, sha256_file(path).digest()
+
+    def save(self, pending: Pending) -> Pending:
+        """Keep `pending` on disk until it is discarded. A disk that cannot take it costs
+        only the restart-safety: the result is delivered from memory all the same."""
+        payload_path = self._result_path(pending.header.task_id)
+        header_path = payload_path.with_suffix(".json")
+        header = pending.header
+        record = {
+            "task_id": header.task_id, "num_examples": header.num_examples,
+            "metrics": header.metrics, "encoding": header.encoding, "size": header.size,
+            "sha256": header.sha256.hex(), "loss": header.loss, "error": header.error,
+        }  # fmt: skip
+        try:
+            if isinstance(pending.payload, bytes):
+                with open_private(payload_path, append=False) as f:
+                    f.write(pending.payload)
+            temp = header_path.with_suffix(".tmp")
+            with open_private(temp, append=False) as f:
+                f.write(json.dumps(record).encode())
+            os.replace(temp, header_path)  # the header last: a result is whole, or absent
+        except OSError as exc:
+            log.warning("cannot keep the result of %s on disk (%s)", header.task_id, exc)
+            return pending
+        return replace(pending, files=(header_path, payload_path))
+
+    def saved(self) -> list[Pending]:
+        """Results an earlier process kept and did not discard, oldest first; anything
+        half-written or damaged is removed."""
+        found = []
+        for header_path in sorted(self.results.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            payload_path = header_path.with_suffix("")
+            try:
+                record = json.loads(header_path.read_bytes())
+                header = UploadHeader(**{**record, "sha256": bytes.fromhex(record["sha256"])})
+                payload = payload_path if header.size else None
+                if payload is not None and sha256_file(payload).digest() != header.sha256:
+                    raise ValueError("its payload does not match its sha256")
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                log.warning("dropping a damaged kept result %s (%s)", header_path.name, exc)
+                header_path.unlink(missing_ok=True)
+                payload_path.unlink(missing_ok=True)
+                continue
+            found.append(Pending(header, payload, (header_path, payload_path)))
+        kept = {p for pending in found for p in pending.files}
+        for stray in self.results.iterdir():  # a result being written when the node died
+            if stray not in kept:
+                stray.unlink(missing_ok=True)
+        return found
+
+    def _result_path(self, task_id: str) -> Path:
+        return self.results / hashlib.sha256(task_id.encode()).hexdigest()
 
 
 def decode(model: bytes | Path, source: str) -> Weights:

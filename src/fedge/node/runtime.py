@@ -9,6 +9,8 @@ holds, and the server counts it once. A delivered result is kept for a while, be
 server killed at the wrong instant may have lost it: when the server pushes a task again
 that this node already answered, the node sends the kept result again instead of
 ignoring the task (or trains again, which gives the same result, if it no longer has it).
+Results are kept on disk (`Cache.save`), so one finished before the node itself died is
+sent after its restart, when the server pushes that task again — without training again.
 A task that is still running or waiting when it is pushed again is not run twice.
 
 A node stops by itself only when the server says it must: another process took over its
@@ -72,6 +74,8 @@ class Node:
         self._work: Queue[tuple[TaskHeader, Pending | None]] = Queue()
         self._busy: set[str] = set()  # task ids queued or running: not run twice
         self._delivered: OrderedDict[str, Pending] = OrderedDict()
+        for kept in self.cache.saved():  # finished before a restart: sent when asked for
+            self._remember(kept.header.task_id, kept)
         self._lock = threading.Lock()
         self._last_transfer = 0.0  # seconds the last model download took
         self._next_renewal = 0.0  # after a failed renewal: not before this time
@@ -197,7 +201,7 @@ class Node:
             except Empty:
                 continue
             try:
-                pending = kept or self._execute(task)
+                pending = kept or self.cache.save(self._execute(task))
             except Exception as exc:  # the model could not be fetched: a re-push runs it again
                 log.warning("task %s: model download failed (%s)", task.task_id, exc)
                 with self._lock:
@@ -208,8 +212,8 @@ class Node:
                 self._busy.discard(task.task_id)
                 if delivered:
                     self._remember(task.task_id, pending)
-                elif kept is None:
-                    pending.discard()
+                elif kept is None and not self.stop_event.is_set():
+                    pending.discard()  # refused for good; one cut by a stop stays on disk
             self.tasks_done += kept is None
 
     def _remember(self, task_id: str, pending: Pending) -> None:
