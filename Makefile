@@ -10,10 +10,11 @@ SYSTEM := $(VENV)/.system
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt]"
 	touch $@
 
-# System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests.
+# System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests, and
+# Eclipse Mosquitto, the MQTT broker of the MQTT transport's tests and demo.
 $(SYSTEM): scripts/system-deps.sh | $(STAMP)
 	scripts/system-deps.sh
 	touch $@

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from fedge.app import App
     from fedge.config import RunConfig
     from fedge.coordinator import Workflow
+    from fedge.transport.grpc.server import GrpcTransport
+    from fedge.transport.mqtt.server import MqttTransport
 
 app = typer.Typer(
     help="fedge: federated learning for Linux edge fleets.",
@@ -207,6 +209,31 @@ AdminOption = Annotated[str, typer.Option("--name", help="Admin certificate name
 InsecureOption = Annotated[bool, typer.Option(help="Plaintext; loopback only.")]
 
 
+class Transport(StrEnum):
+    grpc = "grpc"
+    mqtt = "mqtt"
+
+
+TransportOption = Annotated[
+    Transport, typer.Option(help="How nodes reach the server: gRPC, or an MQTT broker.")
+]
+BrokerOption = Annotated[
+    str, typer.Option(help="With --transport mqtt: the broker, mqtts://HOST:PORT.")
+]
+PrefixOption = Annotated[str, typer.Option(help="With --transport mqtt: the topic prefix.")]
+ChunkOption = Annotated[
+    int,
+    typer.Option(min=1, max=1024, help="With --transport mqtt: payload chunk size in KiB."),
+]
+
+
+def _broker_needed(transport: Transport, broker: str) -> None:
+    if transport == Transport.mqtt and not broker:
+        raise FedgeError("--transport mqtt needs --broker mqtts://HOST:PORT")
+    if transport == Transport.grpc and broker:
+        raise FedgeError("--broker applies to --transport mqtt")
+
+
 @contextmanager
 def _calling(server: str) -> Iterator[None]:
     """A server that cannot be reached, or refuses a call, is a one-line error."""
@@ -272,6 +299,10 @@ def server(
             "key must have a certificate from one of them (no software TPMs)."
         ),
     ] = None,
+    transport: TransportOption = Transport.grpc,
+    broker: BrokerOption = "",
+    mqtt_prefix: PrefixOption = "fedge",
+    mqtt_chunk_kb: ChunkOption = 256,
 ) -> None:
     """Run the aggregator for the config's app until the run finishes.
 
@@ -288,6 +319,7 @@ def server(
     from fedge.transport.grpc.server import GrpcTransport
     from fedge.weights import to_file
 
+    _broker_needed(transport, broker)
     cfg = load_config(config)
     if rounds is not None:
         cfg.run.rounds = rounds
@@ -322,16 +354,23 @@ def server(
             tpm_policy=None if tpm_policy is None else PcrPolicy.load(tpm_policy),
             ek_issuers=None if tpm_ek_ca is None else EkIssuers(tpm_ek_ca),
         )
-    transport = GrpcTransport(
+    grpc_transport = GrpcTransport(
         address, certs, insecure, enrollment=enrollment, enroll_address=enroll_address
     )
+    serving: GrpcTransport | MqttTransport = grpc_transport
+    if transport == Transport.mqtt:
+        from fedge.transport.mqtt.server import MqttTransport
+
+        serving = MqttTransport(
+            broker, grpc_transport, prefix=mqtt_prefix, chunk_size=mqtt_chunk_kb << 10
+        )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, aggregator.request_stop, f"signal {sig.name}")
-        loop.add_signal_handler(signal.SIGHUP, transport.reload_certificates)
-        await aggregator.serve(transport)
+        loop.add_signal_handler(signal.SIGHUP, serving.reload_certificates)
+        await aggregator.serve(serving)
 
     started()
     try:
@@ -371,21 +410,32 @@ def node(
     label: Annotated[
         list[str] | None, typer.Option("--label", help="KEY=VALUE shown to the operator.")
     ] = None,
+    transport: TransportOption = Transport.grpc,
+    broker: BrokerOption = "",
+    mqtt_prefix: PrefixOption = "fedge",
+    mqtt_chunk_kb: ChunkOption = 256,
 ) -> None:
-    """Run an edge node: dial the server, train on local data, reconnect forever."""
+    """Run an edge node: dial the server (or the broker), train on local data, reconnect
+    forever."""
     if ctx.invoked_subcommand is not None:
         return
     import signal
 
     from fedge.config import load_config
     from fedge.malloc import started
+    from fedge.node.link import Link
     from fedge.node.runtime import Node, NodeSettings
     from fedge.security.credentials import validate_name
     from fedge.transport.grpc.link import GrpcLink
     from fedge.transport.grpc.tls import require_loopback
 
+    _broker_needed(transport, broker)
+    if transport == Transport.mqtt:
+        server = server or broker
+        if insecure:
+            raise FedgeError("--transport mqtt needs --certs: the broker asks for them")
     if server is None or cid is None:
-        raise FedgeError("a node needs --server HOST:PORT and --cid N")
+        raise FedgeError("a node needs --server HOST:PORT (or --broker) and --cid N")
     if insecure:
         require_loopback(server)
     elif certs is None:
@@ -395,9 +445,17 @@ def node(
     client = _app_of(cfg).client_fn(cid)  # only the client is kept: not the app's data
     identity = name or f"node-{cid}"
     validate_name(identity)  # before anything uses it as a file or directory name
+    link: Link
+    if transport == Transport.mqtt:
+        from fedge.transport.mqtt.link import MqttLink
+
+        assert certs is not None
+        link = MqttLink(broker, identity, certs, prefix=mqtt_prefix, chunk_size=mqtt_chunk_kb << 10)
+    else:
+        link = GrpcLink(server, identity, certs, insecure)
     edge = Node(
         client,
-        GrpcLink(server, identity, certs, insecure),
+        link,
         NodeSettings(cid=cid, name=identity, cache_dir=cache_dir, labels=labels),
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -753,19 +811,45 @@ def _seconds(text: str) -> float:
     return value
 
 
+broker_app = typer.Typer(help="The MQTT broker (Eclipse Mosquitto).", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.command("config")
+def broker_config(
+    certs: Annotated[Path, typer.Option(help="PKI directory with ca.crt and NAME.crt/key.")],
+    out: Annotated[Path, typer.Option(help="Where to write mosquitto.conf and acl.")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TLS port to listen on.")] = 8883,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    name: Annotated[str, typer.Option(help="The broker's certificate name.")] = "broker",
+    crl: Annotated[
+        Path | None, typer.Option(help="A CRL to refuse revoked certificates (the server's).")
+    ] = None,
+    prefix: PrefixOption = "fedge",
+) -> None:
+    """Write a mosquitto config: TLS with project certificates only, the certificate's
+    name as username and client id, and an ACL keeping each node to its own topics."""
+    from fedge.transport.mqtt.broker import write_config
+
+    files = write_config(certs, out, port=port, host=host, name=name, prefix=prefix, crl=crl)
+    _console().print(f"wrote {files.config} and {files.acl}; run: mosquitto -c {files.config}")
+
+
 @app.command()
 def demo(
     clients: Annotated[int, typer.Option(help="Number of node processes.")] = 10,
     rounds: Annotated[int, typer.Option(help="Rounds to train.")] = 5,
     config: ConfigOption = Path("examples/digits/fedge.toml"),
     out: OutOption = None,
+    transport: TransportOption = Transport.grpc,
 ) -> None:
-    """A real fleet on this machine: CA, server and N nodes over mutual TLS."""
+    """A real fleet on this machine: CA, server and N nodes over mutual TLS (through a
+    mosquitto broker of its own with --transport mqtt)."""
     from fedge.demo import run_demo
     from fedge.malloc import started
 
     started()
-    history = run_demo(config, clients, rounds, _console())
+    history = run_demo(config, clients, rounds, _console(), transport.value)
     if history is not None:
         from fedge.progress import history_table
 

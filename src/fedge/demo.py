@@ -19,14 +19,16 @@ if TYPE_CHECKING:
     from fedge.history import History
 
 
-def run_demo(config: Path, clients: int, rounds: int, console: Console) -> History:
+def run_demo(
+    config: Path, clients: int, rounds: int, console: Console, transport: str = "grpc"
+) -> History:
     if not config.exists():
         raise FedgeError(
             f"config {config} not found; run from the repository root or pass --config"
         )
     with (
         tempfile.TemporaryDirectory(prefix="fedge-demo-") as tmp,
-        Launcher(Path(tmp), config.resolve()) as fleet,
+        Launcher(Path(tmp), config.resolve(), transport=transport) as fleet,
     ):
         out = Path(tmp) / "results.json"
         # the server first: the processes start while this one still makes certificates

@@ -44,8 +44,16 @@ class Launcher:
         *,
         insecure: bool = False,
         env: dict[str, str] | None = None,
+        transport: str = "grpc",
     ) -> None:
+        if transport not in ("grpc", "mqtt"):
+            raise ValueError(f"transport must be grpc or mqtt, got {transport!r}")
+        if transport == "mqtt" and insecure:
+            raise ValueError("the MQTT transport has no plaintext mode")
         self.work, self.config, self.insecure = work, config, insecure
+        self.transport = transport
+        self.broker: Any = None
+        """With the MQTT transport: the mosquitto process (`fedge.transport.mqtt.broker`)."""
         self.logs, self.certs, self.state_dir = work / "logs", work / "pki", work / "state"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.address = f"127.0.0.1:{free_port()}"
@@ -100,6 +108,21 @@ class Launcher:
     def _security(self) -> list[str | Path]:
         return ["--insecure"] if self.insecure else ["--certs", self.certs]
 
+    def _transport(self) -> list[str]:
+        """Options that choose the transport; the broker is started on first use."""
+        if self.transport == "grpc":
+            return []
+        if self.broker is None:
+            from fedge.security import issue
+            from fedge.transport.mqtt.broker import Broker
+
+            self.issue()
+            if not (self.certs / "broker.crt").exists():
+                issue(self.certs, "broker", role="server", hosts=["127.0.0.1", "localhost"])
+            self.broker = Broker(self.certs, self.work / "broker", free_port())
+            self.broker.start()
+        return ["--transport", "mqtt", "--broker", self.broker.url]
+
     def server(
         self,
         *options: str | Path,
@@ -118,6 +141,7 @@ class Launcher:
             "--address", self.address,
             "--state-dir", self.state_dir,
             *self._security(),
+            *self._transport(),
             *options,
         )  # fmt: skip
 
@@ -145,6 +169,7 @@ class Launcher:
             "--cid", str(cid),
             "--name", identity,
             *self._security(),
+            *self._transport(),
             *options,
         )  # fmt: skip
 
@@ -168,6 +193,8 @@ class Launcher:
                 proc.wait()
         for f in self._files:
             f.close()
+        if self.broker is not None:
+            self.broker.stop()
 
     # --- watching ---------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 class Transport(Protocol):
     """Carries the fleet's messages (and the operator's) over one kind of link."""
 
-    port: int
+    @property
+    def port(self) -> int: ...
 
     async def start(self, service: FleetService, control: Aggregator) -> None: ...
 
