@@ -125,7 +125,9 @@ class Connection:
             return
         self._refused = ""
         sock = self.client.socket()
-        if sock is not None:  # paho leaves Nagle on: small calls waited ~40 ms for delayed acks
+        if isinstance(
+            sock, socket.socket
+        ):  # paho leaves Nagle on: small calls waited ~40 ms for delayed acks
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._on_connect(self.client)
         self._connected.set()
