@@ -108,10 +108,21 @@ class Launcher:
     def _security(self) -> list[str | Path]:
         return ["--insecure"] if self.insecure else ["--certs", self.certs]
 
-    def _transport(self) -> list[str]:
-        """Options that choose the transport; the broker is started on first use."""
+    def node_options(self, address: str | None = None) -> list[str]:
+        """Options that choose a node's transport and where it dials (`address`: another
+        server, or broker, address)."""
+        if self.transport == "grpc":
+            return ["--server", address or self.address]
+        broker = f"mqtts://{address}" if address else self.broker_url()
+        return ["--transport", "mqtt", "--broker", broker]
+
+    def server_options(self) -> list[str]:
         if self.transport == "grpc":
             return []
+        return ["--transport", "mqtt", "--broker", self.broker_url()]
+
+    def broker_url(self) -> str:
+        """The MQTT broker's address; it is started on first use."""
         if self.broker is None:
             from fedge.security import issue
             from fedge.transport.mqtt.broker import Broker
@@ -121,7 +132,7 @@ class Launcher:
                 issue(self.certs, "broker", role="server", hosts=["127.0.0.1", "localhost"])
             self.broker = Broker(self.certs, self.work / "broker", free_port())
             self.broker.start()
-        return ["--transport", "mqtt", "--broker", self.broker.url]
+        return str(self.broker.url)
 
     def server(
         self,
@@ -141,7 +152,7 @@ class Launcher:
             "--address", self.address,
             "--state-dir", self.state_dir,
             *self._security(),
-            *self._transport(),
+            *self.server_options(),
             *options,
         )  # fmt: skip
 
@@ -164,12 +175,11 @@ class Launcher:
             name or identity,
             *before,
             "node",
-            "--server", address or self.address,
+            *self.node_options(address),
             "--config", config or self.config,
             "--cid", str(cid),
             "--name", identity,
             *self._security(),
-            *self._transport(),
             *options,
         )  # fmt: skip
 

@@ -21,7 +21,7 @@ from fedge.node.link import Link
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits"
 TIMEOUT = 60.0
-TRANSPORTS = ["grpc"]
+TRANSPORTS = ["grpc", "mqtt"]
 
 # Wraps the digits app so that fit() sleeps (and says so in a file): lets a test act
 # while a round is running, and know for sure that it is.
@@ -60,10 +60,15 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Launcher]:
-    """A launcher over a digits config (4 clients, 3 rounds) in tmp_path; tests that need
-    another config write one and pass it to `server`/`node`."""
-    with Launcher(tmp_path, write_config(tmp_path / "app")) as launcher:
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launcher]:
+    """A launcher over a digits config (4 clients, 3 rounds) in tmp_path, on the test's
+    `transport` if it takes one; tests that need another config write one and pass it
+    to `server`/`node`."""
+    transport = "grpc"
+    if "transport" in request.fixturenames:
+        transport = request.getfixturevalue("transport")
+    config = write_config(tmp_path / "app")
+    with Launcher(tmp_path, config, transport=transport) as launcher:
         yield launcher
 
 
@@ -76,6 +81,10 @@ def attacker(fleet: Launcher, transport: str, identity: str) -> Link:
         if fleet.insecure:
             return GrpcLink(fleet.address, identity, None, insecure=True)
         return GrpcLink(fleet.address, identity, fleet.issue(identity))
+    if transport == "mqtt":
+        from fedge.transport.mqtt.link import MqttLink
+
+        return MqttLink(fleet.broker_url(), identity, fleet.issue(identity))
     raise ValueError(transport)
 
 

@@ -102,7 +102,13 @@ def test_bad_uploads_are_refused_precisely_and_the_run_goes_on(
         Code.INVALID_ARGUMENT, "exceeds its declared size", task, good + b"extra",
         size=len(good), sha256=hashlib.sha256(good).digest(),
     )  # fmt: skip
-    rogue.refused(Code.INVALID_ARGUMENT, "expected a chunk at offset 0", task, good, chunk_offset=7)
+    if transport == "grpc":
+        rogue.refused(
+            Code.INVALID_ARGUMENT, "expected a chunk at offset 0", task, good, chunk_offset=7
+        )
+    else:  # a gap over MQTT may be the broker's doing: the upload ends, to be resumed
+        gap = rogue.upload(task, good, chunk_offset=7)
+        assert not gap.accepted and "incomplete: 0 of" in gap.message, gap
     rogue.refused(Code.OUT_OF_RANGE, "resume offset 5", task, good, offset=5)
     garbage = os.urandom(len(good))
     rogue.refused(Code.INVALID_ARGUMENT, "not a valid safetensors payload", task, garbage)
@@ -219,7 +225,7 @@ def test_huge_finite_values_cannot_overflow_the_aggregate(tmp_path: Path, transp
     (tmp_path / "app" / "step.py").write_text(OVERFLOW_APP)
     config = tmp_path / "app" / "fedge.toml"
     config.write_text('[app]\ntarget = "step:create_app"\n[run]\nnum_clients = 3\nrounds = 2\n')
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         server = fleet.server("--wait-for", "3")
         fleet.node(0)
         fleet.node(1)

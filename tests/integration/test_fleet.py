@@ -61,7 +61,7 @@ def test_simulation_fleet_and_resumed_fleet_give_byte_identical_models(
     config = write_config(tmp_path / "app", rounds=4, fit_delay=0.2, marker_dir=markers)
     sim, sim_model = simulate_config(config, tmp_path / "sim.json")
 
-    with Launcher(tmp_path / "plain", config) as fleet:
+    with Launcher(tmp_path / "plain", config, transport=transport) as fleet:
         out, model = tmp_path / "plain.json", tmp_path / "plain.safetensors"
         server = fleet.server("--wait-for", "4", "--out", out, "--model-out", model)
         for cid in range(4):
@@ -74,7 +74,7 @@ def test_simulation_fleet_and_resumed_fleet_give_byte_identical_models(
     late = write_config(
         tmp_path / "late", rounds=4, fit_delay=3.0, slow_round=3, marker_dir=markers
     )
-    with Launcher(tmp_path / "killed", config) as fleet:
+    with Launcher(tmp_path / "killed", config, transport=transport) as fleet:
         out, model = tmp_path / "killed.json", tmp_path / "killed.safetensors"
         options = ("--wait-for", "4", "--out", out, "--model-out", model)
         server = fleet.server(*options, name="server-1")
@@ -185,7 +185,7 @@ def test_a_node_killed_during_fit_misses_that_round_and_rejoins(
         fraction_evaluate=0.0,
         strategy_extra="min_results = 2",
     )
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         server = fleet.server("--wait-for", "3", "--out", out)
         nodes = [fleet.node(cid) for cid in range(3)]
@@ -215,7 +215,7 @@ def test_a_straggler_takes_part_in_the_next_round(tmp_path: Path, transport: str
         tmp_path / "slow", num_clients=3, fit_delay=4.0, slow_round=1, fraction_evaluate=0.0,
         strategy_extra="min_results = 2",
     )  # fmt: skip
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         server = fleet.server("--wait-for", "3", "--out", out)
         fleet.node(0)
@@ -237,7 +237,7 @@ def test_a_round_waiting_for_a_lost_node_says_which_and_gives_up_at_its_deadline
         tmp_path / "app", num_clients=3, rounds=3, round_timeout=3.0, fit_delay=0.5,
         slow_round=2, marker_dir=markers, fraction_evaluate=0.0, run_extra="max_round_retries = 1",
     )  # fmt: skip
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         server = fleet.server("--wait-for", "3")
         nodes = [fleet.node(cid) for cid in range(3)]
         wait_for(lambda: (markers / "fit-2-2").exists(), "node 2 to start fitting round 2")
@@ -266,7 +266,7 @@ def test_a_frozen_node_does_not_stretch_the_round_and_is_not_selected_while_sile
         tmp_path / "app", num_clients=3, rounds=3, round_timeout=timeout, fit_delay=0.3,
         marker_dir=markers, fraction_evaluate=1.0, strategy_extra="min_results = 2",
     )  # fmt: skip
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         server = fleet.server("--wait-for", "2", "--heartbeat-interval", "1", "--out", out)
         nodes = [fleet.node(cid) for cid in range(3)]
@@ -296,7 +296,7 @@ def test_partial_work_of_real_nodes_is_kept_under_fedprox(tmp_path: Path, transp
     (endless / "fedge.toml").write_text(
         config.read_text().replace("epochs = 5", "epochs = 10000000")
     )
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         server = fleet.server("--wait-for", "3", "--out", out)
         fleet.node(0)
@@ -382,7 +382,7 @@ def test_a_two_stage_workflow_with_its_own_task_kind_runs_over_the_fleet(
         .replace("options = { ", "options = { liar = 3, ")
     )
     sim, sim_model = simulate_config(config, tmp_path / "sim.json")
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out, model = tmp_path / "out.json", tmp_path / "out.safetensors"
         server = fleet.server("--wait-for", "4", "--out", out, "--model-out", model)
         for cid in range(4):

@@ -142,9 +142,10 @@ def expected_bump(rounds: int, clients: int = 2) -> np.float32:
 
 
 def test_an_upload_cut_mid_way_resumes_and_counts_once(tmp_path: Path, transport: str) -> None:
-    with Launcher(tmp_path, bump_config(tmp_path / "app", rounds=2)) as fleet:
+    with Launcher(tmp_path, bump_config(tmp_path / "app", rounds=2), transport=transport) as fleet:
         server = fleet.server("--wait-for", "2")
-        relay = CuttingRelay(fleet.address, cut_after=8 << 20)  # after 8 of node 1's 20 MB
+        dialed = fleet.address if transport == "grpc" else fleet.broker_url()[len("mqtts://") :]
+        relay = CuttingRelay(dialed, cut_after=8 << 20)  # after 8 of node 1's 20 MB
         try:
             fleet.node(0)
             fleet.node(1, address=relay.address, before=("--log-level", "info"))
@@ -175,8 +176,14 @@ def test_an_upload_cut_mid_way_resumes_and_counts_once(tmp_path: Path, transport
 def test_a_second_process_with_the_same_identity_replaces_the_first(
     tmp_path: Path, transport: str
 ) -> None:
+    if transport == "mqtt":
+        pytest.skip(
+            "over MQTT the broker lets the newest connection of a client id in and closes "
+            "the older without a reason code (mosquitto 2.0.11): the two processes take "
+            "turns; see docs/architecture.md, MQTT"
+        )
     config = write_config(tmp_path / "app", num_clients=2, rounds=8, fit_delay=0.4)
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         server = fleet.server("--wait-for", "2", "--out", out)
         fleet.node(0)
@@ -225,7 +232,7 @@ def test_a_node_stopped_while_the_server_is_down_exits_quietly(
 def test_rerunning_a_config_with_the_nodes_still_up_counts_every_node_at_once(
     tmp_path: Path, transport: str
 ) -> None:
-    with Launcher(tmp_path, bump_config(tmp_path / "app", rounds=2)) as fleet:
+    with Launcher(tmp_path, bump_config(tmp_path / "app", rounds=2), transport=transport) as fleet:
         first = fleet.server("--wait-for", "2", name="first")
         fleet.node(0)
         fleet.node(1)
@@ -266,7 +273,7 @@ def test_an_operator_moves_a_client_id_to_a_replacement_device(
 
 
 def test_a_result_finished_before_the_node_died_is_delivered_after_its_restart(
-    tmp_path: Path,
+    tmp_path: Path, transport: str
 ) -> None:
     """The server is down when the node finishes round 1, and the node is killed while it
     retries: the result it kept on disk is sent when both are back, without training
@@ -277,7 +284,7 @@ def test_a_result_finished_before_the_node_died_is_delivered_after_its_restart(
         tmp_path / "app", num_clients=1, rounds=2, fit_delay=2.0, slow_round=1,
         marker_dir=markers,
     )  # fmt: skip
-    with Launcher(tmp_path / "fleet", config) as fleet:
+    with Launcher(tmp_path / "fleet", config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         server = fleet.server("--wait-for", "1", "--out", out, name="server-1")
         node = fleet.node(0, before=("--log-level", "info"))

@@ -94,6 +94,9 @@ class MqttLink:
                 on_connect=self._subscribe,
                 on_disconnect=self._lost,
             )
+            will = properties(PacketTypes.WILLMESSAGE, correlation=b"gone", user=[("call", "gone")])
+            out = topics.node_out(self.prefix, self.name)
+            connection.client.will_set(out, b"", qos=1, properties=will)
             connection.connect()
             self._connection = connection
         if not self._server_known.wait(CALL_TIMEOUT) or not self._server.get("instance"):
@@ -238,9 +241,10 @@ class MqttLink:
                 self._stream, self._stream_id = None, b""
 
     def cancel(self) -> None:
-        stream = self._stream
-        if stream is not None:
-            stream.put(LinkError(Code.CANCELLED, "cancelled"))
+        """Ends the task stream and every call waiting for an answer (the node stops, or
+        reconnects)."""
+        self._fail_all(LinkError(Code.CANCELLED, "cancelled"))
+        self._server_known.set()  # a call waiting to hear of the server gives up too
 
     def download(self, token: str, version: str, offset: int) -> Iterator[bytes]:
         """The model's retained chunks from `offset`, a window at a time: each chunk is a
@@ -295,10 +299,13 @@ class MqttLink:
 
     def upload(self, header: UploadHeader, chunks: Iterable[tuple[int, bytes]]) -> UploadAck:
         message = convert.upload_header_to_pb(header)
-        if header.offset == 0 and header.size <= self.chunk_size:  # one message
-            message.data = b"".join(data for _, data in chunks)
-            reply = self._request("upload", message.SerializeToString(), 120.0)
-            return _ack(pb.UploadReply.FromString(reply))
+        if header.offset == 0 and header.size <= self.chunk_size:
+            parts = list(chunks)
+            if not parts or (len(parts) == 1 and parts[0][0] == 0):  # one message
+                message.data = parts[0][1] if parts else b""
+                reply = self._request("upload", message.SerializeToString(), 120.0)
+                return _ack(pb.UploadReply.FromString(reply))
+            chunks = parts
         correlation = secrets.token_bytes(12)
         waiter: queue.Queue[Message | LinkError] = queue.Queue()
         self._waiters[correlation] = waiter

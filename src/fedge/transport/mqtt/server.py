@@ -193,6 +193,11 @@ class Bridge:
             self._chunk(name, correlation, message)
             return
         self._ack(message)
+        if call == "gone":  # its connection dropped: its task stream ends, as over gRPC
+            stream = self._streams.pop(name, None)
+            if stream is not None:
+                stream.cancel()
+            return
         key = (name, correlation)
         if key in self._seen:  # a QoS 1 duplicate: answered already
             return

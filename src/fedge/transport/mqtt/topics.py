@@ -27,8 +27,11 @@ MAX_PACKET = MAX_CHUNK + (64 << 10)
 MAX_CORRELATION = 64
 """Bytes of correlation data kept from a node's message."""
 
-CALLS = frozenset({"join", "connect", "query", "upload", "chunk", "heartbeat", "leave", "renew"})
-"""What a node may ask (user property "call" of a message on its `out` topic)."""
+CALLS = frozenset(
+    {"join", "connect", "query", "upload", "chunk", "heartbeat", "leave", "renew", "gone"}
+)
+"""What a node may ask (user property "call" of a message on its `out` topic). "gone" is
+its last will: the broker sends it when the node's connection drops."""
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
