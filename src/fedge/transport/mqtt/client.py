@@ -152,7 +152,12 @@ class Connection:
         self.client.loop_start()
         if not self._connected.wait(timeout):
             self.close()
-            raise LinkError(Code.UNAVAILABLE, f"no answer from the {where} in {timeout:.0f} s")
+            raise LinkError(
+                Code.UNAVAILABLE,
+                f"no answer from the {where} in {timeout:.0f} s (a broker that refuses the "
+                f"certificate {self.name!r} closes the connection like this: is it from the "
+                "project CA, and not revoked?)",
+            )
         if self._refused:
             refused = self._refused
             self.close()
