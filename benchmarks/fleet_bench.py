@@ -102,8 +102,8 @@ class PeakSampler(threading.Thread):
 class Fleet(Launcher):
     """The shared launcher, plus what the benchmarks time: a server run to its end."""
 
-    def __init__(self, config: Path, work: Path) -> None:
-        super().__init__(work, config)
+    def __init__(self, config: Path, work: Path, transport: str = "grpc") -> None:
+        super().__init__(work, config, transport=transport)
         self.out = work / "history.json"
 
     def start_server(self, rounds: int, wait_for: int) -> subprocess.Popen[bytes]:
@@ -148,10 +148,10 @@ def pct(values: list[float], q: float) -> float:
 # --- 1. digits latency ------------------------------------------------------------------
 
 
-def bench_digits() -> dict[str, Any]:
+def bench_digits(transport: str = "grpc") -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp,
-        Fleet(DIGITS, Path(tmp)) as fleet,
+        Fleet(DIGITS, Path(tmp), transport) as fleet,
     ):
         fleet.start_server(rounds=10, wait_for=10)
         fleet.start_nodes(10)
@@ -212,13 +212,13 @@ def bench_idle_node() -> dict[str, Any]:
         }
 
 
-def bench_big(nodes: int, rounds: int) -> dict[str, Any]:
+def bench_big(nodes: int, rounds: int, transport: str = "grpc") -> dict[str, Any]:
     """The 100 MB model; server idle RSS, peak RSS (VmHWM) and round fit times."""
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         work = Path(tmp)
         (work / "bigapp.py").write_text(BIGAPP)
         (work / "fedge.toml").write_text(BIGTOML)
-        with Fleet(work / "fedge.toml", work) as fleet:
+        with Fleet(work / "fedge.toml", work, transport) as fleet:
             server = fleet.start_server(rounds=rounds, wait_for=nodes)
             time.sleep(0.5)
             idle_kb = proc_kb(server.pid, "VmRSS")
