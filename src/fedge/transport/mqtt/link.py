@@ -76,10 +76,14 @@ class MqttLink:
         self._server: dict[str, Any] = {}
         self._server_known = threading.Event()
         self._joined_instance = ""
+        self._cancels = 0
 
     # --- the connection --------------------------------------------------------------
 
-    def _connected(self) -> Connection:
+    def _connected(self, timeout: float = CALL_TIMEOUT) -> Connection:
+        """The connection, made if needed, once the server's announcement is known; a
+        `cancel` meanwhile ends the wait."""
+        cancels = self._cancels
         with self._lock:
             if self._connection is not None and self._connection.connected:
                 return self._connection
@@ -99,7 +103,13 @@ class MqttLink:
             connection.client.will_set(out, b"", qos=1, properties=will)
             connection.connect()
             self._connection = connection
-        if not self._server_known.wait(CALL_TIMEOUT) or not self._server.get("instance"):
+        deadline = time.monotonic() + timeout
+        while not self._server_known.wait(0.1):
+            if self._cancels != cancels:
+                raise LinkError(Code.CANCELLED, "cancelled")
+            if time.monotonic() > deadline:
+                break
+        if not self._server.get("instance"):
             raise LinkError(Code.UNAVAILABLE, "the server is not connected to the broker")
         return connection
 
@@ -156,7 +166,7 @@ class MqttLink:
                 stream.put(message)
 
     def _publish(self, call: str, payload: bytes, correlation: bytes, expiry: int) -> Any:
-        connection = self._connected()
+        connection = self._connected(min(expiry, CALL_TIMEOUT))
         props = properties(
             PacketTypes.PUBLISH, correlation=correlation, user=[("call", call)], expiry=expiry
         )
@@ -243,8 +253,8 @@ class MqttLink:
     def cancel(self) -> None:
         """Ends the task stream and every call waiting for an answer (the node stops, or
         reconnects)."""
+        self._cancels += 1  # a call waiting to hear of the server gives up too
         self._fail_all(LinkError(Code.CANCELLED, "cancelled"))
-        self._server_known.set()  # a call waiting to hear of the server gives up too
 
     def download(self, token: str, version: str, offset: int) -> Iterator[bytes]:
         """The model's retained chunks from `offset`, a window at a time: each chunk is a
