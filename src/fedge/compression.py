@@ -114,14 +114,17 @@ class Compressor:
         if not encoding and not self.residual:
             return result
         spec = spec_of(received)
-        validate(result.weights, spec, source="fit() result")
+        trained = result.weights
+        if isinstance(trained, Mapping):  # numpy scalars (0-d tensors) too, as plain ones go
+            trained = {name: np.asarray(a) for name, a in trained.items()}
+        validate(trained, spec, source="fit() result")
         update: dict[str, Float64s] = {}
         for name, _ in _floats(spec):
-            delta = np.subtract(result.weights[name], received[name], dtype=np.float64)
+            delta = np.subtract(trained[name], received[name], dtype=np.float64)
             held = self.residual.get(name)
             update[name] = (delta if held is None else delta + held).reshape(-1)
         self.residual = {}
-        ints = {n: np.asarray(result.weights[n]) for n, s in spec.items() if not _is_float(s)}
+        ints = {n: trained[n] for n, s in spec.items() if not _is_float(s)}
         if not encoding:  # plain weights again, with what topk held back
             plain = {
                 n: np.add(received[n], update[n].reshape(s.shape)).astype(s.dtype)
