@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import fedge
 from fedge.app import load_app
@@ -28,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report
 
 ROOT = Path(__file__).resolve().parents[1]
-APPS = {"digits": ROOT / "examples/digits/fedge.toml", "mnist1d": ROOT / "examples/mnist1d_torch/fedge.toml"}  # fmt: skip
+APPS = {
+    "digits": ROOT / "examples/digits/fedge.toml",
+    "mnist1d": ROOT / "examples/mnist1d_torch/fedge.toml",
+}
 MODES = {"none": {}, "fp16": {}, "q8": {}, "topk 1%": {"topk_fraction": 0.01}}
 
 
@@ -46,7 +50,7 @@ class Measured(ClientWrapper):
         return result
 
 
-def run(config_path: Path, mode: str, options: dict[str, float], scale: int) -> dict[str, object]:
+def run(config_path: Path, mode: str, options: dict[str, float], scale: int) -> dict[str, Any]:
     cfg = load_config(config_path)
     sys.modules.pop("app", None)  # both examples name their module app.py
     app = load_app(cfg.app.target, cfg.base_dir, num_clients=cfg.run.num_clients,
@@ -85,17 +89,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for data, config in APPS.items():
-        baseline: dict[str, object] = {}
+        baseline: dict[str, Any] = {}
         for mode, options in MODES.items():
             found = run(config, mode, options, args.rounds_scale)
             baseline = baseline or found
             rows.append({
                 "data": data, "encoding": mode, "rounds": found["rounds"],
                 "upload_bytes": found["upload_bytes"],
-                "bytes_per_upload": round(int(found["upload_bytes"]) / int(found["uploads"])),  # type: ignore[call-overload]
-                "ratio": int(baseline["upload_bytes"]) / int(found["upload_bytes"]),  # type: ignore[call-overload]
+                "bytes_per_upload": round(found["upload_bytes"] / found["uploads"]),
+                "ratio": baseline["upload_bytes"] / found["upload_bytes"],
                 "accuracy": found["accuracy"],
-                "accuracy_delta_points": 100 * (float(found["accuracy"]) - float(baseline["accuracy"])),  # type: ignore[arg-type]
+                "accuracy_delta_points": 100 * (found["accuracy"] - baseline["accuracy"]),
                 "seconds": found["seconds"],
             })  # fmt: skip
             print(rows[-1], flush=True)
