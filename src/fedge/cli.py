@@ -142,6 +142,7 @@ def sim(
             max_examples=cfg.limits.max_examples,
             workflow=user_app.workflow or _fit_round(),
             observer=observer,
+            compression=cfg.compression,
         )
     _console(stdout=True).print(history_table(history))
     if out is not None:
@@ -421,6 +422,7 @@ def node(
         return
     import signal
 
+    from fedge.compression import CompressClient, Throughput
     from fedge.config import load_config
     from fedge.malloc import started
     from fedge.node.link import Link
@@ -443,6 +445,9 @@ def node(
     labels = dict(_pair(item) for item in label or [])
     cfg = load_config(config, strategy=False)
     client = _app_of(cfg).client_fn(cid)  # only the client is kept: not the app's data
+    uplink = Throughput()
+    if cfg.compression.mode != "none":
+        client = CompressClient(client, cfg.compression, uplink=uplink)
     identity = name or f"node-{cid}"
     validate_name(identity)  # before anything uses it as a file or directory name
     link: Link
@@ -457,6 +462,7 @@ def node(
         client,
         link,
         NodeSettings(cid=cid, name=identity, cache_dir=cache_dir, labels=labels),
+        uplink=uplink,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop())

@@ -32,6 +32,9 @@ class FitResult:
     """Usually a `Weights` dict; the server passes a file-backed mapping."""
     num_examples: int
     metrics: Metrics = field(default_factory=dict)
+    encoding: str = ""
+    """"": `weights` are the new local weights; else the name of the encoding of the update
+    they carry (`fedge.compression`), which the coordinator decodes."""
 
 
 @dataclass

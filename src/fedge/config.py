@@ -21,6 +21,9 @@ backend = "inprocess"       # or "process"
 
 [limits]                    # bounds on what nodes may send (they may lie)
 max_examples = 1000000
+
+[compression]               # how fit updates travel: none, fp16, q8, topk or auto
+mode = "q8"
 ```
 """
 
@@ -73,6 +76,40 @@ class LimitsSection(_Section):
     max_upload_mb: Annotated[int, msgspec.Meta(ge=1)] = MAX_UPLOAD_BYTES >> 20
 
 
+Encoding = Literal["fp16", "q8", "topk"]
+STRONGEST_FIRST: tuple[Encoding, ...] = ("topk", "q8", "fp16")
+"""The encodings, the most compressing first (fedge.compression describes them)."""
+
+
+class CompressionSection(_Section):
+    mode: Literal["none", "fp16", "q8", "topk", "auto"] = "none"
+    topk_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.01
+    """Share of each float tensor's entries a topk update keeps (at least one)."""
+    auto_thresholds: dict[Encoding, Annotated[float, Positive]] = msgspec.field(
+        default_factory=lambda: {"topk": 1.0, "q8": 10.0, "fp16": 100.0}
+    )
+    """For mode "auto": an encoding is used while the node's measured uplink is below its
+    value in MB/s (the most compressing such one wins); above them all, none."""
+
+    def __post_init__(self) -> None:
+        listed = [e for e in STRONGEST_FIRST if e in self.auto_thresholds]
+        values = [self.auto_thresholds[e] for e in listed]
+        if values != sorted(values):  # else a weaker encoding could never be chosen
+            shown = ", ".join(f"{e} = {self.auto_thresholds[e]}" for e in listed)
+            raise ValueError(
+                f"auto_thresholds must grow from the strongest encoding to the weakest "
+                f"({' < '.join(listed)}), got {{ {shown} }}"
+            )
+
+    def encodings(self) -> tuple[Encoding, ...]:
+        """The encodings this config lets a node use (the server refuses the others)."""
+        if self.mode == "none":
+            return ()
+        if self.mode == "auto":
+            return tuple(e for e in STRONGEST_FIRST if e in self.auto_thresholds)
+        return (self.mode,)
+
+
 class RunConfig(_Section):
     app: AppSection
     run: RunSection = msgspec.field(default_factory=RunSection)
@@ -81,6 +118,7 @@ class RunConfig(_Section):
     evaluate: dict[str, Any] = {}
     simulation: SimulationSection = msgspec.field(default_factory=SimulationSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    compression: CompressionSection = msgspec.field(default_factory=CompressionSection)
     base_dir: Path = msgspec.field(default_factory=lambda: Path("."))
     """Directory of the config file; app modules are imported from here."""
 
@@ -120,7 +158,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {_describe(str(exc), raw)}") from exc
 
 
-_WHERE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_WHERE = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
 _FIELD = re.compile(r"^Object (?P<what>contains unknown|missing required) field `(?P<name>[^`]+)`$")
 
 
@@ -141,6 +179,8 @@ def _describe(error: str, raw: Any) -> str:
     value = raw
     for part in parts:
         value = value[int(part)] if isinstance(value, list) else value[part]
+    if where["key"]:  # a table's key, not one of its values, is wrong
+        msg = f"{msg} (as a key)"
     return f"'{'.'.join(parts)}' = {value!r}: {msg}"
 
 

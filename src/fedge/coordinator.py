@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedge.client import EVALUATE, FIT, Config, EvaluateResult, FitResult, Result
+from fedge.compression import decode
 from fedge.errors import QuorumError, WeightsError
 from fedge.history import RoundRecord
 from fedge.limits import MAX_EXAMPLES
@@ -399,6 +400,11 @@ class Round:
                     f"client {cid}: metrics must be a dict, got {type(result.metrics).__name__}"
                 )
             weights = result.weights
+            if result.encoding:  # an encoded update: the same decoding for every fleet
+                weights = decode(
+                    weights, result.encoding, self.weights, self.coordinator.spec,
+                    source=f"client {cid}",
+                )  # fmt: skip
             if isinstance(weights, Mapping) and not hasattr(weights, "checked"):
                 weights = CheckedWeights(weights)  # so validation measures it only once
             validate(weights, self.coordinator.spec, source=f"client {cid}")

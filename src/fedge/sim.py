@@ -5,6 +5,10 @@ bit-identical models for the same seed. Stragglers and dropouts are drawn per (s
 round, attempt, client) for experiments: a dropout sends nothing; a straggler misses the
 deadline, unless the strategy keeps partial work (FedProx), in which case it trains with
 ``config["work_fraction"]`` in (0, 1) and its result is kept.
+
+With compression, fit results are encoded here, in this process, by one `Compressor` per
+client (its error-feedback residual lives as long as the simulation, whichever worker
+trained): the bytes a node would send, decoded by the coordinator as the server does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import Literal
 
 import numpy as np
 
-from fedge.client import EVALUATE, FIT, Client, Config, Message, Reply, Result
+from fedge.client import EVALUATE, FIT, Client, Config, FitResult, Message, Reply, Result
+from fedge.compression import Compressor
+from fedge.config import CompressionSection
 from fedge.coordinator import (
     Coordinator,
     EvaluateFn,
@@ -75,6 +81,7 @@ class LocalFleet:
         backend: Backend = "inprocess",
         workers: int | None = None,
         faults: Faults = Faults(),
+        compression: CompressionSection | None = None,
     ) -> None:
         if num_clients < 1:
             raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -86,6 +93,8 @@ class LocalFleet:
             seed,
             faults,
         )
+        self.compression = compression
+        self._compressors: dict[int, Compressor] = {}
         self._models: dict[str, Weights] = {}
         self._open: list[Task] = []
         self._pool: Pool | None = None
@@ -142,8 +151,22 @@ class LocalFleet:
                 yield Outcome(task, error=skipped[task.task_id])
             else:
                 result, error = next(runs)
+                if isinstance(result, FitResult) and error is None:
+                    result, error = self._compress(task, result)
                 error = error or _reply_problem(task, result)
                 yield Outcome(task, result=None if error else result, error=error)
+
+    def _compress(self, task: Task, result: FitResult) -> Executed:
+        """The result as the client's node would send it (unchanged without compression)."""
+        if self.compression is None or self.compression.mode == "none" or task.model is None:
+            return result, None
+        compressor = self._compressors.get(task.cid)
+        if compressor is None:
+            compressor = self._compressors[task.cid] = Compressor(self.compression)
+        try:
+            return compressor.compress(self._models[task.model], result, task.config), None
+        except WeightsError as exc:
+            return None, f"client {task.cid}: {exc}"
 
     def _apply_faults(self, task: Task) -> tuple[Config, str | None]:
         if task.kind != FIT or (self.faults.stragglers == 0 and self.faults.dropouts == 0):
@@ -249,6 +272,7 @@ def simulate(
     max_examples: int = MAX_EXAMPLES,
     workflow: Workflow = fit_round,
     observer: Observer | None = None,
+    compression: CompressionSection | None = None,
 ) -> History:
     """Run `rounds` of federated training over `num_clients` simulated clients."""
     if rounds < 1:
@@ -278,6 +302,7 @@ def simulate(
         backend=backend,
         workers=workers,
         faults=Faults(stragglers, dropouts),
+        compression=compression,
     ) as fleet:
         try:
             coordinator.run(fleet, history)

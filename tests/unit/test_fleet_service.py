@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 
 from fedge.client import EVALUATE, FIT, Client, Config, EvaluateResult, FitResult
+from fedge.compression import CompressClient, Throughput, decode
+from fedge.config import CompressionSection
 from fedge.coordinator import Outcome, Task
 from fedge.errors import QuorumError
 from fedge.fleet.bridge import ServiceFleet
@@ -202,10 +204,22 @@ class Harness:
             )
         return hand
 
-    def node(self, service: FleetService, identity: str, cid: int) -> Running:
+    def node(
+        self,
+        service: FleetService,
+        identity: str,
+        cid: int,
+        *,
+        compression: CompressionSection | None = None,
+        uplink: Throughput | None = None,
+    ) -> Running:
         link = MemoryLink(service, self.loop, identity)
         client = Counting()
-        node = Node(client, link, NodeSettings(cid, identity, cache_dir=self.tmp / identity))
+        served: Client = client
+        if compression is not None:
+            served = CompressClient(client, compression, uplink=uplink or Throughput())
+        settings = NodeSettings(cid, identity, cache_dir=self.tmp / identity)
+        node = Node(served, link, settings, uplink=uplink)
         thread = threading.Thread(target=node.run, name=identity, daemon=True)
         thread.start()
         running = Running(node, link, thread, client)
@@ -685,3 +699,75 @@ def test_a_task_payload_over_the_inline_limit_is_refused_when_opened(fleet: Harn
         fleet.on_loop(service.open_tasks, [task], {})
     small = dataclasses.replace(task, payload={"nonce": np.zeros(4, dtype=np.float32)})
     fleet.on_loop(service.open_tasks, [small], {})
+
+
+# --- compressed updates ------------------------------------------------------------------
+
+
+class Scripted(Throughput):
+    """An uplink that measures each accepted upload as taking the next scripted seconds."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        super().__init__()
+        self.seconds, self.sizes = seconds, list[int]()
+
+    def record(self, size: int, seconds: float) -> None:
+        self.sizes.append(size)
+        super().record(size, self.seconds.pop(0))
+
+
+def test_a_node_in_auto_mode_switches_encoding_as_its_measured_uplink_changes(
+    fleet: Harness,
+) -> None:
+    auto = CompressionSection(mode="auto", auto_thresholds={"q8": 1e-3, "fp16": 1.0})
+    service, bridge = fleet.serve(compression=auto)
+    # upload 1 (plain, 36 bytes + header) "takes" 1 s: < 0.001 MB/s, so q8; upload 2 is
+    # measured at 0.001 s: fp16 (< 1 MB/s); upload 3 at 1e-9 s: plain again
+    uplink = Scripted([1.0, 1e-3, 1e-9, 1.0])
+    fleet.node(service, "edge-1", 1, compression=auto, uplink=uplink)
+    version = bridge.publish(MODEL)
+    encodings = []
+    for round in (1, 2, 3, 4):
+        task = task_for(1, version, round=round)
+        bridge.open([task])
+        (outcome,) = outcomes(bridge)
+        bridge.close([task.task_id])
+        result = outcome.result
+        assert isinstance(result, FitResult), outcome.error
+        encodings.append(result.encoding)
+        weights = (
+            decode(result.weights, result.encoding, MODEL, spec_of(MODEL))
+            if result.encoding
+            else result.weights
+        )
+        for name, value in TRAINED.items():  # each encoding is exact for +1 (q8: constant)
+            np.testing.assert_array_equal(np.asarray(weights[name]), value)
+    assert encodings == ["", "q8", "fp16", ""]
+    assert max(uplink.sizes[1:3]) < uplink.sizes[0]  # q8 and fp16 send fewer bytes
+
+
+def test_an_encoding_the_run_does_not_allow_is_refused_with_the_mode_named(
+    fleet: Harness,
+) -> None:
+    service, bridge = fleet.serve(compression=CompressionSection(mode="q8"))
+    hand = fleet.hand(service, "edge-2", 2)
+    version = bridge.publish(MODEL)
+    task = task_for(2, version)
+    bridge.open([task])
+    hand.task()
+    update = {k: (v - MODEL[k]).astype(np.float16) for k, v in TRAINED.items()}
+    hand.refused(
+        Code.INVALID_ARGUMENT,
+        "encoding 'fp16' is not accepted for this task; expected one of ['safetensors', 'q8'] "
+        "(compression.mode = 'q8'",
+        task.task_id, to_bytes(update), encoding="fp16",
+    )  # fmt: skip
+    codes = {"q8.values": np.zeros(9, np.uint8), "q8.ranges": np.ones((2, 2), np.float32)}
+    wide = {**codes, "q8.values": np.zeros(9, np.float16)}
+    hand.refused(
+        Code.INVALID_ARGUMENT, "tensor 'q8.values' has dtype float16, expected uint8",
+        task.task_id, to_bytes(wide), encoding="q8",
+    )  # fmt: skip
+    assert hand.upload(task.task_id, to_bytes(codes), encoding="q8").accepted
+    (outcome,) = outcomes(bridge)
+    assert isinstance(outcome.result, FitResult) and outcome.result.encoding == "q8"

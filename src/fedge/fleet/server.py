@@ -96,6 +96,7 @@ class Aggregator(Observer):
                 max_examples=config.limits.max_examples,
                 heartbeat_interval=settings.heartbeat_interval,
                 keepalive_interval=settings.keepalive_interval,
+                compression=config.compression,
             ),
             runs.store,
             runs.store.bindings(),

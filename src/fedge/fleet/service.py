@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from fedge.config import CompressionSection
 from fedge.coordinator import Task
 from fedge.errors import QuorumError
 from fedge.fleet.board import OpenTask, TaskBoard
@@ -79,6 +80,8 @@ class FleetSettings:
     heartbeat_interval: float = 5.0
     keepalive_interval: float = 15.0
     """Seconds of quiet on a task stream before a keepalive is sent."""
+    compression: CompressionSection = field(default_factory=CompressionSection)
+    """Which encoded updates nodes may send (and how many topk entries)."""
 
 
 @dataclass
@@ -108,6 +111,7 @@ class FleetService:
             settings.work_dir / "uploads",
             max_bytes=settings.max_upload_bytes,
             max_examples=settings.max_examples,
+            compression=settings.compression,
         )
         self.models = ModelStore(settings.work_dir / "models")
         self.stopping = False

@@ -11,6 +11,10 @@ has folded them — within a budget, beyond which they wait in a file. Larger on
 spooled to a file as they arrive, resumable by offset across reconnects and server
 restarts, and validated block by block so they never sit whole in memory. A full disk is reported as
 such ("disk full"), with a status the node retries on.
+
+A fit result may come as an encoded update (`fedge.compression`), if the run's
+``[compression]`` allows that encoding: it is checked as strictly as plain weights
+(`compression.check`), and the coordinator decodes it when it folds it.
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ import asyncio
 import hashlib
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedge import compression
 from fedge.chunks import CHUNK_SIZE, Spool, open_private
 from fedge.client import EVALUATE, FIT, EvaluateResult, FitResult, Reply, Result
+from fedge.config import CompressionSection
 from fedge.coordinator import Task
 from fedge.errors import WeightsError, is_disk_full
 from fedge.limits import MAX_ERROR, MAX_KEY_LENGTH, MAX_METRICS
 from fedge.messages import Code, FleetError, UploadHeader
-from fedge.weights import CheckedWeights, FileWeights, Spec, validate, view_bytes
+from fedge.weights import Array, CheckedWeights, FileWeights, Spec, validate, view_bytes
 
 SMALL_PAYLOAD = 4 << 20
 """Payloads up to this size are received in memory."""
@@ -55,10 +61,18 @@ class Received:
 class Uploads:
     """Touched only from the event loop; blocking work runs in threads."""
 
-    def __init__(self, directory: Path, *, max_bytes: int, max_examples: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        max_examples: int,
+        compression: CompressionSection | None = None,
+    ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.max_examples = max_bytes, max_examples
+        self.compression = compression or CompressionSection()
         self._spools: dict[str, Spool] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._held: dict[str, int] = {}
@@ -128,7 +142,7 @@ class Uploads:
                     f"got a {header.size}-byte payload",
                 )
             return Received(Reply({}, metrics))
-        self._check_payload(header, task.expects, source)
+        encoding = self._check_payload(task, header, task.expects, source)
         weights: CheckedWeights | FileWeights | None
         if header.size <= SMALL_PAYLOAD:
             weights = await self._receive_in_memory(task, header, chunks, source)
@@ -137,7 +151,8 @@ class Uploads:
         if weights is None:
             return None
         if task.kind == FIT:
-            return Received(FitResult(weights, header.num_examples, metrics), size=header.size)
+            result = FitResult(weights, header.num_examples, metrics, encoding)
+            return Received(result, size=header.size)
         return Received(Reply(weights, metrics), size=header.size)
 
     # --- the two ways in -------------------------------------------------------------
@@ -163,10 +178,11 @@ class Uploads:
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         weights = _decode(payload, source)
         assert task.expects is not None
+        check = self._checker(header)
         if header.size > 1 << 20:  # validation reads every value: off the loop when large
-            await asyncio.to_thread(_validate, weights, task.expects, source)
+            await asyncio.to_thread(check, weights, task.expects, source)
         else:
-            _validate(weights, task.expects, source)
+            check(weights, task.expects, source)
         if self._held_total + header.size > HELD_MEMORY:  # it waits on disk
             return await self._spill(task, payload, weights, source)
         self._held[task.task_id] = header.size
@@ -229,7 +245,9 @@ class Uploads:
         assert task.expects is not None
         async with self._validating:
             try:
-                return await asyncio.to_thread(_check_file, path, task.expects, source)
+                return await asyncio.to_thread(
+                    _check_file, path, task.expects, source, self._checker(header)
+                )
             except FleetError:
                 path.unlink(missing_ok=True)
                 raise
@@ -253,13 +271,21 @@ class Uploads:
             self._spools[task_id] = spool
         return spool
 
-    def _check_payload(self, header: UploadHeader, expects: Spec, source: str) -> None:
-        if header.encoding not in ("", "safetensors"):
+    def _check_payload(self, task: Task, header: UploadHeader, expects: Spec, source: str) -> str:
+        """The payload's encoding ("" for plain weights), if allowed and its size can be."""
+        encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
+        allowed = self.compression.encodings() if task.kind == FIT else ()
+        if encoding and encoding not in allowed:
             raise FleetError(
                 Code.INVALID_ARGUMENT,
-                f"{source}: encoding {header.encoding!r} is not supported; expected 'safetensors'",
+                f"{source}: encoding {header.encoding!r} is not accepted for this task; "
+                f"expected one of {[compression.PLAIN, *allowed]} (compression.mode = "
+                f"{self.compression.mode!r}, and only fit results are compressed)",
             )
-        data = sum(s.dtype.itemsize * math.prod(s.shape) for s in expects.values())
+        if encoding:
+            data = compression.encoded_bytes(expects, encoding, self.compression.topk_fraction)
+        else:
+            data = sum(s.dtype.itemsize * math.prod(s.shape) for s in expects.values())
         bound = min(self.max_bytes, 8 + data + _header_bound(expects))
         if not 0 < header.size <= bound:
             raise FleetError(
@@ -268,6 +294,22 @@ class Uploads:
                 f"expected tensors take {data} bytes; the configured maximum is "
                 f"{self.max_bytes})",
             )
+        return encoding
+
+    def _checker(self, header: UploadHeader) -> Checker:
+        """How the payload is validated: as weights, or as an update in its encoding."""
+        encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
+        if not encoding:
+            return _validate
+        fraction = self.compression.topk_fraction
+
+        def check(weights: Mapping[str, Array], spec: Spec, source: str) -> None:
+            try:
+                compression.check(weights, encoding, spec, fraction=fraction, source=source)
+            except WeightsError as exc:
+                raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
+
+        return check
 
 
 def _header_bound(expects: Spec) -> int:
@@ -328,20 +370,23 @@ def _decode(data: bytes, source: str) -> CheckedWeights:
         raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
 
-def _validate(weights: CheckedWeights, spec: Spec, source: str) -> None:
+Checker = Callable[[Mapping[str, Array], Spec, str], None]
+
+
+def _validate(weights: Mapping[str, Array], spec: Spec, source: str) -> None:
     try:
         validate(weights, spec, source=source)
     except WeightsError as exc:
         raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
 
-def _check_file(path: Path, spec: Spec, source: str) -> FileWeights:
+def _check_file(path: Path, spec: Spec, source: str, check: Checker) -> FileWeights:
     """Validate a received file block by block; the coordinator then folds it unread again."""
     try:
         weights = FileWeights(path, source=source, max_header=_header_bound(spec))
-        validate(weights, spec, source=source)
     except WeightsError as exc:
         raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
+    check(weights, spec, source)
     return weights
 
 

@@ -110,13 +110,15 @@ class Cache:
         self._model = (ref.sha256, model)
         return model
 
-    def encode(self, weights: Mapping[str, Array], task_id: str) -> tuple[bytes | Path, int, bytes]:
+    def encode(
+        self, weights: Mapping[str, Array], task_id: str, *, ordered: bool = True
+    ) -> tuple[bytes | Path, int, bytes]:
         """(payload, size, sha256) of a result: bytes when small, else a file."""
         if num_bytes(weights) <= SPILL_BYTES:
-            data = to_bytes(weights)
+            data = to_bytes(weights, ordered=ordered)
             return data, len(data), hashlib.sha256(data).digest()
         path = self._result_path(task_id)
-        to_file(weights, path)
+        to_file(weights, path, ordered=ordered)
         return path, path.stat().st_size, sha256_file(path).digest()
 
     def save(self, pending: Pending) -> Pending:

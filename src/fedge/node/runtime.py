@@ -31,6 +31,7 @@ from pathlib import Path
 from queue import Empty, Queue
 
 from fedge.client import EVALUATE, FIT, Client, EvaluateResult, FitResult, Message, Reply
+from fedge.compression import PLAIN, Throughput
 from fedge.errors import FedgeError, WeightsError
 from fedge.messages import PROTOCOL, Capabilities, Code, Joined, Keepalive, TaskHeader, UploadHeader
 from fedge.metrics import normalize
@@ -61,8 +62,17 @@ class NodeSettings:
 
 
 class Node:
-    def __init__(self, client: Client, link: Link, settings: NodeSettings) -> None:
+    def __init__(
+        self,
+        client: Client,
+        link: Link,
+        settings: NodeSettings,
+        *,
+        uplink: Throughput | None = None,
+    ) -> None:
         self.client, self.link, self.settings = client, link, settings
+        self.uplink = uplink or Throughput()
+        """Measured by every accepted upload; compression in mode "auto" reads it."""
         validate_name(settings.name)  # it names a directory whose stale files are removed
         self.cache = Cache(settings.cache_dir or default_cache_dir(settings.name))
         self.stop_event = threading.Event()
@@ -268,8 +278,11 @@ class Node:
         )
         if not arrays:
             return Pending(header)
-        payload, size, digest = self.cache.encode(arrays, task.task_id)
-        return Pending(replace(header, encoding="safetensors", size=size, sha256=digest), payload)
+        encoding = result.encoding if isinstance(result, FitResult) and result.encoding else PLAIN
+        payload, size, digest = self.cache.encode(
+            arrays, task.task_id, ordered=encoding == PLAIN
+        )  # an encoded update's names say where each tensor goes: no order to keep
+        return Pending(replace(header, encoding=encoding, size=size, sha256=digest), payload)
 
     def _download(self, task: TaskHeader) -> bytes | Path:
         """The task's model: cached, or streamed into memory (or, when large, a file)."""
@@ -327,7 +340,10 @@ class Node:
                             pending.header.size,
                         )
                 header = replace(pending.header, token=joined.token, offset=offset)
+                started = time.monotonic()
                 ack = self.link.upload(header, pending.chunks(offset, self.settings.chunk_size))
+                if ack.accepted:
+                    self.uplink.record(header.size - offset, time.monotonic() - started)
             except LinkError as exc:
                 if exc.code in RETRYABLE or exc.code == Code.OUT_OF_RANGE:
                     log.info(
