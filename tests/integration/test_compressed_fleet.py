@@ -28,7 +28,7 @@ def test_a_compressed_simulation_and_fleet_give_byte_identical_models(
     extra = f'\n[compression]\nmode = "{mode}"\ntopk_fraction = 0.05\n'
     config = write_config(work / "app", rounds=3, fraction_evaluate=0.0, extra=extra)
     sim, sim_model = simulate_config(config, work / "sim.json")
-    with Launcher(work / "fleet", config) as fleet:
+    with Launcher(work / "fleet", config, transport=transport) as fleet:
         out, model = work / "fleet.json", work / "fleet.safetensors"
         server = fleet.server("--wait-for", "4", "--out", out, "--model-out", model)
         for cid in range(4):
