@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedge.app import App
-from fedge.coordinator import Coordinator, Observer, fit_round
+from fedge.asynchronous import workflow_for
+from fedge.coordinator import Coordinator, Observer
 from fedge.errors import FedgeError, QuorumError
 from fedge.fleet.bridge import ServiceFleet
 from fedge.fleet.events import Events
@@ -83,7 +84,7 @@ class Aggregator(Observer):
             run_id=runs.run_id,
             observer=self,
             state=dict(self.resume.state or {}),
-            workflow=app.workflow or fit_round,
+            workflow=app.workflow or workflow_for(strategy, runs),
         )
         self.events = Events()
         self.service = FleetService(
@@ -95,6 +96,8 @@ class Aggregator(Observer):
                 max_examples=config.limits.max_examples,
                 heartbeat_interval=settings.heartbeat_interval,
                 keepalive_interval=settings.keepalive_interval,
+                # asynchronous tasks train from models up to max_staleness versions old
+                models_kept=2 + getattr(strategy, "max_staleness", 0),
             ),
             runs.store,
             runs.store.bindings(),

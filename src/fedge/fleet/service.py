@@ -79,6 +79,8 @@ class FleetSettings:
     heartbeat_interval: float = 5.0
     keepalive_interval: float = 15.0
     """Seconds of quiet on a task stream before a keepalive is sent."""
+    models_kept: int = 2
+    """Published model versions kept downloadable."""
 
 
 @dataclass
@@ -109,7 +111,7 @@ class FleetService:
             max_bytes=settings.max_upload_bytes,
             max_examples=settings.max_examples,
         )
-        self.models = ModelStore(settings.work_dir / "models")
+        self.models = ModelStore(settings.work_dir / "models", keep=settings.models_kept)
         self.stopping = False
         self.waiting: Waiting | None = None
         self.disk_full: str | None = None
