@@ -262,7 +262,7 @@ class BufferedAsync:
         if tasks:
             rnd.fleet.open(tasks)
             self.outstanding.update((t.task_id, t) for t in tasks)
-        log.info(
+        log.warning(
             "round %d: resumed a buffer of %d result(s) and %d outstanding task(s)",
             rnd.number,
             self.buffer.count,
