@@ -204,3 +204,17 @@ def test_a_resumed_buffer_keeps_its_results_and_counts_none_twice() -> None:
     tasks = [t for r in [*before.rounds, *after.rounds] for t in r.tasks]
     assert len(tasks) == len(set(tasks)) == 5 * 4
     assert after.rounds[-1].metrics["accuracy"] > 0.85
+
+
+def test_simulation_speed_keys_are_validated_naming_the_key() -> None:
+    from fedge.config import parse_config
+
+    app = {"target": "app:create_app"}
+    config = parse_config({"app": app, "simulation": {"speed_spread": 10, "task_times": [1, 2]}})
+    assert (config.simulation.speed_spread, config.simulation.task_times) == (10.0, [1.0, 2.0])
+    with pytest.raises(
+        ConfigError, match=r"'simulation.speed_spread' = 0.5: Expected `float` >= 1"
+    ):
+        parse_config({"app": app, "simulation": {"speed_spread": 0.5}})
+    with pytest.raises(ConfigError, match=r"'simulation.task_times.1' = 0: Expected `float` > 0"):
+        parse_config({"app": app, "simulation": {"task_times": [1, 0]}})

@@ -31,6 +31,7 @@ from fedge.history import RoundRecord
 from fedge.malloc import limit_arenas
 from fedge.messages import CertificateInfo, NodeInfo, Status
 from fedge.metrics import Metrics
+from fedge.strategy.fedbuff import FedBuff
 from fedge.weights import State, Weights
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Aggregator(Observer):
                 heartbeat_interval=settings.heartbeat_interval,
                 keepalive_interval=settings.keepalive_interval,
                 # asynchronous tasks train from models up to max_staleness versions old
-                models_kept=2 + getattr(strategy, "max_staleness", 0),
+                models_kept=2 + (strategy.max_staleness if isinstance(strategy, FedBuff) else 0),
             ),
             runs.store,
             runs.store.bindings(),
