@@ -6,9 +6,10 @@ for the slowest (10 s); FedBuff (K = 5, concurrency 20, server lr 1, max stalene
 steps whenever 5 results arrived. Both run on the simulation's clock for the same
 simulated budget (FedAvg's rounds x 10 s); reported: simulated seconds to reach the
 target accuracy, the speed-up, and the accuracy at the end of the budget. Digits (NumPy
-softmax regression, target 0.92) and MNIST-1D (the PyTorch CNN of
-examples/mnist1d_torch; target 0.60, which FedAvg reaches within its budget). Also the
-cost of one buffer checkpoint write (the server writes one after every fold).
+softmax regression, target 0.92) and MNIST-1D (the PyTorch CNN of examples/mnist1d_torch,
+2 local epochs; target 0.28: this CNN learns slowly, and FedAvg reaches only about 0.30
+in its 30 rounds). Also the cost of one buffer checkpoint write (the server writes one
+after every fold).
 
 Usage: python benchmarks/fedbuff_bench.py [--digits-rounds 15] [--mnist1d-rounds 30]
 """
@@ -94,7 +95,7 @@ def main() -> None:
     cases = [
         ("digits", 0.92, args.digits_rounds,
          lambda: load("digits", partition="iid", epochs=5, batch_size=16, lr=0.5)),
-        ("mnist1d", 0.60, args.mnist1d_rounds, lambda: load("mnist1d_torch")),
+        ("mnist1d", 0.28, args.mnist1d_rounds, lambda: load("mnist1d_torch")),
     ]  # fmt: skip
     rows, curves = [], {}
     for dataset, target, rounds, make in cases:
