@@ -47,6 +47,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/attack_bench.py
 	$(BIN)/python benchmarks/longrun_bench.py
 	$(BIN)/python benchmarks/compression_bench.py
+	$(BIN)/python benchmarks/fedbuff_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

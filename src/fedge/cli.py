@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
     from fedge.app import App
     from fedge.config import RunConfig
-    from fedge.coordinator import Workflow
     from fedge.transport.grpc.server import GrpcTransport
     from fedge.transport.mqtt.server import MqttTransport
 
@@ -140,21 +139,17 @@ def sim(
             dropouts=cfg.simulation.dropouts,
             max_round_retries=cfg.run.max_round_retries,
             max_examples=cfg.limits.max_examples,
-            workflow=user_app.workflow or _fit_round(),
+            workflow=user_app.workflow,
             observer=observer,
             compression=cfg.compression,
+            task_times=cfg.simulation.task_times,
+            speed_spread=cfg.simulation.speed_spread,
         )
     _console(stdout=True).print(history_table(history))
     if out is not None:
         out.write_text(json.dumps(history.to_dict(), indent=2))
     if model_out is not None and history.weights is not None:
         to_file(history.weights, model_out)
-
-
-def _fit_round() -> Workflow:
-    from fedge.coordinator import fit_round
-
-    return fit_round
 
 
 ca_app = typer.Typer(help="Project certificate authority (mutual TLS).", no_args_is_help=True)

@@ -69,6 +69,8 @@ class SimulationSection(_Section):
     workers: Annotated[int, msgspec.Meta(ge=1)] | None = None
     stragglers: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     dropouts: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    speed_spread: Annotated[float, msgspec.Meta(ge=1)] = 1.0
+    task_times: list[Annotated[float, Positive]] | None = None
 
 
 class LimitsSection(_Section):

@@ -36,7 +36,16 @@ from fedge.history import RoundRecord
 from fedge.limits import MAX_EXAMPLES
 from fedge.metrics import Metrics, WeightedMetrics, as_float, normalize
 from fedge.strategy.base import RoundContext, Strategy
-from fedge.weights import CheckedWeights, Spec, State, Weights, nonfinite, spec_of, validate
+from fedge.weights import (
+    Array,
+    CheckedWeights,
+    Spec,
+    State,
+    Weights,
+    nonfinite,
+    spec_of,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +395,18 @@ class Round:
             return None
 
     def _fold(self, outcome: Outcome, aggregator: Any, metrics: WeightedMetrics) -> None:
+        accepted = self.accept_fit(outcome)
+        if accepted is None:
+            return
+        weights, num_examples, found = accepted
+        aggregator.add(weights, num_examples, outcome.task.cid)
+        self.record.participants.append(outcome.task.cid)
+        self.record.num_examples += num_examples
+        metrics.add(found, num_examples)
+
+    def accept_fit(self, outcome: Outcome) -> tuple[Mapping[str, Array], int, Metrics] | None:
+        """A fit outcome's validated (weights, example count, metrics), or None after
+        recording in the round why it cannot be used."""
         cid, result = outcome.task.cid, outcome.result
         try:
             if outcome.error is not None:
@@ -411,11 +432,8 @@ class Round:
         except WeightsError as exc:
             self.record.failures[cid] = str(exc)
             log.warning("round %d: rejected result of client %d: %s", self.number, cid, exc)
-            return
-        aggregator.add(weights, num_examples, cid)
-        self.record.participants.append(cid)
-        self.record.num_examples += num_examples
-        metrics.add(normalize(result.metrics, source=f"client {cid}"), num_examples)
+            return None
+        return weights, num_examples, normalize(result.metrics, source=f"client {cid}")
 
     def evaluate(self, weights: Weights) -> Metrics:
         """The federated evaluation stage on the new global `weights`: a sample of the

@@ -25,6 +25,11 @@ class RoundRecord:
     failures: dict[int, str] = field(default_factory=dict)
     """Selected clients without a usable result, and why."""
     num_examples: int = 0
+    tasks: list[str] = field(default_factory=list)
+    """Asynchronous rounds: the fit tasks whose results were aggregated (a client can
+    contribute several); empty for synchronous rounds, where `participants` says it all."""
+    stale: int = 0
+    """Asynchronous rounds: results dropped as more than ``max_staleness`` versions old."""
     metrics: Metrics = field(default_factory=dict)
     """Centralized evaluation (``evaluate_fn``) of the new global weights."""
     fit_metrics: Metrics = field(default_factory=dict)
@@ -38,6 +43,9 @@ class RoundRecord:
     wall_time: float = 0.0
     cpu_time: float = 0.0
     """CPU seconds the process used during the attempt, all threads (server or simulator)."""
+    sim_time: float = 0.0
+    """Simulated seconds from the start of the run to the end of the attempt, when the
+    simulation models node speeds (``[simulation] speed_spread`` or ``task_times``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; `failures` keys become strings, as JSON object keys must be."""

@@ -9,6 +9,13 @@ deadline, unless the strategy keeps partial work (FedProx), in which case it tra
 With compression, fit results are encoded here, in this process, by one `Compressor` per
 client (its error-feedback residual lives as long as the simulation, whichever worker
 trained): the bytes a node would send, decoded by the coordinator as the server does.
+
+With node speeds (`task_times`: simulated seconds each client takes per task, e.g. from
+`spread_task_times`) the fleet keeps a simulated clock: a task opened at time t finishes
+at t + its client's task time, and outcomes come in order of finishing (ties in the
+order opened), tasks opened meanwhile included. Nothing sleeps: the clock is what a
+benchmark compares (synchronous rounds wait for their slowest client, FedBuff does not),
+and the order is a function of the seed, so asynchronous runs are deterministic too.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedge.asynchronous import workflow_for
 from fedge.client import EVALUATE, FIT, Client, Config, FitResult, Message, Reply, Result
 from fedge.compression import Compressor
 from fedge.config import CompressionSection
@@ -38,14 +46,15 @@ from fedge.coordinator import (
     RoundConfig,
     Task,
     Workflow,
-    fit_round,
 )
 from fedge.errors import ConfigError, QuorumError, WeightsError
-from fedge.history import History
+from fedge.history import History, RoundRecord
 from fedge.limits import MAX_EXAMPLES
+from fedge.metrics import Metrics
 from fedge.strategy.base import Strategy
 from fedge.strategy.fedavg import FedAvg
-from fedge.weights import Weights, validate
+from fedge.strategy.fedbuff import FedBuff
+from fedge.weights import State, Weights, validate
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,17 @@ class Faults:
                 )
 
 
+def spread_task_times(num_clients: int, spread: float, seed: int = 0) -> list[float]:
+    """Per-client task times from 1 to `spread` simulated seconds, evenly spaced on a log
+    scale (so the slowest is exactly `spread` times the fastest) and assigned to clients
+    in a seeded random order."""
+    if not spread >= 1.0:
+        raise ConfigError(f"simulation.speed_spread must be >= 1, got {spread!r}")
+    times = spread ** np.linspace(0.0, 1.0, num_clients) if num_clients > 1 else np.ones(1)
+    order = np.random.default_rng([seed, 11]).permutation(num_clients)
+    return [float(times[i]) for i in order]
+
+
 class LocalFleet:
     """A `Fleet` of `num_clients` simulated clients built on demand by `client_fn`."""
 
@@ -82,9 +102,17 @@ class LocalFleet:
         workers: int | None = None,
         faults: Faults = Faults(),
         compression: CompressionSection | None = None,
+        task_times: Sequence[float] | None = None,
     ) -> None:
         if num_clients < 1:
             raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
+        if task_times is not None and (
+            len(task_times) != num_clients or not all(t > 0 for t in task_times)
+        ):
+            raise ConfigError(
+                f"simulation.task_times must be {num_clients} positive numbers (one per "
+                f"client), got {list(task_times)!r}"
+            )
         if backend not in ("inprocess", "process"):
             raise ConfigError(f"backend must be 'inprocess' or 'process', got {backend!r}")
         self.client_fn, self.num_clients, self.seed, self.faults = (
@@ -95,8 +123,14 @@ class LocalFleet:
         )
         self.compression = compression
         self._compressors: dict[int, Compressor] = {}
+        self.task_times = None if task_times is None else [float(t) for t in task_times]
+        self.clock = 0.0
+        """Simulated seconds so far (with `task_times`)."""
         self._models: dict[str, Weights] = {}
+        self._published = 0
         self._open: list[Task] = []
+        self._finish: dict[str, tuple[float, int]] = {}
+        self._opened = 0
         self._pool: Pool | None = None
         if backend == "process":
             # fork: client_fn (often a lambda) is inherited, never pickled
@@ -113,21 +147,35 @@ class LocalFleet:
         return list(range(self.num_clients))
 
     def publish(self, weights: Weights) -> str:
-        version = f"v{len(self._models)}"
+        self._published += 1
+        version = f"v{self._published}"
         self._models[version] = weights
-        for old in list(self._models)[:-2]:  # open tasks use the newest two at most
-            del self._models[old]
+        used = {t.model for t in self._open}  # asynchronous tasks may use older ones
+        for old in list(self._models)[:-2]:
+            if old not in used:
+                del self._models[old]
         return version
 
     def open(self, tasks: Sequence[Task]) -> None:
         self._open.extend(tasks)
+        if self.task_times is not None:
+            for task in tasks:
+                self._opened += 1
+                finish = self.clock + self.task_times[task.cid]
+                self._finish[task.task_id] = (finish, self._opened)
 
     def close(self, task_ids: Iterable[str]) -> None:
         closing = set(task_ids)
         self._open = [t for t in self._open if t.task_id not in closing]
+        for task_id in closing:
+            self._finish.pop(task_id, None)
 
     def outcomes(self, deadline: float | None = None) -> Iterator[Outcome]:
-        """Run the open tasks in the order they were opened, and yield their outcomes."""
+        """Run the open tasks in the order they were opened (with `task_times`: in the
+        order they finish on the simulated clock), and yield their outcomes."""
+        if self.task_times is not None:
+            yield from self._clocked()
+            return
         tasks, self._open = self._open, []
         jobs: list[tuple[Task, Config]] = []
         skipped: dict[str, str] = {}
@@ -150,11 +198,13 @@ class LocalFleet:
             if task.task_id in skipped:
                 yield Outcome(task, error=skipped[task.task_id])
             else:
-                result, error = next(runs)
-                if isinstance(result, FitResult) and error is None:
-                    result, error = self._compress(task, result)
-                error = error or _reply_problem(task, result)
-                yield Outcome(task, result=None if error else result, error=error)
+                yield self._outcome(task, *next(runs))
+
+    def _outcome(self, task: Task, result: Result | None, error: str | None) -> Outcome:
+        if isinstance(result, FitResult) and error is None:
+            result, error = self._compress(task, result)
+        error = error or _reply_problem(task, result)
+        return Outcome(task, result=None if error else result, error=error)
 
     def _compress(self, task: Task, result: FitResult) -> Executed:
         """The result as the client's node would send it (unchanged without compression)."""
@@ -167,6 +217,32 @@ class LocalFleet:
             return compressor.compress(self._models[task.model], result, task.config), None
         except WeightsError as exc:
             return None, f"client {task.cid}: {exc}"
+
+    def _clocked(self) -> Iterator[Outcome]:
+        """One task at a time, the next to finish first, until none is open."""
+        while self._open:
+            task = min(self._open, key=lambda t: self._finish[t.task_id])
+            self._open.remove(task)
+            self.clock = max(self.clock, self._finish.pop(task.task_id)[0])
+            config, reason = self._apply_faults(task)
+            if reason is not None:
+                yield Outcome(task, error=reason)
+                continue
+            args = (
+                task.kind,
+                task.cid,
+                self._models.get(task.model or ""),
+                config,
+                task.payload or {},
+            )
+            yield self._outcome(
+                task,
+                *(
+                    self._pool.apply(_execute_packed, (args,))
+                    if self._pool is not None
+                    else _execute(*_private_copy(args), client_fn=self.client_fn)
+                ),
+            )
 
     def _apply_faults(self, task: Task) -> tuple[Config, str | None]:
         if task.kind != FIT or (self.faults.stragglers == 0 and self.faults.dropouts == 0):
@@ -270,17 +346,28 @@ def simulate(
     dropouts: float = 0.0,
     max_round_retries: int = 2,
     max_examples: int = MAX_EXAMPLES,
-    workflow: Workflow = fit_round,
+    workflow: Workflow | None = None,
     observer: Observer | None = None,
     compression: CompressionSection | None = None,
+    task_times: Sequence[float] | None = None,
+    speed_spread: float = 1.0,
 ) -> History:
-    """Run `rounds` of federated training over `num_clients` simulated clients."""
+    """Run `rounds` of federated training over `num_clients` simulated clients.
+
+    Node speeds: `task_times` (simulated seconds per task, per client), or a
+    `speed_spread` > 1 (`spread_task_times`); each round's record then carries the
+    simulated time (``sim_time``). An asynchronous strategy (FedBuff) always runs on the
+    simulated clock, its clients equally fast unless told otherwise. The default
+    workflow is the strategy's (`fedge.asynchronous.workflow_for`)."""
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    strategy = strategy or FedAvg()
+    if task_times is None and (speed_spread != 1.0 or isinstance(strategy, FedBuff)):
+        task_times = spread_task_times(num_clients, speed_spread, seed)
     if initial_weights is None:
         initial_weights = client_fn(0).get_weights({"round": 0, "seed": seed})
     coordinator = Coordinator(
-        strategy=strategy or FedAvg(),
+        strategy=strategy,
         weights=dict(initial_weights),
         rounds=rounds,
         seed=seed,
@@ -291,7 +378,7 @@ def simulate(
         max_examples=max_examples,
         run_id="sim",
         observer=observer or Observer(),
-        workflow=workflow,
+        workflow=workflow or workflow_for(strategy),
     )
     history = History()
     started = time.perf_counter()
@@ -303,12 +390,27 @@ def simulate(
         workers=workers,
         faults=Faults(stragglers, dropouts),
         compression=compression,
+        task_times=task_times,
     ) as fleet:
         try:
-            coordinator.run(fleet, history)
+            coordinator.run(fleet, _Clocked(history, fleet))
         except QuorumError as exc:
             exc.history = history
             raise
     history.wall_time = time.perf_counter() - started
     history.weights = coordinator.weights
     return history
+
+
+class _Clocked:
+    """Stamps each round with the simulated clock before the history records it."""
+
+    def __init__(self, history: History, fleet: LocalFleet) -> None:
+        self.history, self.fleet = history, fleet
+
+    def on_start(self, initial_metrics: Metrics) -> None:
+        self.history.on_start(initial_metrics)
+
+    def on_round(self, record: RoundRecord, weights: Weights, state: State) -> None:
+        record.sim_time = self.fleet.clock
+        self.history.on_round(record, weights, state)

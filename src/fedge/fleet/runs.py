@@ -67,6 +67,8 @@ class RunService:
     def __init__(self, store: StateStore, state_dir: Path, run_id: str, config: RunConfig) -> None:
         self.store, self.state_dir, self.run_id, self.config = store, state_dir, run_id, config
         self.checkpoints = state_dir / "runs" / run_id / "checkpoints"
+        self.buffer_dir = state_dir / "runs" / run_id / "buffer"
+        """FedBuff's buffer between server updates (`fedge.asynchronous.BufferStore`)."""
         self.stop_requested = threading.Event()
         self.paused: str | None = None
         """Why the run is paused (a full disk), while it is."""
@@ -159,6 +161,13 @@ class RunService:
             ckpt = Checkpoint(record.round, weights, state, meta)
             self._durably(lambda: save_checkpoint(self.checkpoints, ckpt))
         self._durably(lambda: self.store.record_round(self.run_id, record))
+
+    def save_buffer(self, ckpt: Checkpoint) -> None:
+        """The asynchronous buffer, written atomically after every fold (one file)."""
+        self._durably(lambda: save_checkpoint(self.buffer_dir, ckpt, keep=1))
+
+    def load_buffer(self) -> Checkpoint | None:
+        return latest_checkpoint(self.buffer_dir)
 
     def record_activity(self, last_seen: Mapping[str, float], done: Mapping[str, int]) -> None:
         self._durably(lambda: self.store.record_activity(last_seen, done))

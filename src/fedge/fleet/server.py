@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedge.app import App
-from fedge.coordinator import Coordinator, Observer, fit_round
+from fedge.asynchronous import workflow_for
+from fedge.coordinator import Coordinator, Observer
 from fedge.errors import FedgeError, QuorumError
 from fedge.fleet.bridge import ServiceFleet
 from fedge.fleet.events import Events
@@ -30,6 +31,7 @@ from fedge.history import RoundRecord
 from fedge.malloc import limit_arenas
 from fedge.messages import CertificateInfo, NodeInfo, Status
 from fedge.metrics import Metrics
+from fedge.strategy.fedbuff import FedBuff
 from fedge.weights import State, Weights
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class Aggregator(Observer):
             run_id=runs.run_id,
             observer=self,
             state=dict(self.resume.state or {}),
-            workflow=app.workflow or fit_round,
+            workflow=app.workflow or workflow_for(strategy, runs),
         )
         self.events = Events()
         self.service = FleetService(
@@ -97,6 +99,8 @@ class Aggregator(Observer):
                 heartbeat_interval=settings.heartbeat_interval,
                 keepalive_interval=settings.keepalive_interval,
                 compression=config.compression,
+                # asynchronous tasks train from models up to max_staleness versions old
+                models_kept=2 + (strategy.max_staleness if isinstance(strategy, FedBuff) else 0),
             ),
             runs.store,
             runs.store.bindings(),

@@ -82,6 +82,8 @@ class FleetSettings:
     """Seconds of quiet on a task stream before a keepalive is sent."""
     compression: CompressionSection = field(default_factory=CompressionSection)
     """Which encoded updates nodes may send (and how many topk entries)."""
+    models_kept: int = 2
+    """Published model versions kept downloadable."""
 
 
 @dataclass
@@ -113,7 +115,7 @@ class FleetService:
             max_examples=settings.max_examples,
             compression=settings.compression,
         )
-        self.models = ModelStore(settings.work_dir / "models")
+        self.models = ModelStore(settings.work_dir / "models", keep=settings.models_kept)
         self.stopping = False
         self.waiting: Waiting | None = None
         self.disk_full: str | None = None

@@ -11,6 +11,7 @@ from fedge.strategy.bulyan import Bulyan
 from fedge.strategy.clip import ClipUpdates
 from fedge.strategy.fedavg import FedAvg
 from fedge.strategy.fedavgm import FedAvgM
+from fedge.strategy.fedbuff import FedBuff
 from fedge.strategy.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from fedge.strategy.fedprox import FedProx
 from fedge.strategy.krum import Krum, MultiKrum
@@ -31,6 +32,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Krum,
         MultiKrum,
         Bulyan,
+        FedBuff,
     )
 }
 WRAPPERS: dict[str, type[StrategyWrapper]] = {"clip_updates": ClipUpdates}
@@ -44,6 +46,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedMedian",
     "FedOpt",
     "FedProx",
