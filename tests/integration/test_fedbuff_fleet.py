@@ -31,7 +31,7 @@ def _tasks(rounds: list[dict[str, object]]) -> list[str]:
 
 def test_fast_nodes_do_not_wait_for_slow_ones(tmp_path: Path, transport: str) -> None:
     config, slow = _configs(tmp_path, rounds=6)
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         server = fleet.server("--wait-for", "4", "--out", out)
         for cid in range(4):
@@ -53,7 +53,7 @@ def test_a_server_killed_mid_buffer_resumes_it_and_counts_no_result_twice(
     tmp_path: Path, transport: str
 ) -> None:
     config, _ = _configs(tmp_path, rounds=5)
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"
         options = ("--wait-for", "4", "--out", out)
         server = fleet.server(*options, name="server-1")
