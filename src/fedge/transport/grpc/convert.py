@@ -10,6 +10,7 @@ import grpc
 from fedge.messages import (
     Capabilities,
     Code,
+    Joined,
     Keepalive,
     ModelRef,
     NodeInfo,
@@ -90,6 +91,15 @@ def task_from_pb(msg: pb.TaskHeader) -> TaskHeader:
         payload=msg.payload,
         partial_work=msg.partial_work,
         deadline=msg.deadline_unix_ms / 1000,
+    )
+
+
+def joined_from_pb(reply: pb.JoinReply) -> Joined:
+    return Joined(
+        reply.node_id,
+        reply.session_token,
+        reply.heartbeat_interval_s,
+        reply.renew_after_unix_ms / 1000,
     )
 
 

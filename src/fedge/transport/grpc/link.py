@@ -105,12 +105,7 @@ class GrpcLink:
                 explain_refusal(self.certs, self.name)
             raise
         self._explained = True
-        return Joined(
-            reply.node_id,
-            reply.session_token,
-            reply.heartbeat_interval_s,
-            reply.renew_after_unix_ms / 1000,
-        )
+        return convert.joined_from_pb(reply)
 
     def tasks(self, joined: Joined) -> Iterator[TaskHeader | Keepalive]:
         """Opens the stream now, so a `cancel` that comes before the first read ends it."""

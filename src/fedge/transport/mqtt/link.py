@@ -15,7 +15,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +174,24 @@ class MqttLink:
             topics.node_out(self.prefix, self.name), payload, qos=1, properties=props
         )
 
-    def _request(self, call: str, payload: bytes, timeout: float = CALL_TIMEOUT) -> bytes:
-        correlation = secrets.token_bytes(12)
+    def _request(
+        self,
+        call: str,
+        payload: bytes,
+        timeout: float = CALL_TIMEOUT,
+        *,
+        correlation: bytes = b"",
+        after: Callable[[bytes], None] | None = None,
+    ) -> bytes:
+        """Publish a call and wait for its answer's payload; `after` runs in between (an
+        upload's chunks)."""
+        correlation = correlation or secrets.token_bytes(12)
         waiter: queue.Queue[Message | LinkError] = queue.Queue()
         self._waiters[correlation] = waiter
         try:
             self._publish(call, payload, correlation, int(timeout) + 1)
+            if after is not None:
+                after(correlation)
             try:
                 answer = waiter.get(timeout=timeout)
             except queue.Empty:
@@ -200,31 +212,15 @@ class MqttLink:
         )
         reply = pb.JoinReply.FromString(self._request("join", request.SerializeToString()))
         self._joined_instance = self._server.get("instance", "")
-        return Joined(
-            reply.node_id,
-            reply.session_token,
-            reply.heartbeat_interval_s,
-            reply.renew_after_unix_ms / 1000,
-        )
+        return convert.joined_from_pb(reply)
 
     def tasks(self, joined: Joined) -> Iterator[TaskHeader | Keepalive]:
         """Opens the stream now, so a `cancel` that comes before the first read ends it."""
         stream: queue.Queue[Message | LinkError] = queue.Queue()
         correlation = secrets.token_bytes(12)
         self._stream, self._stream_id = stream, correlation
-        waiter: queue.Queue[Message | LinkError] = queue.Queue()
-        self._waiters[correlation] = waiter
         request = pb.TasksRequest(node_id=joined.node_id, session_token=joined.token)
-        try:
-            self._publish("connect", request.SerializeToString(), correlation, int(CALL_TIMEOUT))
-            answer = waiter.get(timeout=CALL_TIMEOUT)
-        except queue.Empty:
-            raise LinkError(Code.DEADLINE_EXCEEDED, "no answer to connect") from None
-        finally:
-            self._waiters.pop(correlation, None)
-        if isinstance(answer, LinkError):
-            raise answer
-        _checked(answer)
+        self._request("connect", request.SerializeToString(), correlation=correlation)
         return self._read(stream)
 
     def _read(self, stream: queue.Queue[Message | LinkError]) -> Iterator[TaskHeader | Keepalive]:
@@ -316,11 +312,8 @@ class MqttLink:
                 reply = self._request("upload", message.SerializeToString(), 120.0)
                 return _ack(pb.UploadReply.FromString(reply))
             chunks = parts
-        correlation = secrets.token_bytes(12)
-        waiter: queue.Queue[Message | LinkError] = queue.Queue()
-        self._waiters[correlation] = waiter
-        try:
-            self._publish("upload", message.SerializeToString(), correlation, 600)
+
+        def send(correlation: bytes) -> None:
             in_flight: list[Any] = []
             for offset, data in chunks:
                 info = self._publish("chunk", convert.chunk_bytes(data, offset), correlation, 600)
@@ -329,15 +322,9 @@ class MqttLink:
                     _taken(in_flight.pop(0))
             for info in in_flight:
                 _taken(info)
-            try:
-                answer = waiter.get(timeout=120.0)
-            except queue.Empty:
-                raise LinkError(Code.DEADLINE_EXCEEDED, "no answer to the upload") from None
-        finally:
-            self._waiters.pop(correlation, None)
-        if isinstance(answer, LinkError):
-            raise answer
-        return _ack(pb.UploadReply.FromString(_checked(answer)))
+
+        reply = self._request("upload", message.SerializeToString(), 120.0, after=send)
+        return _ack(pb.UploadReply.FromString(reply))
 
     def heartbeat(self, token: str) -> None:
         self._request("heartbeat", pb.HeartbeatRequest(session_token=token).SerializeToString())
