@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt]"
 	touch $@
 
-# System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests, and
-# Eclipse Mosquitto, the MQTT broker of the MQTT transport's tests and demo.
+# System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
+# Eclipse Mosquitto, the MQTT broker of the MQTT transport's tests and demo; iproute2 and
+# nftables for the fault drills (network namespaces, packet loss).
 $(SYSTEM): scripts/system-deps.sh | $(STAMP)
 	scripts/system-deps.sh
 	touch $@
@@ -48,6 +49,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/longrun_bench.py
 	$(BIN)/python benchmarks/compression_bench.py
 	$(BIN)/python benchmarks/fedbuff_bench.py
+	$(BIN)/python benchmarks/faults_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

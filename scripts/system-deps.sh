@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond Python: a software TPM 2.0 (swtpm) and tpm2-tools,
-# for enrollment with TPM attestation, and Eclipse Mosquitto, the MQTT broker. Installs only
-# what is missing (apt, as root or sudo).
+# for enrollment with TPM attestation; Eclipse Mosquitto, the MQTT broker; iproute2 and
+# nftables, for the fault drills' lab network (fedge.netlab). Installs only what is
+# missing (apt, as root or sudo).
 set -euo pipefail
-packages=(swtpm swtpm-tools tpm2-tools mosquitto)
+packages=(swtpm swtpm-tools tpm2-tools mosquitto iproute2 nftables)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -1,9 +1,10 @@
 """A fleet on this machine: a throwaway CA, one server and node processes.
 
 One launcher for `fedge demo`, the benchmarks and the integration tests. The processes
-are real (``python -m fedge ...``) and talk over 127.0.0.1 on a port chosen at run time;
-each writes its log to ``WORK/logs/NAME.log``; every one is stopped (SIGTERM, then
-SIGKILL) when the launcher closes.
+are real (``python -m fedge ...``) and talk over 127.0.0.1 (or `host`) on a port chosen
+at run time; each writes its log to ``WORK/logs/NAME.log``; every one is stopped
+(SIGTERM, then SIGKILL) when the launcher closes. A process can run in a network
+namespace of its own (`fedge.netlab`), for fault drills.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
+
+from fedge.netlab import in_netns
 
 T = TypeVar("T")
 
@@ -45,18 +48,22 @@ class Launcher:
         insecure: bool = False,
         env: dict[str, str] | None = None,
         transport: str = "grpc",
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
+        """`host` is the address the server (and broker) listen on; `netns` the network
+        namespace they run in (then `host` must be reachable from this one)."""
         if transport not in ("grpc", "mqtt"):
             raise ValueError(f"transport must be grpc or mqtt, got {transport!r}")
         if transport == "mqtt" and insecure:
             raise ValueError("the MQTT transport has no plaintext mode")
         self.work, self.config, self.insecure = work, config, insecure
-        self.transport = transport
+        self.transport, self.host, self.netns = transport, host, netns
         self.broker: Any = None
         """With the MQTT transport: the mosquitto process (`fedge.transport.mqtt.broker`)."""
         self.logs, self.certs, self.state_dir = work / "logs", work / "pki", work / "state"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"{host}:{free_port()}"
         self.env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
@@ -81,21 +88,27 @@ class Launcher:
 
         if not (self.certs / "ca.crt").exists():
             init_ca(self.certs)
-            issue(self.certs, "server", role="server", hosts=["127.0.0.1", "localhost"])
+            issue(self.certs, "server", role="server", hosts=self._hosts())
             issue(self.certs, "admin", role="admin")
         for name in names:
             if not (self.certs / f"{name}.crt").exists():
                 issue(self.certs, name)
         return self.certs
 
+    def _hosts(self) -> list[str]:
+        return list(dict.fromkeys(["127.0.0.1", "localhost", self.host]))
+
     # --- processes --------------------------------------------------------------------
 
-    def start(self, name: str, *args: str | Path) -> subprocess.Popen[bytes]:
-        """``python -m fedge ARGS`` with its output in ``logs/NAME.log`` (appended)."""
+    def start(
+        self, name: str, *args: str | Path, netns: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``python -m fedge ARGS`` with its output in ``logs/NAME.log`` (appended), in
+        network namespace `netns` if given."""
         log = (self.logs / f"{name}.log").open("ab")
         self._files.append(log)
         proc = subprocess.Popen(
-            [*FEDGE, *map(str, args)],
+            [*in_netns(netns), *FEDGE, *map(str, args)],
             cwd=self.work,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -129,8 +142,10 @@ class Launcher:
 
             self.issue()
             if not (self.certs / "broker.crt").exists():
-                issue(self.certs, "broker", role="server", hosts=["127.0.0.1", "localhost"])
-            self.broker = Broker(self.certs, self.work / "broker", free_port())
+                issue(self.certs, "broker", role="server", hosts=self._hosts())
+            self.broker = Broker(
+                self.certs, self.work / "broker", free_port(), host=self.host, netns=self.netns
+            )
             self.broker.start()
         return str(self.broker.url)
 
@@ -154,6 +169,7 @@ class Launcher:
             *self._security(),
             *self.server_options(),
             *options,
+            netns=self.netns,
         )  # fmt: skip
 
     def node(
@@ -165,9 +181,11 @@ class Launcher:
         config: Path | None = None,
         address: str | None = None,
         before: tuple[str, ...] = (),
+        netns: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """A node for client id `cid` with identity ``node-CID`` (or `identity`); `name`
-        names its log, `before` are options placed before ``node`` (``--log-level``)."""
+        names its log, `before` are options placed before ``node`` (``--log-level``);
+        it runs in network namespace `netns` if given."""
         identity = identity or f"node-{cid}"
         if not self.insecure:
             self.issue(identity)
@@ -181,6 +199,7 @@ class Launcher:
             "--name", identity,
             *self._security(),
             *options,
+            netns=netns,
         )  # fmt: skip
 
     def log(self, name: str, tail: int = 6000) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.errors import FedgeError
+from fedge.netlab import in_netns
 from fedge.security.pki import write_file
 from fedge.transport.mqtt import topics
 
@@ -107,23 +108,32 @@ def mosquitto() -> str:
 
 
 class Broker:
-    """A mosquitto process on 127.0.0.1 with a generated config; `restart` keeps its
-    port and its persisted sessions."""
+    """A mosquitto process on 127.0.0.1 (or `host`, in network namespace `netns`) with a
+    generated config; `restart` keeps its port and its persisted sessions."""
 
-    def __init__(self, certs: Path, directory: Path, port: int, crl: Path | None = None) -> None:
-        self.files = write_config(certs, directory, port=port, host="127.0.0.1", crl=crl)
-        self.port, self.directory = port, directory
+    def __init__(
+        self,
+        certs: Path,
+        directory: Path,
+        port: int,
+        crl: Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> None:
+        self.files = write_config(certs, directory, port=port, host=host, crl=crl)
+        self.port, self.directory, self.host, self.netns = port, directory, host, netns
         self.log = directory / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtts://127.0.0.1:{self.port}"
+        return f"mqtts://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
-                [mosquitto(), "-c", str(self.files.config)],
+                [*in_netns(self.netns), mosquitto(), "-c", str(self.files.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -133,7 +143,7 @@ class Broker:
             if self._proc.poll() is not None:
                 raise FedgeError(f"mosquitto exited at start:\n{self.log.read_text()[-2000:]}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.02)
