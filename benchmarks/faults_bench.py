@@ -48,13 +48,14 @@ def rows_of(result: DrillResult) -> list[dict[str, Any]]:
             }
         )
     faulted = rows[1:]
+    seconds, rounds = sum(r["seconds"] for r in faulted), sum(r["rounds"] for r in faulted)
     rows.append(
         {
             "transport": result.transport,
             "phase": "all faults and recoveries",
-            "seconds": sum(r["seconds"] for r in faulted),
-            "rounds": sum(r["rounds"] for r in faulted),
-            "s_per_round": per_round,
+            "seconds": seconds,
+            "rounds": rounds,
+            "s_per_round": seconds / rounds,
             "lost_s_vs_clean": sum(r["lost_s_vs_clean"] for r in faulted),
             "counted_once": counted_once,
         }

@@ -57,6 +57,8 @@ class Capabilities:
     framework: str = ""
     fedge_version: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    instance: str = ""
+    """Random per node process: tells a returning replaced process from a restart."""
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -179,12 +179,6 @@ def test_an_upload_cut_mid_way_resumes_and_counts_once(tmp_path: Path, transport
 def test_a_second_process_with_the_same_identity_replaces_the_first(
     tmp_path: Path, transport: str
 ) -> None:
-    if transport == "mqtt":
-        pytest.skip(
-            "over MQTT the broker lets the newest connection of a client id in and closes "
-            "the older without a reason code (mosquitto 2.0.11): the two processes take "
-            "turns; see docs/architecture.md, MQTT"
-        )
     config = write_config(tmp_path / "app", num_clients=2, rounds=8, fit_delay=0.4)
     with Launcher(tmp_path, config, transport=transport) as fleet:
         out = tmp_path / "out.json"

@@ -440,6 +440,32 @@ def test_a_newer_connection_of_the_same_identity_ends_the_older_session(fleet: H
     assert fleet.on_loop(service.sessions.available) == [1]
 
 
+def test_a_process_that_a_newer_one_replaced_may_not_join_again(fleet: Harness) -> None:
+    """Over MQTT the broker closes the older connection without saying why, and the older
+    process redials and joins: refused, or the two would take turns."""
+    service, _ = fleet.serve()
+    older, newer = (MemoryLink(service, fleet.loop, "node-1") for _ in range(2))
+    first = older.join(1, Capabilities(instance="aa11"), PROTOCOL)
+    newer.join(1, Capabilities(instance="bb22"), PROTOCOL)
+    older.join(1, Capabilities(instance="bb22"), PROTOCOL)  # the newest rejoins: fine
+    join_refused(
+        older, 1, Code.ABORTED, "another process joined as 'node-1' after this one",
+        capabilities=Capabilities(instance="aa11"),
+    )  # fmt: skip
+    with pytest.raises(LinkError):
+        older.heartbeat(first.token)
+    # a restart is a new process: it joins, and replaces the one before it
+    older.join(1, Capabilities(instance="cc33"), PROTOCOL)
+    join_refused(
+        newer, 1, Code.ABORTED, "replaced by a newer connection",
+        capabilities=Capabilities(instance="bb22"),
+    )  # fmt: skip
+    join_refused(
+        newer, 1, Code.INVALID_ARGUMENT, "capabilities.instance is longer than",
+        capabilities=Capabilities(instance="x" * 1000),
+    )  # fmt: skip
+
+
 def test_a_shadow_session_expires_and_cannot_upload_while_the_genuine_node_is_accepted(
     fleet: Harness,
 ) -> None:

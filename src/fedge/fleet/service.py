@@ -140,7 +140,7 @@ class FleetService:
                 "(uploads carry the session token): upgrade fedge on the node",
             )
         _check_capabilities(capabilities)
-        first = self.sessions.check_join(node_id, cid)
+        first = self.sessions.check_join(node_id, cid, capabilities.instance)
         if first:
             # claimed before the binding is written, so that a concurrent join of another
             # identity with this client id is refused here rather than by the database
@@ -433,7 +433,7 @@ def _identity(identity: str) -> str:
 
 
 def _check_capabilities(caps: Capabilities) -> None:
-    for name in ("accelerator", "framework", "fedge_version"):
+    for name in ("accelerator", "framework", "fedge_version", "instance"):
         if len(getattr(caps, name)) > MAX_STRING:
             raise FleetError(
                 Code.INVALID_ARGUMENT, f"capabilities.{name} is longer than {MAX_STRING}"

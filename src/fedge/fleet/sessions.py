@@ -6,7 +6,8 @@ with an unbound id takes it (the binding is recorded in the state database), and
 that only an operator moves it (`fedge nodes assign`). So no node can take another's
 client id — and with it that client's tasks and seeds — not even while that node is
 offline. A newer connection of the same identity replaces the older one, whose task
-stream ends with the reason.
+stream ends with the reason; the older process may not join again (each node process
+says which it is, `Capabilities.instance`).
 
 Every call after Join must carry the current session's token. A session is *live* while
 its node is heard from (any call; heartbeats at least every interval) within the window,
@@ -23,6 +24,9 @@ import time
 from dataclasses import dataclass, field
 
 from fedge.messages import Capabilities, Code, FleetError, TaskHeader
+
+MAX_INSTANCES = 8
+"""Process instances remembered per identity."""
 
 
 @dataclass(eq=False)
@@ -50,11 +54,24 @@ class Sessions:
         self.bound: dict[str, int] = dict(bindings)
         self.owner: dict[int, str] = {cid: node for node, cid in bindings.items()}
         self.by_node: dict[str, Session] = {}
+        self.instances: dict[str, list[str]] = {}
+        """Per identity, the process instances that joined, newest last (a few)."""
 
     # --- joining ---------------------------------------------------------------------
 
-    def check_join(self, node_id: str, cid: int) -> bool:
-        """Whether `node_id` may join as `cid`; True if that binds them for the first time."""
+    def check_join(self, node_id: str, cid: int, instance: str = "") -> bool:
+        """Whether `node_id` may join as `cid`; True if that binds them for the first time.
+
+        A process a newer one replaced may not join again: without this, the two would
+        take turns (over MQTT the broker closes the older connection without a reason,
+        and the older process redials and joins)."""
+        seen = self.instances.get(node_id, [])
+        if instance and instance in seen[:-1]:
+            raise FleetError(
+                Code.ABORTED,
+                f"replaced by a newer connection: another process joined as {node_id!r} "
+                "after this one; stop one of them",
+            )
         if not 0 <= cid < self.num_clients:
             raise FleetError(
                 Code.OUT_OF_RANGE,
@@ -108,6 +125,12 @@ class Sessions:
                 f"from {address}",
             )
         self.bound[node_id], self.owner[cid] = cid, node_id
+        if capabilities.instance:
+            seen = self.instances.setdefault(node_id, [])
+            if capabilities.instance in seen:
+                seen.remove(capabilities.instance)
+            seen.append(capabilities.instance)
+            del seen[:-MAX_INSTANCES]
         session = Session(node_id, cid, secrets.token_hex(16), address, capabilities)
         self.by_node[node_id] = session
         return session

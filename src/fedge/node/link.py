@@ -39,7 +39,9 @@ RETRYABLE = frozenset(
     }
 )
 """Codes after which a call is tried again; the others are final answers."""
-FATAL_AT_JOIN = frozenset({Code.PERMISSION_DENIED, Code.OUT_OF_RANGE, Code.INVALID_ARGUMENT})
+FATAL_AT_JOIN = frozenset(
+    {Code.PERMISSION_DENIED, Code.OUT_OF_RANGE, Code.INVALID_ARGUMENT, Code.ABORTED}
+)
 """A join refused with these will be refused again: the node stops and says why."""
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -79,6 +80,8 @@ class Node:
         self.stopped_because: str | None = None
         """Why the node stopped by itself (the server's word), if it did."""
         self.tasks_done = 0
+        self.instance = secrets.token_hex(8)
+        """This process, as the server tells it from another with the same identity."""
         self._joined: Joined | None = None
         self._connected = threading.Event()
         self._work: Queue[tuple[TaskHeader, Pending | None]] = Queue()
@@ -131,7 +134,7 @@ class Node:
     def _session(self, backoff: Backoff) -> None:
         try:
             joined = self.link.join(
-                self.settings.cid, _capabilities(self.settings.labels), PROTOCOL
+                self.settings.cid, _capabilities(self.settings.labels, self.instance), PROTOCOL
             )
         except LinkError as exc:
             if exc.code in FATAL_AT_JOIN:
@@ -363,7 +366,7 @@ class Node:
         return False
 
 
-def _capabilities(labels: dict[str, str]) -> Capabilities:
+def _capabilities(labels: dict[str, str], instance: str) -> Capabilities:
     from fedge import __version__
 
     return Capabilities(
@@ -375,6 +378,7 @@ def _capabilities(labels: dict[str, str]) -> Capabilities:
         framework=_framework(),
         fedge_version=__version__,
         labels=labels,
+        instance=instance,
     )
 
 

@@ -42,6 +42,7 @@ def capabilities_to_pb(caps: Capabilities) -> pb.Capabilities:
         framework=caps.framework,
         fedge_version=caps.fedge_version,
         labels=caps.labels,
+        instance=caps.instance,
     )
 
 
@@ -53,6 +54,7 @@ def capabilities_from_pb(msg: pb.Capabilities) -> Capabilities:
         framework=msg.framework,
         fedge_version=msg.fedge_version,
         labels=dict(msg.labels),
+        instance=msg.instance,
     )
 
 

@@ -17,7 +17,7 @@ TASK_KIND_FIT: TaskKind
 TASK_KIND_EVALUATE: TaskKind
 
 class Capabilities(_message.Message):
-    __slots__ = ("cpu_count", "memory_bytes", "accelerator", "framework", "fedge_version", "labels")
+    __slots__ = ("cpu_count", "memory_bytes", "accelerator", "framework", "fedge_version", "labels", "instance")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -31,13 +31,15 @@ class Capabilities(_message.Message):
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     FEDGE_VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     cpu_count: int
     memory_bytes: int
     accelerator: str
     framework: str
     fedge_version: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., accelerator: _Optional[str] = ..., framework: _Optional[str] = ..., fedge_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    instance: str
+    def __init__(self, cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., accelerator: _Optional[str] = ..., framework: _Optional[str] = ..., fedge_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("cid", "capabilities", "protocol")
