@@ -166,6 +166,22 @@ def test_bad_messages_are_refused_counted_and_the_run_goes_on(tmp_path: Path) ->
             assert pb.JoinReply.FromString(first.payload).node_id == "rogue"
             with pytest.raises(queue.Empty):
                 rogue.received.get(timeout=1.5)
+            # the certificate a node sends with its join (for when to renew) is checked
+            foreign = tmp_path / "foreign"
+            init_ca(foreign)
+            issue(foreign, "rogue")
+            cases = [
+                (b"junk", "expected PEM X.509 certificates"),
+                ((fleet.issue("node-0") / "node-0.crt").read_bytes(), "expected name 'rogue'"),
+                ((foreign / "rogue.crt").read_bytes(), "was not issued by the CA"),
+                (b"x" * (17 << 10), "at most 16384"),
+            ]
+            for i, (pem, fragment) in enumerate(cases):
+                bad = pb.JoinRequest(cid=2, protocol=PROTOCOL, certificate_pem=pem)
+                rogue.publish(mine, bad.SerializeToString(), "join", b"p%d" % i)
+                refused = dict(rogue.received.get(timeout=10).properties.UserProperty)
+                assert refused["code"] == "INVALID_ARGUMENT", refused
+                assert fragment in refused["message"], refused
             # an admin certificate cannot join as a node
             assert admin.subscribe(topics.node_in("fedge", "admin")) == 1
             admin.publish(topics.node_out("fedge", "admin"), join, "join", b"e")

@@ -32,9 +32,11 @@ def leaf(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificates(path.read_bytes())[0]
 
 
-def test_a_node_renews_its_certificate_over_its_link_and_trains_on(tmp_path: Path) -> None:
+def test_a_node_renews_its_certificate_over_its_link_and_trains_on(
+    tmp_path: Path, transport: str
+) -> None:
     config = write_config(tmp_path / "app", rounds=400, fit_delay=0.05)
-    with Launcher(tmp_path, config) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         fleet.issue("node-1")
         fleet.issue()
         old_serial = short_lived(fleet.certs, "node-0", 120)

@@ -335,6 +335,36 @@ def read_request(pem: bytes) -> tuple[x509.CertificateSigningRequest, str]:
     return csr, name
 
 
+MAX_CHAIN_BYTES = 16 << 10
+"""A node's certificate and its issuing CA are a few KB."""
+
+
+def presented_chain(pem: bytes, directory: Path, name: str, role: str) -> x509.Certificate:
+    """The leaf of a certificate chain a caller says it holds, once checked: issued by
+    the project CA of `directory`, for `name` in `role`, and valid now."""
+    if len(pem) > MAX_CHAIN_BYTES:
+        raise PKIError(f"the certificate chain is {len(pem)} bytes; at most {MAX_CHAIN_BYTES}")
+    try:
+        chain = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise PKIError(f"expected PEM X.509 certificates: {exc}") from exc
+    if len(chain) > 3:
+        raise PKIError(f"the chain has {len(chain)} certificates; at most 3")
+    root_path = directory / CA_CERT_FILE
+    verify_chain(chain, _parse_cert(root_path.read_bytes(), root_path), "the chain", directory)
+    leaf = chain[0]
+    names = [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [name] or role_of(leaf) != role:
+        raise PKIError(
+            f"the certificate is for {leaf.subject.rfc4514_string()!r}; expected name "
+            f"{name!r} in role {role!r}"
+        )
+    now = dt.datetime.now(dt.UTC)
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise PKIError(f"the certificate expired or is not yet valid (now {now:%Y-%m-%d %H:%M})")
+    return leaf
+
+
 def _check_requested(value: x509.ExtensionType, name: str) -> None:
     """Refuse a CSR extension asking for more than a node gets (fedge sets its own)."""
     if isinstance(value, x509.BasicConstraints):

@@ -208,7 +208,10 @@ class MqttLink:
 
     def join(self, cid: int, capabilities: Capabilities, protocol: int) -> Joined:
         request = pb.JoinRequest(
-            cid=cid, capabilities=convert.capabilities_to_pb(capabilities), protocol=protocol
+            cid=cid,
+            capabilities=convert.capabilities_to_pb(capabilities),
+            protocol=protocol,
+            certificate_pem=(self.certs / f"{self.name}.crt").read_bytes(),
         )
         reply = pb.JoinReply.FromString(self._request("join", request.SerializeToString()))
         self._joined_instance = self._server.get("instance", "")

@@ -277,22 +277,41 @@ class Bridge:
     async def _join(self, name: str, correlation: bytes, payload: bytes) -> bytes:
         request = pb.JoinRequest.FromString(payload)
         caps = convert.capabilities_from_pb(request.capabilities)
+        renew = await self._renew_after(name, request.certificate_pem)
         joined = await self.service.join(name, request.cid, "mqtt", caps, request.protocol or 1)
         return pb.JoinReply(
             node_id=joined.node_id,
             heartbeat_interval_s=joined.heartbeat_interval,
             session_token=joined.token,
-            renew_after_unix_ms=int(await self._renew_after(name) * 1000),
+            renew_after_unix_ms=int(renew * 1000),
         ).SerializeToString()
 
-    async def _renew_after(self, name: str) -> float:
-        """When the node's newest certificate the server issued is due for renewal (the
-        broker does not tell us which certificate it presented); 0: not one of ours."""
+    async def _renew_after(self, name: str, pem: bytes) -> float:
+        """When the node's certificate is due for renewal; 0: never (no issuing CA here).
+        The broker does not pass on the certificate the node presented: the node sends
+        its chain (checked here), and without one the newest the server issued counts."""
         if self.enrollment is None:
             return 0.0
+        from fedge.security import pki
         from fedge.transport.grpc.guard import Peer
         from fedge.transport.grpc.servicer import renew_after
 
+        if pem:
+            try:
+                leaf = await asyncio.to_thread(
+                    pki.presented_chain, pem, self.enrollment.certs, name, "node"
+                )
+            except pki.PKIError as exc:
+                raise FleetError(Code.INVALID_ARGUMENT, f"join: certificate_pem: {exc}") from exc
+            return renew_after(
+                Peer(
+                    name,
+                    "node",
+                    leaf.serial_number,
+                    leaf.not_valid_before_utc.timestamp(),
+                    leaf.not_valid_after_utc.timestamp(),
+                )
+            )
         rows = await asyncio.to_thread(self.control.runs.store.certificates, name)
         for row in rows:  # newest first
             if row["issued_at"] and not row["revoked_at"]:

@@ -42,14 +42,16 @@ class Capabilities(_message.Message):
     def __init__(self, cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., accelerator: _Optional[str] = ..., framework: _Optional[str] = ..., fedge_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("cid", "capabilities", "protocol")
+    __slots__ = ("cid", "capabilities", "protocol", "certificate_pem")
     CID_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     cid: int
     capabilities: Capabilities
     protocol: int
-    def __init__(self, cid: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., protocol: _Optional[int] = ...) -> None: ...
+    certificate_pem: bytes
+    def __init__(self, cid: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., protocol: _Optional[int] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_s", "session_token", "renew_after_unix_ms")
