@@ -12,7 +12,7 @@ import pytest
 from conftest import attacker, finished, simulate_config, wait_for, without_timings, write_config
 from test_attacks import Hostile
 
-from fedge.compression import PLAIN
+from fedge.compression import PLAIN, pack
 from fedge.launch import Launcher
 from fedge.messages import Code
 from fedge.weights import to_bytes
@@ -56,16 +56,16 @@ def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
     total = 650
 
     def q8(values: np.ndarray | None = None, ranges: np.ndarray | None = None) -> bytes:
-        return to_bytes({
-            "q8.values": np.zeros(total, np.uint8) if values is None else values,
+        return pack({  # packed: (low, step) per tensor, then one code per entry
             "q8.ranges": np.ones((2, 2), np.float32) if ranges is None else ranges,
+            "q8.values": np.zeros(total, np.uint8) if values is None else values,
         })  # fmt: skip
 
     def topk(indices: list[int], values: np.ndarray | None = None) -> bytes:
         count = len(indices)
-        return to_bytes({
-            "topk.indices": np.array(indices, np.uint32),
+        return pack({  # packed: the values, then their uint16 indices (650 entries < 2**16)
             "topk.values": np.ones(count, np.float32) if values is None else values,
+            "topk.indices": np.array(indices, np.uint16),
         })  # fmt: skip
 
     nan_scale = np.ones((2, 2), np.float32)
@@ -75,11 +75,13 @@ def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
     cases = [
         (q8(ranges=nan_scale), "q8", "tensor 'q8.ranges' has 1 NaN or Inf value(s)"),
         (q8(ranges=zero_step), "q8", "the q8 step of tensor 'bias' is 0.0; expected > 0"),
-        (q8(values=np.zeros(total, np.int16)), "q8", "'q8.values' has dtype int16, expected uint8"),
-        (q8(values=np.zeros(total - 1, np.uint8)), "q8", "'q8.values' has shape [649]"),
+        (q8(values=np.zeros(total - 1, np.uint8)), "q8",
+         "a q8 payload of this model is exactly 666 bytes (2 float tensors of 650 entries, "
+         "0 bytes of integer tensors); got 665"),
         (topk([3, 650]), "topk", "topk index 650 is out of range; the float tensors have 650"),
         (topk([5, 5]), "topk", "strictly increasing (unique, in order); entry 1 is 5 after 5"),
-        (topk(list(range(9))), "topk", "9 topk entries; at most 8 (topk_fraction 0.01"),
+        (topk(list(range(9))), "topk", "for each of at most 8 entries (topk_fraction 0.01"),
+        (topk([1, 2])[:-1], "topk", "plus 6 bytes (a float32 value and a uint16 index)"),
         (topk([640, 641]), "topk", "2 topk entries in tensor 'bias'; at most 1"),
         (topk([1], np.array([np.inf], np.float32)), "topk", "'topk.values' has 1 NaN or Inf"),
         (to_bytes({k: v.astype(np.float16) for k, v in weights.items()}), "gzip",
@@ -88,7 +90,7 @@ def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
     for payload, encoding, fragment in cases:
         rogue.refused(Code.INVALID_ARGUMENT, fragment, task, payload, encoding=encoding)
     # a payload larger than the encoding could ever take: refused before it is received
-    rogue.refused(Code.INVALID_ARGUMENT, "outside 1..", task, b"", encoding="topk", size=total * 8)
+    rogue.refused(Code.INVALID_ARGUMENT, "at most 8 entries", task, b"", encoding="topk", size=480)
     assert fleet.status() is not None  # the server is up
     # the honest node's round completes with the rogue's honest, compressed, second try
     good = topk([0, 640], np.array([0.5, -0.25], np.float32))

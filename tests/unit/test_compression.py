@@ -5,6 +5,7 @@ refused with a message that says what was expected."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,17 +15,22 @@ from fedge.client import Client, Config, FitResult
 from fedge.compression import (
     CompressClient,
     Compressor,
+    PackedFile,
     Throughput,
     check,
     choose,
     decode,
     encoded_bytes,
+    layout,
     max_entries,
+    pack,
+    pack_to,
+    unpack,
 )
 from fedge.config import CompressionSection, parse_config
 from fedge.errors import ConfigError, WeightsError
 from fedge.sim import simulate
-from fedge.weights import Weights, spec_of, to_bytes
+from fedge.weights import TensorSpec, Weights, spec_of, to_bytes
 
 RNG = np.random.default_rng(0)
 BASE: Weights = {
@@ -93,10 +99,9 @@ def test_q8_packs_every_float_tensor_into_one_byte_per_entry() -> None:
     ):  # every entry is within one step of the truth, and the range covers the update
         assert low <= TRUE[name].min() and TRUE[name].max() <= low + 255 * float(step)
         assert np.max(np.abs(delta - TRUE[name])) <= float(step) * (1 + 1e-5)
-    data = sum(a.nbytes for a in encoded.weights.values())
-    assert sum(a.nbytes for a in TRAINED.values()) / data > 3.8  # 4 bytes (8 for the bias) -> 1
-    payload, plain = len(to_bytes(encoded.weights, ordered=False)), len(to_bytes(TRAINED))
-    assert plain / payload > 3.3  # a header of ~200 bytes counts, in a model this small
+    payload = pack(encoded.weights)  # the arrays end to end: no header on the wire
+    assert len(payload) == 3 * 8 + 670 + 8 == encoded_bytes(SPEC, "q8")
+    assert len(to_bytes(TRAINED)) / len(payload) > 3.9  # 4 bytes (8 for the bias) -> 1
 
 
 def test_q8_rounding_is_seeded_by_the_task_so_every_fleet_sends_the_same_bytes() -> None:
@@ -128,7 +133,7 @@ def test_q8_of_a_constant_update_is_exact() -> None:
 def test_topk_keeps_the_largest_entries_of_each_tensor_and_at_least_one() -> None:
     encoded = encode("topk", topk_fraction=0.05)
     index, values = encoded.weights["topk.indices"], encoded.weights["topk.values"]
-    assert (index.dtype, values.dtype) == (np.uint32, np.float32)
+    assert (index.dtype, values.dtype) == (np.uint16, np.float32)  # 670 entries: 16 bits
     assert len(index) == max_entries(60, 0.05) + max_entries(600, 0.05) + max_entries(10, 0.05)
     assert len(index) == 3 + 30 + 1 and np.all(np.diff(index.astype(np.int64)) > 0)
     decoded = floats_delta(decode(encoded.weights, "topk", BASE, SPEC))
@@ -197,10 +202,72 @@ def test_encoded_bytes_bound_what_each_encoding_can_take() -> None:
     floats = 60 + 600 + 10
     assert encoded_bytes(SPEC, "fp16") == 8 + 2 * floats
     assert encoded_bytes(SPEC, "q8") == 8 + floats + 3 * 8
-    assert encoded_bytes(SPEC, "topk", 0.01) == 8 + 8 * (1 + 6 + 1)
+    assert encoded_bytes(SPEC, "topk", 0.01) == 8 + 6 * (1 + 6 + 1)  # uint16 indices
     for mode in ("fp16", "q8", "topk"):
         data = sum(a.nbytes for a in encode(mode, topk_fraction=0.01).weights.values())
         assert data <= encoded_bytes(SPEC, mode, 0.01)
+
+
+# --- the packed wire form ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fp16", "q8", "topk"])
+def test_a_packed_update_unpacks_to_the_same_arrays_from_bytes_and_from_a_file(
+    mode: str, tmp_path: Path
+) -> None:
+    encoded = encode(mode, topk_fraction=0.05).weights
+    payload = pack(encoded)
+    assert len(payload) == sum(a.nbytes for a in encoded.values())  # no header at all
+    path = tmp_path / "update"
+    pack_to(encoded, path)
+    assert path.read_bytes() == payload and path.stat().st_mode & 0o777 == 0o600
+    for unpacked in (
+        unpack(payload, mode, SPEC, fraction=0.05),
+        PackedFile(path, mode, SPEC, fraction=0.05),
+    ):
+        assert list(unpacked) == list(encoded)  # the encoder's order is the layout's
+        for name, array in encoded.items():
+            np.testing.assert_array_equal(unpacked[name], array)
+            assert unpacked[name].dtype == array.dtype and unpacked[name].shape == array.shape
+        check(unpacked, mode, SPEC, fraction=0.05)
+        decoded = decode(unpacked, mode, BASE, SPEC)
+        for name, want in decode(encoded, mode, BASE, SPEC).items():
+            np.testing.assert_array_equal(decoded[name], want)
+
+
+def test_a_packed_payload_of_a_size_the_model_does_not_allow_is_refused_precisely() -> None:
+    q8 = pack(encode("q8").weights)  # 24 bytes of ranges, 670 codes, 8 of 'steps'
+    with pytest.raises(WeightsError) as raised:
+        unpack(q8[:-1], "q8", SPEC, source="client 3")
+    assert str(raised.value) == (
+        "client 3: a q8 payload of this model is exactly 702 bytes (3 float tensors of 670 "
+        "entries, 8 bytes of integer tensors); got 701"
+    )
+    with pytest.raises(WeightsError, match="fp16 payload of this model is exactly 1348 bytes"):
+        unpack(q8, "fp16", SPEC)
+    topk = pack(encode("topk", topk_fraction=0.05).weights)  # 34 entries of 6 bytes, + 8
+    assert len(topk) == 34 * 6 + 8 and len(unpack(topk, "topk", SPEC, fraction=0.05)) == 3
+    expected = (
+        "a topk payload of this model is 8 bytes of integer tensors plus 6 bytes (a float32 "
+        "value and a uint16 index) for each of at most {} entries (topk_fraction {} of each "
+        "of the 3 float tensors, at least one each); got {} bytes"
+    )
+    for data, fraction, most in ((topk[:-1], 0.05, 34), (topk, 0.01, 8), (b"1234", 0.05, 34)):
+        with pytest.raises(WeightsError) as raised:
+            unpack(data, "topk", SPEC, fraction=fraction)
+        assert expected.format(most, fraction, len(data)) in str(raised.value)
+    with pytest.raises(WeightsError, match="encoding 'gzip' is not one of"):
+        layout("gzip", SPEC, 10)
+
+
+def test_topk_indexes_a_model_of_more_than_65536_float_entries_in_uint32() -> None:
+    spec = {"w": TensorSpec(np.dtype(np.float32), (65537,))}
+    assert layout("topk", spec, 8 * 656, fraction=0.01)["topk.indices"].dtype == np.uint32
+    base = {"w": np.zeros(65537, np.float32)}
+    trained = {"w": np.arange(65537, dtype=np.float32)}
+    encoded = Compressor(settings("topk")).compress(base, FitResult(trained, 1), {}).weights
+    assert encoded["topk.indices"].dtype == np.uint32 and encoded["topk.indices"][-1] == 65536
+    assert len(pack(encoded)) == encoded_bytes(spec, "topk", 0.01) == 8 * 656
 
 
 # --- auto --------------------------------------------------------------------------------
@@ -412,7 +479,7 @@ def test_every_malformed_topk_payload_is_refused_precisely() -> None:
     refused(
         changed(good, topk__indices=index.astype(np.int64)),
         "topk",
-        "'topk.indices' has dtype int64, expected uint32",
+        "'topk.indices' has dtype int64, expected uint16",
     )
     refused(
         changed(good, topk__indices=index.reshape(2, -1)),
@@ -437,7 +504,7 @@ def test_every_malformed_topk_payload_is_refused_precisely() -> None:
     )
     # more entries than the fraction allows: in all, then in one tensor
     refused(good.weights, "topk", "34 topk entries; at most 8 (topk_fraction 0.01", fraction=0.01)
-    crowded = np.arange(34, dtype=np.uint32)  # 34 entries all in 'conv' (60 entries, 3 allowed)
+    crowded = np.arange(34, dtype=np.uint16)  # 34 entries all in 'conv' (60 entries, 3 allowed)
     refused(
         changed(good, topk__indices=crowded),
         "topk",
@@ -450,7 +517,7 @@ def test_every_malformed_topk_payload_is_refused_precisely() -> None:
 
 def test_an_empty_topk_update_is_accepted_and_decodes_to_the_base() -> None:
     empty = {
-        "topk.indices": np.empty(0, np.uint32),
+        "topk.indices": np.empty(0, np.uint16),
         "topk.values": np.empty(0, np.float32),
         "steps": BASE["steps"],
     }
