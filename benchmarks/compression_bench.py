@@ -34,7 +34,13 @@ APPS = {
     "digits": ROOT / "examples/digits/fedge.toml",
     "mnist1d": ROOT / "examples/mnist1d_torch/fedge.toml",
 }
-MODES = {"none": {}, "fp16": {}, "q8": {}, "topk 1%": {"topk_fraction": 0.01}}
+MODES = {
+    "none": {},
+    "fp16": {},
+    "q8": {},
+    "topk 1%": {"topk_fraction": 0.01},
+    "stc 10%": {"stc_fraction": 0.1},
+}
 
 
 class Measured(ClientWrapper):

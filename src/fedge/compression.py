@@ -24,6 +24,13 @@ model. The arrays, in their order (the model's integer tensors follow them):
   (``topk_fraction`` of each, at least one). What is not sent stays with the client and
   is added to its next update (error feedback: Stich et al., "Sparsified SGD with
   Memory", NeurIPS 2018), so no part of an update is lost, only delayed.
+- ``stc``: sparse ternary compression (Sattler et al., IEEE TNNLS 2019): the top
+  ``stc_fraction`` of each tensor as topk picks them, each sent as +mu or -mu, mu the
+  mean magnitude of the tensor's kept entries, and their positions Rice-coded
+  (`fedge.rice`): ``stc.count`` uint32 [1] (K), ``stc.scales`` float32 [tensors] (mu),
+  ``stc.fixed`` and ``stc.unary`` uint8, the two streams. An entry costs ~log2(1/p) +
+  2.5 bits rather than 48, so the same bytes carry ~8x the entries; what ternarizing
+  changes is held back by error feedback too.
 
 `unpack` refuses a payload whose size is not one the model allows, and `check` one whose
 arrays are not exactly what it allows — names, dtypes, shapes, finite values, positive
@@ -42,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from fedge import rice
 from fedge.client import Client, ClientWrapper, Config, FitResult
 from fedge.config import STRONGEST_FIRST, CompressionSection
 from fedge.errors import WeightsError
@@ -146,7 +154,8 @@ class Compressor:
         elif encoding == "q8":
             arrays = _encode_q8(update, int(config.get("seed", 0)))
         else:
-            arrays, self.residual = _encode_topk(update, spec, self.settings.topk_fraction)
+            fraction = self.settings.fraction(encoding)
+            arrays, self.residual = _encode_sparse(update, spec, fraction, encoding)
         return FitResult({**arrays, **ints}, result.num_examples, result.metrics, encoding)
 
 
@@ -213,32 +222,41 @@ def _q8_range(flat: Float64s, name: str) -> tuple[np.float32, np.float32]:
     return low, step
 
 
-def _encode_topk(
-    update: dict[str, Float64s], spec: Spec, fraction: float
+def _encode_sparse(
+    update: dict[str, Float64s], spec: Spec, fraction: float, encoding: str
 ) -> tuple[Weights, dict[str, Array]]:
+    """A topk or stc update, and the residual it holds back (error feedback)."""
     total = sum(flat.size for flat in update.values())
     if total > 1 << 32:
-        raise WeightsError(f"topk: {total} float entries; uint32 indices address 2**32 at most")
-    index_dtype = _index_dtype(total)
-    indices, values, residual, offset = [], [], {}, 0
-    for name, flat in update.items():
+        raise WeightsError(f"{encoding}: {total} float entries; 2**32 at most can be indexed")
+    kept, sent, residual, offset = [], [], {}, 0
+    scales = np.empty(len(update), _F32)
+    for i, (name, flat) in enumerate(update.items()):
         k = max_entries(flat.size, fraction)
         if k == flat.size:
             keep = np.arange(flat.size)
         else:
             keep = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
-        sent = flat[keep].astype(_F32)
+        if encoding == "stc":
+            scales[i] = np.mean(np.abs(flat[keep])) if k else 0
+            values = np.where(flat[keep] < 0, -scales[i], scales[i])
+        else:
+            values = flat[keep].astype(_F32)
         rest = flat.copy()
-        rest[keep] -= sent  # what float32 rounding lost is held back too
+        rest[keep] -= values  # what the encoding changed (rounding, ternarizing) is held too
         residual[name] = rest.reshape(spec[name].shape).astype(spec[name].dtype)
-        indices.append((keep + offset).astype(index_dtype))
-        values.append(sent)
+        kept.append(keep + offset)
+        sent.append(values)
         offset += flat.size
-    arrays: Weights = {
-        "topk.values": np.concatenate(values) if values else np.empty(0, _F32),
-        "topk.indices": np.concatenate(indices) if indices else np.empty(0, index_dtype),
-    }
-    return arrays, residual
+    positions = np.concatenate(kept) if kept else np.empty(0, np.int64)
+    values = np.concatenate(sent) if sent else np.empty(0, _F32)
+    if encoding == "stc":
+        fixed, unary = rice.encode(positions, values < 0, total)
+        count = np.array([len(positions)], _U32)
+        arrays = {"stc.count": count, "stc.scales": scales, "stc.fixed": fixed, "stc.unary": unary}
+        return arrays, residual
+    topk = {"topk.values": values, "topk.indices": positions.astype(_index_dtype(total))}
+    return topk, residual
 
 
 def _index_dtype(total: int) -> np.dtype[np.generic]:
@@ -269,11 +287,36 @@ def _little(a: Array) -> Array:
 # --- the server side ---------------------------------------------------------------------
 
 
-def layout(
+def check_size(
     encoding: str, spec: Spec, size: int, *, fraction: float = 1.0, source: str = "payload"
+) -> None:
+    """Refuse, before it is received, a payload size no `encoding` update of `spec` has."""
+    if encoding != "stc":
+        layout(encoding, spec, size, fraction=fraction, source=source)
+        return
+    floats = _floats(spec)
+    least = _U32.itemsize + _F32.itemsize * len(floats)
+    least += sum(_nbytes(s) for s in spec.values() if not _is_float(s))
+    most = encoded_bytes(spec, encoding, fraction)
+    if not least <= size <= most:
+        raise WeightsError(
+            f"{source}: an stc payload of this model (stc_fraction {fraction}) takes "
+            f"{least}..{most} bytes; got {size}"
+        )
+
+
+def layout(
+    encoding: str,
+    spec: Spec,
+    size: int,
+    *,
+    fraction: float = 1.0,
+    source: str = "payload",
+    count: int | None = None,
 ) -> Spec:
     """The arrays a packed `encoding` update of a model of `spec` holds, in order, if its
-    payload is `size` bytes — else `WeightsError`, saying which sizes it could be."""
+    payload is `size` bytes — else `WeightsError`, saying which sizes it could be. An stc
+    payload's layout also depends on its entry `count`, its first four bytes."""
     floats = _floats(spec)
     ints = {n: s for n, s in spec.items() if not _is_float(s)}
     int_bytes = sum(_nbytes(s) for s in ints.values())
@@ -302,6 +345,27 @@ def layout(
             "topk.values": TensorSpec(_F32, (count,)),
             "topk.indices": TensorSpec(index, (count,)),
         }
+    elif encoding == "stc":
+        most = sum(max_entries(math.prod(s.shape), fraction) for _, s in floats)
+        if count is None or not 0 <= count <= most:
+            raise WeightsError(
+                f"{source}: {count} stc entries; at most {most} (stc_fraction {fraction} of "
+                f"each of the {len(floats)} float tensors, at least one each)"
+            )
+        fixed = rice.fixed_bytes(total, count)
+        low, high = rice.unary_bytes(total, count)
+        head = _U32.itemsize + _F32.itemsize * len(floats) + fixed + int_bytes
+        if not head + low <= size <= head + high:
+            raise WeightsError(
+                f"{source}: an stc payload of {count} entries of this model takes "
+                f"{head + low}..{head + high} bytes; got {size}"
+            )
+        arrays = {
+            "stc.count": TensorSpec(_U32, (1,)),
+            "stc.scales": TensorSpec(_F32, (len(floats),)),
+            "stc.fixed": TensorSpec(_U8, (fixed,)),
+            "stc.unary": TensorSpec(_U8, (size - head,)),
+        }
     else:
         raise WeightsError(f"{source}: encoding {encoding!r} is not one of {[PLAIN, *ENCODINGS]}")
     arrays = _with_ints(arrays, ints, encoding, source)
@@ -321,7 +385,9 @@ def unpack(
     """The arrays of a packed update, as read-only views of `data` (no copy); their
     values are `check`'s to judge."""
     arrays, offset = CheckedWeights(), 0
-    for name, s in layout(encoding, spec, len(data), fraction=fraction, source=source).items():
+    count = _count(data[:4], encoding, source)
+    found = layout(encoding, spec, len(data), fraction=fraction, source=source, count=count)
+    for name, s in found.items():
         count = math.prod(s.shape)
         view = np.frombuffer(data, s.dtype.newbyteorder("<"), count, offset)
         arrays[name] = view.reshape(s.shape)
@@ -338,7 +404,10 @@ class PackedFile(Mapping[str, Array]):
         source: str = "payload",
     ) -> None:  # fmt: skip
         self.path = path
-        self._layout = layout(encoding, spec, path.stat().st_size, fraction=fraction, source=source)
+        with path.open("rb") as f:
+            count = _count(f.read(4), encoding, source)
+        size = path.stat().st_size
+        self._layout = layout(encoding, spec, size, fraction=fraction, source=source, count=count)
         self._offsets: dict[str, int] = {}
         offset = 0
         for name, s in self._layout.items():
@@ -363,6 +432,15 @@ class PackedFile(Mapping[str, Array]):
         return len(self._layout)
 
 
+def _count(head: bytes, encoding: str, source: str) -> int | None:
+    """An stc payload's entry count: its first four bytes (None for other encodings)."""
+    if encoding != "stc":
+        return None
+    if len(head) < 4:
+        raise WeightsError(f"{source}: an stc payload starts with its 4-byte entry count")
+    return int.from_bytes(head, "little")
+
+
 def _nbytes(s: TensorSpec) -> int:
     return s.dtype.itemsize * math.prod(s.shape)
 
@@ -379,6 +457,11 @@ def encoded_bytes(spec: Spec, encoding: str, fraction: float = 1.0) -> int:
     if encoding == "topk":
         entry = _F32.itemsize + _index_dtype(sum(sizes)).itemsize
         return ints + entry * sum(max_entries(n, fraction) for n in sizes)
+    if encoding == "stc":  # b shrinks as entries grow: b for one entry bounds them all
+        most, total = sum(max_entries(n, fraction) for n in sizes), sum(sizes)
+        fixed = -(-most * (rice.rice_bits(total, 1) + 1) // 8)
+        head = _U32.itemsize + _F32.itemsize * len(sizes)
+        return ints + head + fixed + -(-(most + total) // 8)
     raise WeightsError(f"encoding {encoding!r} is not one of {[PLAIN, *ENCODINGS]}")
 
 
@@ -411,6 +494,9 @@ def check(
                 raise WeightsError(
                     f"{source}: the q8 step of tensor {name!r} is {step}; expected > 0"
                 )
+        return
+    if encoding == "stc":
+        _check_stc(arrays, spec, fraction, source)
         return
     if encoding != "topk":
         raise WeightsError(f"{source}: encoding {encoding!r} is not one of {[PLAIN, *ENCODINGS]}")
@@ -450,14 +536,49 @@ def check(
             f"{source}: topk index {index[-1]} is out of range; the float tensors have "
             f"{total} entries (0..{total - 1})"
         )
+    _check_counts(index, floats, fraction, encoding, source)
+
+
+def _check_stc(arrays: Mapping[str, Array], spec: Spec, fraction: float, source: str) -> None:
+    floats = _floats(spec)
+    given = arrays.get("stc.count") if isinstance(arrays, Mapping) else None
+    if not (isinstance(given, np.ndarray) and given.dtype == _U32 and given.shape == (1,)):
+        validate(arrays, {"stc.count": TensorSpec(_U32, (1,))}, source=source)  # says why
+        raise WeightsError(f"{source}: tensor 'stc.count' is missing or malformed")
+    size = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+    count = int(given[0])
+    expected = layout("stc", spec, size, fraction=fraction, source=source, count=count)
+    validate(arrays, expected, source=source)
+    scales = np.asarray(arrays["stc.scales"])
+    for (name, _), scale in zip(floats, scales, strict=True):
+        if not scale >= 0:
+            raise WeightsError(
+                f"{source}: the stc scale of tensor {name!r} is {scale}; expected >= 0"
+            )
+    total = sum(math.prod(s.shape) for _, s in floats)
+    positions, _ = rice.decode(
+        np.asarray(arrays["stc.fixed"]), np.asarray(arrays["stc.unary"]), count, total,
+        source=source,
+    )  # fmt: skip
+    _check_counts(positions, floats, fraction, "stc", source)
+
+
+def _check_counts(
+    positions: npt.NDArray[np.int64],
+    floats: list[tuple[str, TensorSpec]],
+    fraction: float,
+    encoding: str,
+    source: str,
+) -> None:
+    """No tensor has more entries than `fraction` of it allows."""
     ends = np.cumsum([math.prod(s.shape) for _, s in floats])
-    counts = np.diff(np.searchsorted(index, ends), prepend=0)
+    counts = np.diff(np.searchsorted(positions, ends), prepend=0)
     for (name, s), found in zip(floats, counts, strict=True):
         allowed = max_entries(math.prod(s.shape), fraction)
         if found > allowed:
             raise WeightsError(
-                f"{source}: {found} topk entries in tensor {name!r}; at most {allowed} "
-                f"(topk_fraction {fraction} of {math.prod(s.shape)})"
+                f"{source}: {found} {encoding} entries in tensor {name!r}; at most {allowed} "
+                f"({encoding}_fraction {fraction} of {math.prod(s.shape)})"
             )
 
 
@@ -498,6 +619,14 @@ def _updates(arrays: Mapping[str, Array], encoding: str, spec: Spec) -> Iterator
             size = math.prod(s.shape)
             flat[offset : offset + size] = low + codes[offset : offset + size] * step
             offset += size
+    elif encoding == "stc":
+        count, scales = int(arrays["stc.count"][0]), np.asarray(arrays["stc.scales"], np.float64)
+        fixed, unary = np.asarray(arrays["stc.fixed"]), np.asarray(arrays["stc.unary"])
+        positions, negative = rice.decode(fixed, unary, count, total, source="stc")
+        ends = np.cumsum([math.prod(s.shape) for _, s in floats])
+        magnitude = scales[np.searchsorted(ends, positions, side="right")]
+        flat = np.zeros(total)
+        flat[positions] = np.where(negative, -magnitude, magnitude)
     else:
         flat = np.zeros(total)
         flat[np.asarray(arrays["topk.indices"], dtype=np.int64)] = arrays["topk.values"]
@@ -534,6 +663,7 @@ __all__ = [
     "PackedFile",
     "Throughput",
     "check",
+    "check_size",
     "choose",
     "decode",
     "encoded_bytes",

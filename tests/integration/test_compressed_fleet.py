@@ -12,6 +12,7 @@ import pytest
 from conftest import attacker, finished, simulate_config, wait_for, without_timings, write_config
 from test_attacks import Hostile
 
+from fedge import rice
 from fedge.compression import PLAIN, pack
 from fedge.launch import Launcher
 from fedge.messages import Code
@@ -20,12 +21,12 @@ from fedge.weights import to_bytes
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("mode", ["q8", "topk"])
+@pytest.mark.parametrize("mode", ["q8", "topk", "stc"])
 def test_a_compressed_simulation_and_fleet_give_byte_identical_models(
     tmp_path: Path, transport: str, mode: str
 ) -> None:
     work = tmp_path
-    extra = f'\n[compression]\nmode = "{mode}"\ntopk_fraction = 0.05\n'
+    extra = f'\n[compression]\nmode = "{mode}"\ntopk_fraction = 0.05\nstc_fraction = 0.1\n'
     config = write_config(work / "app", rounds=3, fraction_evaluate=0.0, extra=extra)
     sim, sim_model = simulate_config(config, work / "sim.json")
     with Launcher(work / "fleet", config, transport=transport) as fleet:
@@ -42,7 +43,10 @@ def test_a_compressed_simulation_and_fleet_give_byte_identical_models(
 def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
     fleet: Launcher, transport: str
 ) -> None:
-    extra = '\n[compression]\nmode = "auto"\ntopk_fraction = 0.01\n'
+    extra = (
+        '\n[compression]\nmode = "auto"\ntopk_fraction = 0.01\n'
+        "auto_thresholds = { stc = 0.5, topk = 1.0, q8 = 10.0, fp16 = 100.0 }\n"
+    )
     config = write_config(
         fleet.work / "two", num_clients=2, rounds=2, fraction_evaluate=0.0, extra=extra
     )
@@ -68,6 +72,13 @@ def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
             "topk.indices": np.array(indices, np.uint16),
         })  # fmt: skip
 
+    def stc(positions: list[int], scales: tuple[float, float] = (0.5, 0.25)) -> bytes:
+        fixed, unary = rice.encode(np.array(positions), np.zeros(len(positions), bool), total)
+        return pack({
+            "stc.count": np.array([len(positions)], np.uint32),
+            "stc.scales": np.array(scales, np.float32), "stc.fixed": fixed, "stc.unary": unary,
+        })  # fmt: skip
+
     nan_scale = np.ones((2, 2), np.float32)
     nan_scale[0, 1] = np.nan
     zero_step = np.ones((2, 2), np.float32)
@@ -84,6 +95,10 @@ def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
         (topk([1, 2])[:-1], "topk", "plus 6 bytes (a float32 value and a uint16 index)"),
         (topk([640, 641]), "topk", "2 topk entries in tensor 'bias'; at most 1"),
         (topk([1], np.array([np.inf], np.float32)), "topk", "'topk.values' has 1 NaN or Inf"),
+        (stc([640, 641]), "stc", "2 stc entries in tensor 'bias'; at most 1 (stc_fraction 0.1"),
+        (stc([3], (0.5, -1.0)), "stc", "the stc scale of tensor 'bias' is -1.0; expected >= 0"),
+        (stc([3, 650]), "stc", "position 650 is out of range; the float tensors have 650"),
+        (stc([3])[:-1], "stc", "an stc payload of 1 entries of this model takes"),
         (to_bytes({k: v.astype(np.float16) for k, v in weights.items()}), "gzip",
          "encoding 'gzip' is not accepted for this task"),
     ]  # fmt: skip

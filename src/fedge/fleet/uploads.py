@@ -286,12 +286,12 @@ class Uploads:
             )
         if encoding and 0 < header.size <= self.max_bytes:
             try:  # a packed update's size is one its model and encoding allow, or refused
-                compression.layout(encoding, expects, header.size, source=source,
-                                   fraction=self.compression.topk_fraction)  # fmt: skip
+                compression.check_size(encoding, expects, header.size, source=source,
+                                       fraction=self.compression.fraction(encoding))  # fmt: skip
             except WeightsError as exc:
                 raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if encoding:
-            data = compression.encoded_bytes(expects, encoding, self.compression.topk_fraction)
+            data = compression.encoded_bytes(expects, encoding, self.compression.fraction(encoding))
             bound = min(self.max_bytes, data)
         else:
             data = sum(s.dtype.itemsize * math.prod(s.shape) for s in expects.values())
@@ -308,7 +308,7 @@ class Uploads:
     def _decode(self, data: bytes, header: UploadHeader, spec: Spec, source: str) -> CheckedWeights:
         """Read-only views of the received bytes: the update is read, never written."""
         encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
-        fraction = self.compression.topk_fraction
+        fraction = self.compression.fraction(encoding)
         try:
             if encoding:
                 return compression.unpack(data, encoding, spec, fraction=fraction, source=source)
@@ -321,7 +321,7 @@ class Uploads:
     ) -> FileWeights | compression.PackedFile:
         """A received payload in a file, read when used: safetensors, or a packed update."""
         encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
-        fraction = self.compression.topk_fraction
+        fraction = self.compression.fraction(encoding)
         try:
             if encoding:
                 return compression.PackedFile(
@@ -345,7 +345,7 @@ class Uploads:
         encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
         if not encoding:
             return _validate
-        fraction = self.compression.topk_fraction
+        fraction = self.compression.fraction(encoding)
 
         def check(weights: Mapping[str, Array], spec: Spec, source: str) -> None:
             try:
