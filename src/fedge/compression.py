@@ -3,14 +3,15 @@ to full weights (global + update) before any strategy sees it, so every strategy
 unchanged.
 
 The update is the trained weights minus the weights the task sent, for the float
-tensors; integer tensors (counters) travel as they are. q8 and topk lay the float
+tensors; integer tensors (counters) travel as they are. q8, topk and stc lay the float
 tensors end to end in the model's order, as one flat vector of N entries. On the wire an
 update is *packed*: its arrays' bytes end to end, little-endian, with no header at all
 (`pack`). The server knows the model, so it knows every array's name, dtype and shape
-from the encoding and the payload's size alone (`layout`); names and shapes need not
-travel. That matters for small models: a safetensors header costs ~70 bytes a tensor,
-as much as the q8 codes of 70 weights, and was a fifth of a q8 update of a 650-weight
-model. The arrays, in their order (the model's integer tensors follow them):
+from the encoding and the payload's size alone (`layout`; stc adds its entry count,
+its first four bytes); names and shapes need not travel. That matters for small
+models: a safetensors header costs ~70 bytes a tensor, as much as the q8 codes of 70
+weights, and was a fifth of a q8 update of a 650-weight model. The arrays, in their
+order (the model's integer tensors follow them):
 
 - ``fp16``: each float tensor's update in float16, in the model's order.
 - ``q8``: ``q8.ranges`` float32 [tensors, 2], one (low, step) per float tensor, then
@@ -103,7 +104,7 @@ class Throughput:
 
 
 def max_entries(size: int, fraction: float) -> int:
-    """Entries a topk update keeps of a tensor of `size`: the fraction, at least one."""
+    """Entries a topk or stc update keeps of a tensor of `size`: the fraction, at least one."""
     if size == 0:
         return 0
     return min(size, max(1, math.ceil(round(fraction * size, 9))))
@@ -125,7 +126,7 @@ class Compressor:
         self, received: Mapping[str, Array], result: FitResult, config: Config
     ) -> FitResult:
         """`result` as the update from `received`, in the encoding chosen now. A residual
-        held back by topk goes out with the next update of any encoding."""
+        held back by topk or stc goes out with the next update of any encoding."""
         encoding = choose(self.settings, self.uplink())
         if not encoding and not self.residual:
             return result
@@ -141,7 +142,7 @@ class Compressor:
             update[name] = (delta if held is None else delta + held).reshape(-1)
         self.residual = {}
         ints = {n: trained[n] for n, s in spec.items() if not _is_float(s)}
-        if not encoding:  # plain weights again, with what topk held back
+        if not encoding:  # plain weights again, with what was held back
             plain = {
                 n: np.add(received[n], update[n].reshape(s.shape)).astype(s.dtype)
                 if n in update
@@ -474,7 +475,7 @@ def check(
     source: str = "payload",
 ) -> None:
     """Raise `WeightsError` unless `arrays` is an update of a model of `spec` in
-    `encoding` (with at most `fraction` of each tensor's entries, for topk)."""
+    `encoding` (with at most `fraction` of each tensor's entries, for topk and stc)."""
     floats = _floats(spec)
     ints = {n: s for n, s in spec.items() if not _is_float(s)}
     if encoding == "fp16":
