@@ -163,7 +163,7 @@ class BufferedAsync:
         if staleness > strategy.max_staleness:
             self._stale(rnd, strategy, task)
             return
-        accepted = rnd.accept_fit(outcome)
+        accepted = rnd.accept_fit(outcome, self.bases[task.round])
         if accepted is None:
             return
         weights, examples, found = accepted

@@ -78,15 +78,18 @@ class LimitsSection(_Section):
     max_upload_mb: Annotated[int, msgspec.Meta(ge=1)] = MAX_UPLOAD_BYTES >> 20
 
 
-Encoding = Literal["fp16", "q8", "topk"]
-STRONGEST_FIRST: tuple[Encoding, ...] = ("topk", "q8", "fp16")
+Encoding = Literal["fp16", "q8", "topk", "stc"]
+STRONGEST_FIRST: tuple[Encoding, ...] = ("stc", "topk", "q8", "fp16")
 """The encodings, the most compressing first (fedge.compression describes them)."""
 
 
 class CompressionSection(_Section):
-    mode: Literal["none", "fp16", "q8", "topk", "auto"] = "none"
+    mode: Literal["none", "fp16", "q8", "topk", "stc", "auto"] = "none"
     topk_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.01
     """Share of each float tensor's entries a topk update keeps (at least one)."""
+    stc_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.1
+    """The same for stc, whose entries cost ~1/8 of topk's: 0.1 takes about the bytes of
+    topk at 0.01, and is ~15 points more accurate after as many rounds (docs/benchmarks.md)."""
     auto_thresholds: dict[Encoding, Annotated[float, Positive]] = msgspec.field(
         default_factory=lambda: {"topk": 1.0, "q8": 10.0, "fp16": 100.0}
     )
@@ -102,6 +105,10 @@ class CompressionSection(_Section):
                 f"auto_thresholds must grow from the strongest encoding to the weakest "
                 f"({' < '.join(listed)}), got {{ {shown} }}"
             )
+
+    def fraction(self, encoding: str) -> float:
+        """The share of each tensor a sparse `encoding` keeps (1 for the dense ones)."""
+        return {"topk": self.topk_fraction, "stc": self.stc_fraction}.get(encoding, 1.0)
 
     def encodings(self) -> tuple[Encoding, ...]:
         """The encodings this config lets a node use (the server refuses the others)."""

@@ -404,9 +404,13 @@ class Round:
         self.record.num_examples += num_examples
         metrics.add(found, num_examples)
 
-    def accept_fit(self, outcome: Outcome) -> tuple[Mapping[str, Array], int, Metrics] | None:
+    def accept_fit(
+        self, outcome: Outcome, base: Mapping[str, Array] | None = None
+    ) -> tuple[Mapping[str, Array], int, Metrics] | None:
         """A fit outcome's validated (weights, example count, metrics), or None after
-        recording in the round why it cannot be used."""
+        recording in the round why it cannot be used. An encoded update is decoded on
+        `base`, the weights its task sent (default: the round's; a stale asynchronous
+        result was trained on older ones)."""
         cid, result = outcome.task.cid, outcome.result
         try:
             if outcome.error is not None:
@@ -423,8 +427,8 @@ class Round:
             weights = result.weights
             if result.encoding:  # an encoded update: the same decoding for every fleet
                 weights = decode(
-                    weights, result.encoding, self.weights, self.coordinator.spec,
-                    source=f"client {cid}",
+                    weights, result.encoding, self.weights if base is None else base,
+                    self.coordinator.spec, source=f"client {cid}",
                 )  # fmt: skip
             if isinstance(weights, Mapping) and not hasattr(weights, "checked"):
                 weights = CheckedWeights(weights)  # so validation measures it only once

@@ -160,19 +160,18 @@ def nonfinite(weights: Mapping[str, Array]) -> str | None:
     return None
 
 
-def to_bytes(weights: Mapping[str, Array], *, ordered: bool = True) -> bytes:
-    """Serialize to safetensors; the tensor order is kept in the header metadata, unless
-    not `ordered` (an encoded update, whose names say where each tensor goes)."""
+def to_bytes(weights: Mapping[str, Array]) -> bytes:
+    """Serialize to safetensors; the tensor order is kept in the header metadata."""
     # not np.ascontiguousarray: it turns 0-d arrays (e.g. BatchNorm's counter) into 1-d
     arrays = {name: np.asarray(a, order="C") for name, a in weights.items()}
-    return bytes(_st_save(arrays, metadata=_order(arrays) if ordered else None))
+    return bytes(_st_save(arrays, metadata=_order(arrays)))
 
 
 def _order(arrays: Mapping[str, Array]) -> dict[str, str]:
     return {_ORDER_KEY: json.dumps(list(arrays))}
 
 
-def to_file(weights: Mapping[str, Array], path: Path, *, ordered: bool = True) -> None:
+def to_file(weights: Mapping[str, Array], path: Path) -> None:
     """Write safetensors straight to a file: one transient copy of the model, not two.
     The file is 0600 (a model holds what it learned from private data); the library
     keeps the mode of the file it overwrites."""
@@ -180,7 +179,7 @@ def to_file(weights: Mapping[str, Array], path: Path, *, ordered: bool = True) -
     os.fchmod(fd, 0o600)
     os.close(fd)
     arrays = {name: np.asarray(a, order="C") for name, a in weights.items()}
-    _st_save_file(arrays, str(path), metadata=_order(arrays) if ordered else None)
+    _st_save_file(arrays, str(path), metadata=_order(arrays))
 
 
 def from_bytes(data: bytes | bytearray | memoryview, *, source: str = "payload") -> Weights:

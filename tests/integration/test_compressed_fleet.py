@@ -12,7 +12,8 @@ import pytest
 from conftest import attacker, finished, simulate_config, wait_for, without_timings, write_config
 from test_attacks import Hostile
 
-from fedge.compression import PLAIN
+from fedge import rice
+from fedge.compression import PLAIN, pack
 from fedge.launch import Launcher
 from fedge.messages import Code
 from fedge.weights import to_bytes
@@ -20,12 +21,12 @@ from fedge.weights import to_bytes
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("mode", ["q8", "topk"])
+@pytest.mark.parametrize("mode", ["q8", "topk", "stc"])
 def test_a_compressed_simulation_and_fleet_give_byte_identical_models(
     tmp_path: Path, transport: str, mode: str
 ) -> None:
     work = tmp_path
-    extra = f'\n[compression]\nmode = "{mode}"\ntopk_fraction = 0.05\n'
+    extra = f'\n[compression]\nmode = "{mode}"\ntopk_fraction = 0.05\nstc_fraction = 0.1\n'
     config = write_config(work / "app", rounds=3, fraction_evaluate=0.0, extra=extra)
     sim, sim_model = simulate_config(config, work / "sim.json")
     with Launcher(work / "fleet", config, transport=transport) as fleet:
@@ -42,7 +43,10 @@ def test_a_compressed_simulation_and_fleet_give_byte_identical_models(
 def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
     fleet: Launcher, transport: str
 ) -> None:
-    extra = '\n[compression]\nmode = "auto"\ntopk_fraction = 0.01\n'
+    extra = (
+        '\n[compression]\nmode = "auto"\ntopk_fraction = 0.01\n'
+        "auto_thresholds = { stc = 0.5, topk = 1.0, q8 = 10.0, fp16 = 100.0 }\n"
+    )
     config = write_config(
         fleet.work / "two", num_clients=2, rounds=2, fraction_evaluate=0.0, extra=extra
     )
@@ -56,16 +60,23 @@ def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
     total = 650
 
     def q8(values: np.ndarray | None = None, ranges: np.ndarray | None = None) -> bytes:
-        return to_bytes({
-            "q8.values": np.zeros(total, np.uint8) if values is None else values,
+        return pack({  # packed: (low, step) per tensor, then one code per entry
             "q8.ranges": np.ones((2, 2), np.float32) if ranges is None else ranges,
+            "q8.values": np.zeros(total, np.uint8) if values is None else values,
         })  # fmt: skip
 
     def topk(indices: list[int], values: np.ndarray | None = None) -> bytes:
         count = len(indices)
-        return to_bytes({
-            "topk.indices": np.array(indices, np.uint32),
+        return pack({  # packed: the values, then their uint16 indices (650 entries < 2**16)
             "topk.values": np.ones(count, np.float32) if values is None else values,
+            "topk.indices": np.array(indices, np.uint16),
+        })  # fmt: skip
+
+    def stc(positions: list[int], scales: tuple[float, float] = (0.5, 0.25)) -> bytes:
+        fixed, unary = rice.encode(np.array(positions), np.zeros(len(positions), bool), total)
+        return pack({
+            "stc.count": np.array([len(positions)], np.uint32),
+            "stc.scales": np.array(scales, np.float32), "stc.fixed": fixed, "stc.unary": unary,
         })  # fmt: skip
 
     nan_scale = np.ones((2, 2), np.float32)
@@ -75,20 +86,26 @@ def test_malformed_encoded_uploads_are_refused_and_the_round_completes(
     cases = [
         (q8(ranges=nan_scale), "q8", "tensor 'q8.ranges' has 1 NaN or Inf value(s)"),
         (q8(ranges=zero_step), "q8", "the q8 step of tensor 'bias' is 0.0; expected > 0"),
-        (q8(values=np.zeros(total, np.int16)), "q8", "'q8.values' has dtype int16, expected uint8"),
-        (q8(values=np.zeros(total - 1, np.uint8)), "q8", "'q8.values' has shape [649]"),
+        (q8(values=np.zeros(total - 1, np.uint8)), "q8",
+         "a q8 payload of this model is exactly 666 bytes (2 float tensors of 650 entries, "
+         "0 bytes of integer tensors); got 665"),
         (topk([3, 650]), "topk", "topk index 650 is out of range; the float tensors have 650"),
         (topk([5, 5]), "topk", "strictly increasing (unique, in order); entry 1 is 5 after 5"),
-        (topk(list(range(9))), "topk", "9 topk entries; at most 8 (topk_fraction 0.01"),
+        (topk(list(range(9))), "topk", "for each of at most 8 entries (topk_fraction 0.01"),
+        (topk([1, 2])[:-1], "topk", "plus 6 bytes (a float32 value and a uint16 index)"),
         (topk([640, 641]), "topk", "2 topk entries in tensor 'bias'; at most 1"),
         (topk([1], np.array([np.inf], np.float32)), "topk", "'topk.values' has 1 NaN or Inf"),
+        (stc([640, 641]), "stc", "2 stc entries in tensor 'bias'; at most 1 (stc_fraction 0.1"),
+        (stc([3], (0.5, -1.0)), "stc", "the stc scale of tensor 'bias' is -1.0; expected >= 0"),
+        (stc([3, 650]), "stc", "position 650 is out of range; the float tensors have 650"),
+        (stc([3])[:-1], "stc", "an stc payload of 1 entries of this model takes"),
         (to_bytes({k: v.astype(np.float16) for k, v in weights.items()}), "gzip",
          "encoding 'gzip' is not accepted for this task"),
     ]  # fmt: skip
     for payload, encoding, fragment in cases:
         rogue.refused(Code.INVALID_ARGUMENT, fragment, task, payload, encoding=encoding)
     # a payload larger than the encoding could ever take: refused before it is received
-    rogue.refused(Code.INVALID_ARGUMENT, "outside 1..", task, b"", encoding="topk", size=total * 8)
+    rogue.refused(Code.INVALID_ARGUMENT, "at most 8 entries", task, b"", encoding="topk", size=480)
     assert fleet.status() is not None  # the server is up
     # the honest node's round completes with the rogue's honest, compressed, second try
     good = topk([0, 640], np.array([0.5, -0.25], np.float32))

@@ -5,26 +5,34 @@ refused with a message that says what was expected."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fedge import rice
 from fedge.client import Client, Config, FitResult
 from fedge.compression import (
     CompressClient,
     Compressor,
+    PackedFile,
     Throughput,
     check,
+    check_size,
     choose,
     decode,
     encoded_bytes,
+    layout,
     max_entries,
+    pack,
+    pack_to,
+    unpack,
 )
 from fedge.config import CompressionSection, parse_config
 from fedge.errors import ConfigError, WeightsError
 from fedge.sim import simulate
-from fedge.weights import Weights, spec_of, to_bytes
+from fedge.weights import TensorSpec, Weights, spec_of, to_bytes
 
 RNG = np.random.default_rng(0)
 BASE: Weights = {
@@ -93,10 +101,9 @@ def test_q8_packs_every_float_tensor_into_one_byte_per_entry() -> None:
     ):  # every entry is within one step of the truth, and the range covers the update
         assert low <= TRUE[name].min() and TRUE[name].max() <= low + 255 * float(step)
         assert np.max(np.abs(delta - TRUE[name])) <= float(step) * (1 + 1e-5)
-    data = sum(a.nbytes for a in encoded.weights.values())
-    assert sum(a.nbytes for a in TRAINED.values()) / data > 3.8  # 4 bytes (8 for the bias) -> 1
-    payload, plain = len(to_bytes(encoded.weights, ordered=False)), len(to_bytes(TRAINED))
-    assert plain / payload > 3.3  # a header of ~200 bytes counts, in a model this small
+    payload = pack(encoded.weights)  # the arrays end to end: no header on the wire
+    assert len(payload) == 3 * 8 + 670 + 8 == encoded_bytes(SPEC, "q8")
+    assert len(to_bytes(TRAINED)) / len(payload) > 3.9  # 4 bytes (8 for the bias) -> 1
 
 
 def test_q8_rounding_is_seeded_by_the_task_so_every_fleet_sends_the_same_bytes() -> None:
@@ -128,7 +135,7 @@ def test_q8_of_a_constant_update_is_exact() -> None:
 def test_topk_keeps_the_largest_entries_of_each_tensor_and_at_least_one() -> None:
     encoded = encode("topk", topk_fraction=0.05)
     index, values = encoded.weights["topk.indices"], encoded.weights["topk.values"]
-    assert (index.dtype, values.dtype) == (np.uint32, np.float32)
+    assert (index.dtype, values.dtype) == (np.uint16, np.float32)  # 670 entries: 16 bits
     assert len(index) == max_entries(60, 0.05) + max_entries(600, 0.05) + max_entries(10, 0.05)
     assert len(index) == 3 + 30 + 1 and np.all(np.diff(index.astype(np.int64)) > 0)
     decoded = floats_delta(decode(encoded.weights, "topk", BASE, SPEC))
@@ -197,10 +204,170 @@ def test_encoded_bytes_bound_what_each_encoding_can_take() -> None:
     floats = 60 + 600 + 10
     assert encoded_bytes(SPEC, "fp16") == 8 + 2 * floats
     assert encoded_bytes(SPEC, "q8") == 8 + floats + 3 * 8
-    assert encoded_bytes(SPEC, "topk", 0.01) == 8 + 8 * (1 + 6 + 1)
+    assert encoded_bytes(SPEC, "topk", 0.01) == 8 + 6 * (1 + 6 + 1)  # uint16 indices
     for mode in ("fp16", "q8", "topk"):
         data = sum(a.nbytes for a in encode(mode, topk_fraction=0.01).weights.values())
         assert data <= encoded_bytes(SPEC, mode, 0.01)
+
+
+# --- the packed wire form ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fp16", "q8", "topk", "stc"])
+def test_a_packed_update_unpacks_to_the_same_arrays_from_bytes_and_from_a_file(
+    mode: str, tmp_path: Path
+) -> None:
+    encoded = encode(mode, topk_fraction=0.05, stc_fraction=0.05).weights
+    payload = pack(encoded)
+    assert len(payload) == sum(a.nbytes for a in encoded.values())  # no header at all
+    path = tmp_path / "update"
+    pack_to(encoded, path)
+    assert path.read_bytes() == payload and path.stat().st_mode & 0o777 == 0o600
+    for unpacked in (
+        unpack(payload, mode, SPEC, fraction=0.05),
+        PackedFile(path, mode, SPEC, fraction=0.05),
+    ):
+        assert list(unpacked) == list(encoded)  # the encoder's order is the layout's
+        for name, array in encoded.items():
+            np.testing.assert_array_equal(unpacked[name], array)
+            assert unpacked[name].dtype == array.dtype and unpacked[name].shape == array.shape
+        check(unpacked, mode, SPEC, fraction=0.05)
+        decoded = decode(unpacked, mode, BASE, SPEC)
+        for name, want in decode(encoded, mode, BASE, SPEC).items():
+            np.testing.assert_array_equal(decoded[name], want)
+
+
+def test_a_packed_payload_of_a_size_the_model_does_not_allow_is_refused_precisely() -> None:
+    q8 = pack(encode("q8").weights)  # 24 bytes of ranges, 670 codes, 8 of 'steps'
+    with pytest.raises(WeightsError) as raised:
+        unpack(q8[:-1], "q8", SPEC, source="client 3")
+    assert str(raised.value) == (
+        "client 3: a q8 payload of this model is exactly 702 bytes (3 float tensors of 670 "
+        "entries, 8 bytes of integer tensors); got 701"
+    )
+    with pytest.raises(WeightsError, match="fp16 payload of this model is exactly 1348 bytes"):
+        unpack(q8, "fp16", SPEC)
+    topk = pack(encode("topk", topk_fraction=0.05).weights)  # 34 entries of 6 bytes, + 8
+    assert len(topk) == 34 * 6 + 8 and len(unpack(topk, "topk", SPEC, fraction=0.05)) == 3
+    expected = (
+        "a topk payload of this model is 8 bytes of integer tensors plus 6 bytes (a float32 "
+        "value and a uint16 index) for each of at most {} entries (topk_fraction {} of each "
+        "of the 3 float tensors, at least one each); got {} bytes"
+    )
+    for data, fraction, most in ((topk[:-1], 0.05, 34), (topk, 0.01, 8), (b"1234", 0.05, 34)):
+        with pytest.raises(WeightsError) as raised:
+            unpack(data, "topk", SPEC, fraction=fraction)
+        assert expected.format(most, fraction, len(data)) in str(raised.value)
+    with pytest.raises(WeightsError, match="encoding 'gzip' is not one of"):
+        layout("gzip", SPEC, 10)
+
+
+def test_topk_indexes_a_model_of_more_than_65536_float_entries_in_uint32() -> None:
+    spec = {"w": TensorSpec(np.dtype(np.float32), (65537,))}
+    assert layout("topk", spec, 8 * 656, fraction=0.01)["topk.indices"].dtype == np.uint32
+    base = {"w": np.zeros(65537, np.float32)}
+    trained = {"w": np.arange(65537, dtype=np.float32)}
+    encoded = Compressor(settings("topk")).compress(base, FitResult(trained, 1), {}).weights
+    assert encoded["topk.indices"].dtype == np.uint32 and encoded["topk.indices"][-1] == 65536
+    assert len(pack(encoded)) == encoded_bytes(spec, "topk", 0.01) == 8 * 656
+
+
+# --- stc ---------------------------------------------------------------------------------
+
+
+def test_stc_sends_the_top_entries_of_each_tensor_as_plus_or_minus_their_mean_magnitude() -> None:
+    compressor = Compressor(settings("stc", stc_fraction=0.1))
+    result = compressor.compress(BASE, FitResult(dict(TRAINED), 1), {"seed": 0})
+    assert result.encoding == "stc" and int(result.weights["stc.count"][0]) == 6 + 60 + 1
+    decoded = floats_delta(decode(result.weights, "stc", BASE, SPEC))
+    for (name, k), scale in zip(
+        (("conv", 6), ("head", 60), ("bias", 1)), result.weights["stc.scales"], strict=True
+    ):
+        flat, true = decoded[name].ravel(), TRUE[name].ravel()
+        sent = np.flatnonzero(np.abs(flat) > 1e-7)
+        largest = np.sort(np.argsort(-np.abs(true))[:k])
+        np.testing.assert_array_equal(sent, largest)
+        np.testing.assert_allclose(scale, np.mean(np.abs(true[largest])), rtol=1e-6)
+        np.testing.assert_allclose(np.abs(flat[sent]), scale, rtol=1e-4)  # added in float32
+        assert np.all(np.sign(flat[sent]) == np.sign(true[sent]))
+        # what was not sent, or ternarizing changed, is held back: nothing is lost
+        np.testing.assert_allclose(flat + compressor.residual[name].ravel(), true, atol=1e-5)
+    # 67 entries of 6 bytes each as topk; Rice-coded with 1-bit values, ~6x fewer
+    assert len(pack(result.weights)) * 5 < 67 * 6 + 8
+
+
+@pytest.mark.parametrize(
+    "positions", [[], [0], [669], [0, 1, 2, 3], list(range(670)), [5, 300, 301, 669]]
+)
+def test_rice_coding_round_trips_any_strictly_increasing_positions(positions: list[int]) -> None:
+    index = np.array(positions, np.int64)
+    negative = np.arange(len(index)) % 3 == 0
+    fixed, unary = rice.encode(index, negative, 670)
+    assert len(fixed) == rice.fixed_bytes(670, len(index))
+    low, high = rice.unary_bytes(670, len(index))
+    assert low <= len(unary) <= high
+    found, signs = rice.decode(fixed, unary, len(index), 670, source="client 3")
+    np.testing.assert_array_equal(found, index)
+    np.testing.assert_array_equal(signs, negative)
+
+
+def test_rice_random_positions_take_about_log2_of_their_density_plus_two_bits() -> None:
+    index = np.sort(np.random.default_rng(0).choice(100_000, 1_000, replace=False))
+    fixed, unary = rice.encode(index, np.zeros(1000, bool), 100_000)
+    assert rice.rice_bits(100_000, 1000) == 6  # mean gap 99: 2**6 <= 99 ln 2 < 2**7
+    bits = 8 * (len(fixed) + len(unary)) / 1000  # log2(100) = 6.6, + 1 sign bit
+    assert 7.5 < bits < 9.5, bits
+
+
+def test_every_malformed_stc_payload_is_refused_precisely() -> None:
+    good = encode("stc", stc_fraction=0.05).weights  # 3 + 30 + 1 entries
+    check(good, "stc", SPEC, fraction=0.05)
+    count = int(good["stc.count"][0])
+    fixed, unary = good["stc.fixed"], good["stc.unary"]
+
+    def stc(fraction: float = 0.05, **arrays: Any) -> str:
+        changed = {**good, **{k.replace("__", "."): v for k, v in arrays.items()}}
+        with pytest.raises(WeightsError) as raised:
+            unpacked = unpack(pack(changed), "stc", SPEC, fraction=fraction, source="client 3")
+            check(unpacked, "stc", SPEC, fraction=fraction, source="client 3")
+        message = str(raised.value)
+        assert message.startswith("client 3: "), message
+        return message
+
+    assert "34 stc entries; at most 8 (stc_fraction 0.01" in stc(0.01)
+    assert "35 stc entries; at most 34" in stc(stc__count=np.array([35], np.uint32))
+    short = stc(stc__count=np.array([5], np.uint32))  # the streams are far too long for 5
+    assert (
+        f"an stc payload of 5 entries of this model takes 30..31 bytes; got {len(pack(good))}"
+        in short
+    )
+    assert "takes" in stc(stc__unary=np.concatenate([unary, np.zeros(99, np.uint8)]))
+    extra = np.concatenate([unary, np.zeros(1, np.uint8)])
+    assert "the unary stream must end with its 34th gap" in stc(stc__unary=extra)
+    ones = unary.copy()
+    ones[-1] = 0xFF  # no 0-bit ends the last gap any more
+    assert "the unary stream holds 33 gaps; expected 34" in stc(stc__unary=ones)
+    padded = fixed.copy()
+    padded[-1] |= 1
+    if len(fixed) * 8 > count * (rice.rice_bits(670, count) + 1):  # there are padding bits
+        assert "the fixed stream's padding bits must be 0" in stc(stc__fixed=padded)
+    beyond = rice.encode(np.array([*range(33), 670]), np.zeros(34, bool), 670)
+    assert "position 670 is out of range; the float tensors have 670 entries (0..669)" in stc(
+        stc__fixed=beyond[0], stc__unary=beyond[1]
+    )
+    scales = good["stc.scales"].copy()
+    scales[1] = -1.0
+    assert "the stc scale of tensor 'head' is -1.0; expected >= 0" in stc(stc__scales=scales)
+    scales[1] = np.nan
+    assert "'stc.scales' has 1 NaN or Inf value(s)" in stc(stc__scales=scales)
+    streams = rice.encode(np.arange(34), np.zeros(34, bool), 670)  # 34 in conv's 60
+    crowded = {**good, "stc.fixed": streams[0], "stc.unary": streams[1]}
+    with pytest.raises(WeightsError, match="34 stc entries in tensor 'conv'; at most 3"):
+        check(unpack(pack(crowded), "stc", SPEC, fraction=0.05), "stc", SPEC, fraction=0.05)
+    with pytest.raises(WeightsError, match="an stc payload starts with its 4-byte entry count"):
+        unpack(b"\x01", "stc", SPEC)
+    with pytest.raises(WeightsError, match=r"an stc payload of this model \(stc_fraction 0.05\)"):
+        check_size("stc", SPEC, encoded_bytes(SPEC, "stc", 0.05) + 1, fraction=0.05)
 
 
 # --- auto --------------------------------------------------------------------------------
@@ -274,7 +441,9 @@ def test_the_compression_section_is_validated_and_names_the_key() -> None:
 
     assert load({}).mode == "none"
     assert load({"mode": "topk", "topk_fraction": 0.05}).topk_fraction == 0.05
+    assert load({"mode": "stc"}).fraction("stc") == 0.1 and load({}).fraction("q8") == 1.0
     cases = [
+        ({"stc_fraction": 0}, "'compression.stc_fraction' = 0"),
         ({"mode": "zip"}, "'compression.mode' = 'zip'"),
         ({"topk_fraction": 0}, "'compression.topk_fraction' = 0"),
         ({"topk_fraction": 1.5}, "'compression.topk_fraction' = 1.5"),
@@ -333,7 +502,7 @@ def test_every_malformed_fp16_payload_is_refused_precisely() -> None:
     refused(
         dict(good.weights),
         "gzip",
-        "encoding 'gzip' is not one of ['safetensors', 'topk', 'q8', 'fp16']",
+        "encoding 'gzip' is not one of ['safetensors', 'stc', 'topk', 'q8', 'fp16']",
     )
 
 
@@ -412,7 +581,7 @@ def test_every_malformed_topk_payload_is_refused_precisely() -> None:
     refused(
         changed(good, topk__indices=index.astype(np.int64)),
         "topk",
-        "'topk.indices' has dtype int64, expected uint32",
+        "'topk.indices' has dtype int64, expected uint16",
     )
     refused(
         changed(good, topk__indices=index.reshape(2, -1)),
@@ -437,7 +606,7 @@ def test_every_malformed_topk_payload_is_refused_precisely() -> None:
     )
     # more entries than the fraction allows: in all, then in one tensor
     refused(good.weights, "topk", "34 topk entries; at most 8 (topk_fraction 0.01", fraction=0.01)
-    crowded = np.arange(34, dtype=np.uint32)  # 34 entries all in 'conv' (60 entries, 3 allowed)
+    crowded = np.arange(34, dtype=np.uint16)  # 34 entries all in 'conv' (60 entries, 3 allowed)
     refused(
         changed(good, topk__indices=crowded),
         "topk",
@@ -450,7 +619,7 @@ def test_every_malformed_topk_payload_is_refused_precisely() -> None:
 
 def test_an_empty_topk_update_is_accepted_and_decodes_to_the_base() -> None:
     empty = {
-        "topk.indices": np.empty(0, np.uint32),
+        "topk.indices": np.empty(0, np.uint16),
         "topk.values": np.empty(0, np.float32),
         "steps": BASE["steps"],
     }
@@ -482,14 +651,14 @@ class Drift(Client):
         return FitResult(moved, 10 + self.cid)
 
 
-@pytest.mark.parametrize("mode", ["fp16", "q8", "topk"])
+@pytest.mark.parametrize("mode", ["fp16", "q8", "topk", "stc"])
 def test_a_compressed_simulation_is_the_same_on_every_backend(mode: str) -> None:
     """Encoding happens in the simulator's own process, with one residual per client that
     lives across rounds, whichever worker process trained the client."""
     initial = {"w": np.zeros((20, 5), np.float32), "b": np.zeros(5, np.float32)}
     runs = [
         simulate(Drift, 4, 3, initial_weights=initial, backend=backend, workers=2,
-                 compression=settings(mode, topk_fraction=0.1))
+                 compression=settings(mode, topk_fraction=0.1, stc_fraction=0.1))
         for backend in ("inprocess", "process")
     ]  # fmt: skip
     models = [to_bytes(h.weights or {}) for h in runs]

@@ -11,7 +11,7 @@ import pytest
 
 from fedge.asynchronous import BufferedAsync, workflow_for
 from fedge.checkpoint import Checkpoint
-from fedge.config import build_strategy
+from fedge.config import CompressionSection, build_strategy
 from fedge.coordinator import Coordinator, fit_round
 from fedge.errors import ConfigError
 from fedge.history import History
@@ -218,3 +218,17 @@ def test_simulation_speed_keys_are_validated_naming_the_key() -> None:
         parse_config({"app": app, "simulation": {"speed_spread": 0.5}})
     with pytest.raises(ConfigError, match=r"'simulation.task_times.1' = 0: Expected `float` > 0"):
         parse_config({"app": app, "simulation": {"task_times": [1, 0]}})
+
+
+def test_a_stale_compressed_update_is_decoded_on_the_model_its_client_trained() -> None:
+    """An encoded update is relative to the weights its task sent; a stale one must not be
+    decoded on the newer global model (that would add the global's drift once more)."""
+    strategy = FedBuff(buffer_size=3, concurrency=7)
+    plain = _run(strategy, 8, speed_spread=10.0, seed=3)
+    half = _run(strategy, 8, speed_spread=10.0, seed=3,
+                compression=CompressionSection(mode="fp16"))  # fmt: skip
+    sent = [(r.round, int(t.split("/")[1].split(".")[0])) for r in half.rounds for t in r.tasks]
+    assert any(folded > trained for folded, trained in sent), "the test needs stale results"
+    assert plain.weights is not None and half.weights is not None
+    for name, want in plain.weights.items():  # fp16 rounding of each update, no more
+        np.testing.assert_allclose(half.weights[name], want, atol=2e-3)

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 
 from fedge.client import EVALUATE, FIT, Client, Config, EvaluateResult, FitResult
-from fedge.compression import CompressClient, Throughput, decode
+from fedge.compression import CompressClient, Compressor, PackedFile, Throughput, decode, pack
 from fedge.config import CompressionSection
 from fedge.coordinator import Outcome, Task
 from fedge.errors import QuorumError
+from fedge.fleet import uploads
 from fedge.fleet.bridge import ServiceFleet
 from fedge.fleet.service import FleetService, FleetSettings
 from fedge.messages import (
@@ -772,6 +773,38 @@ def test_a_node_in_auto_mode_switches_encoding_as_its_measured_uplink_changes(
     assert max(uplink.sizes[1:3]) < uplink.sizes[0]  # q8 and fp16 send fewer bytes
 
 
+@pytest.mark.parametrize("where", ["SMALL_PAYLOAD", "HELD_MEMORY"])
+def test_a_packed_update_held_in_a_file_is_checked_and_decoded_from_it(
+    fleet: Harness, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Received into a file (a large payload), or moved to one to wait (memory is full):
+    the packed update is read from disk, checked there, and decodes as from memory."""
+    monkeypatch.setattr(uploads, where, 0)
+    service, bridge = fleet.serve(compression=CompressionSection(mode="topk", topk_fraction=0.5))
+    hand = fleet.hand(service, "edge-2", 2)
+    task = task_for(2, bridge.publish(MODEL))
+    bridge.open([task])
+    hand.task()
+    trained = {"w": MODEL["w"] + np.arange(8, dtype=np.float32), "b": MODEL["b"] + 1}
+    result = Compressor(CompressionSection(mode="topk", topk_fraction=0.5)).compress(
+        MODEL, FitResult(trained, 10), {}
+    )
+    backwards = {**result.weights, "topk.indices": result.weights["topk.indices"][::-1].copy()}
+    if where == "SMALL_PAYLOAD":  # checked in the file, as it arrived
+        hand.refused(
+            Code.INVALID_ARGUMENT, "topk.indices must be strictly increasing",
+            task.task_id, pack(backwards), encoding="topk",
+        )  # fmt: skip
+    assert hand.upload(task.task_id, pack(result.weights), encoding="topk").accepted
+    (outcome,) = outcomes(bridge)
+    assert isinstance(outcome.result, FitResult) and outcome.result.encoding == "topk"
+    held = outcome.result.weights
+    assert isinstance(held, PackedFile) and held.path.exists()
+    decoded = decode(held, "topk", MODEL, spec_of(MODEL))
+    np.testing.assert_array_equal(decoded["w"], MODEL["w"] + [0, 0, 0, 0, 4, 5, 6, 7])
+    assert decoded["b"] == MODEL["b"] + 1
+
+
 def test_an_encoding_the_run_does_not_allow_is_refused_with_the_mode_named(
     fleet: Harness,
 ) -> None:
@@ -788,12 +821,13 @@ def test_an_encoding_the_run_does_not_allow_is_refused_with_the_mode_named(
         "(compression.mode = 'q8'",
         task.task_id, to_bytes(update), encoding="fp16",
     )  # fmt: skip
-    codes = {"q8.values": np.zeros(9, np.uint8), "q8.ranges": np.ones((2, 2), np.float32)}
-    wide = {**codes, "q8.values": np.zeros(9, np.float16)}
+    codes = {"q8.ranges": np.ones((2, 2), np.float32), "q8.values": np.zeros(9, np.uint8)}
+    wide = {**codes, "q8.values": np.zeros(9, np.float16)}  # 2 bytes a code: 9 too many
     hand.refused(
-        Code.INVALID_ARGUMENT, "tensor 'q8.values' has dtype float16, expected uint8",
-        task.task_id, to_bytes(wide), encoding="q8",
+        Code.INVALID_ARGUMENT, "a q8 payload of this model is exactly 25 bytes (2 float "
+        "tensors of 9 entries, 0 bytes of integer tensors); got 34",
+        task.task_id, pack(wide), encoding="q8",
     )  # fmt: skip
-    assert hand.upload(task.task_id, to_bytes(codes), encoding="q8").accepted
+    assert hand.upload(task.task_id, pack(codes), encoding="q8").accepted
     (outcome,) = outcomes(bridge)
     assert isinstance(outcome.result, FitResult) and outcome.result.encoding == "q8"

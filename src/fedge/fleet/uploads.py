@@ -13,8 +13,10 @@ restarts, and validated block by block so they never sit whole in memory. A full
 such ("disk full"), with a status the node retries on.
 
 A fit result may come as an encoded update (`fedge.compression`), if the run's
-``[compression]`` allows that encoding: it is checked as strictly as plain weights
-(`compression.check`), and the coordinator decodes it when it folds it.
+``[compression]`` allows that encoding: packed, with no header, so its size must be one
+the model allows in that encoding (`compression.layout`, checked before a byte is
+received); it is then checked as strictly as plain weights (`compression.check`), and
+the coordinator decodes it when it folds it.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class Uploads:
                 )
             return Received(Reply({}, metrics))
         encoding = self._check_payload(task, header, task.expects, source)
-        weights: CheckedWeights | FileWeights | None
+        weights: CheckedWeights | FileWeights | compression.PackedFile | None
         if header.size <= SMALL_PAYLOAD:
             weights = await self._receive_in_memory(task, header, chunks, source)
         else:
@@ -159,7 +161,7 @@ class Uploads:
 
     async def _receive_in_memory(
         self, task: Task, header: UploadHeader, chunks: Chunks, source: str
-    ) -> CheckedWeights | FileWeights | None:
+    ) -> CheckedWeights | FileWeights | compression.PackedFile | None:
         if header.offset != 0:
             raise FleetError(
                 Code.OUT_OF_RANGE,
@@ -176,22 +178,23 @@ class Uploads:
             return None
         _check_digest(digest.digest(), header.sha256, source)
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        weights = _decode(payload, source)
         assert task.expects is not None
+        weights = self._decode(payload, header, task.expects, source)
         check = self._checker(header)
         if header.size > 1 << 20:  # validation reads every value: off the loop when large
             await asyncio.to_thread(check, weights, task.expects, source)
         else:
             check(weights, task.expects, source)
         if self._held_total + header.size > HELD_MEMORY:  # it waits on disk
-            return await self._spill(task, payload, weights, source)
+            return await self._spill(task, header, payload, weights, source)
         self._held[task.task_id] = header.size
         self._held_total += header.size
         return weights
 
     async def _spill(
-        self, task: Task, payload: bytes, checked: CheckedWeights, source: str
-    ) -> FileWeights:
+        self, task: Task, header: UploadHeader, payload: bytes, checked: CheckedWeights,
+        source: str,
+    ) -> FileWeights | compression.PackedFile:  # fmt: skip
         """A validated result that must wait for its turn, moved to a file (page cache)."""
         path = self.path(task.task_id, ".safetensors")
         try:
@@ -199,13 +202,14 @@ class Uploads:
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise _disk_error(exc, self.directory, source) from exc
-        weights = FileWeights(path, source=source)
+        assert task.expects is not None
+        weights = self._open(path, header, task.expects, source)
         weights.checked, weights.magnitude = checked.checked, checked.magnitude
         return weights
 
     async def _receive_to_file(
         self, task: Task, header: UploadHeader, chunks: Chunks, source: str
-    ) -> FileWeights | None:
+    ) -> FileWeights | compression.PackedFile | None:
         spool = await self._spool(task.task_id)
         if header.offset != spool.size:
             raise FleetError(
@@ -245,9 +249,7 @@ class Uploads:
         assert task.expects is not None
         async with self._validating:
             try:
-                return await asyncio.to_thread(
-                    _check_file, path, task.expects, source, self._checker(header)
-                )
+                return await asyncio.to_thread(self._check_file, path, header, task.expects, source)
             except FleetError:
                 path.unlink(missing_ok=True)
                 raise
@@ -282,11 +284,18 @@ class Uploads:
                 f"expected one of {[compression.PLAIN, *allowed]} (compression.mode = "
                 f"{self.compression.mode!r}, and only fit results are compressed)",
             )
+        if encoding and 0 < header.size <= self.max_bytes:
+            try:  # a packed update's size is one its model and encoding allow, or refused
+                compression.check_size(encoding, expects, header.size, source=source,
+                                       fraction=self.compression.fraction(encoding))  # fmt: skip
+            except WeightsError as exc:
+                raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if encoding:
-            data = compression.encoded_bytes(expects, encoding, self.compression.topk_fraction)
+            data = compression.encoded_bytes(expects, encoding, self.compression.fraction(encoding))
+            bound = min(self.max_bytes, data)
         else:
             data = sum(s.dtype.itemsize * math.prod(s.shape) for s in expects.values())
-        bound = min(self.max_bytes, 8 + data + _header_bound(expects))
+            bound = min(self.max_bytes, 8 + data + _header_bound(expects))
         if not 0 < header.size <= bound:
             raise FleetError(
                 Code.RESOURCE_EXHAUSTED if header.size > self.max_bytes else Code.INVALID_ARGUMENT,
@@ -296,12 +305,47 @@ class Uploads:
             )
         return encoding
 
+    def _decode(self, data: bytes, header: UploadHeader, spec: Spec, source: str) -> CheckedWeights:
+        """Read-only views of the received bytes: the update is read, never written."""
+        encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
+        fraction = self.compression.fraction(encoding)
+        try:
+            if encoding:
+                return compression.unpack(data, encoding, spec, fraction=fraction, source=source)
+            return view_bytes(data, source=source)
+        except WeightsError as exc:
+            raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
+
+    def _open(
+        self, path: Path, header: UploadHeader, spec: Spec, source: str
+    ) -> FileWeights | compression.PackedFile:
+        """A received payload in a file, read when used: safetensors, or a packed update."""
+        encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
+        fraction = self.compression.fraction(encoding)
+        try:
+            if encoding:
+                return compression.PackedFile(
+                    path, encoding, spec, fraction=fraction, source=source
+                )
+            return FileWeights(path, source=source, max_header=_header_bound(spec))
+        except WeightsError as exc:
+            raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
+
+    def _check_file(
+        self, path: Path, header: UploadHeader, spec: Spec, source: str
+    ) -> FileWeights | compression.PackedFile:
+        """Validate a received file block by block; the coordinator then folds it unread
+        again."""
+        weights = self._open(path, header, spec, source)
+        self._checker(header)(weights, spec, source)
+        return weights
+
     def _checker(self, header: UploadHeader) -> Checker:
         """How the payload is validated: as weights, or as an update in its encoding."""
         encoding = "" if header.encoding in ("", compression.PLAIN) else header.encoding
         if not encoding:
             return _validate
-        fraction = self.compression.topk_fraction
+        fraction = self.compression.fraction(encoding)
 
         def check(weights: Mapping[str, Array], spec: Spec, source: str) -> None:
             try:
@@ -362,14 +406,6 @@ def _check_digest(digest: bytes, declared: bytes, source: str) -> None:
         )
 
 
-def _decode(data: bytes, source: str) -> CheckedWeights:
-    """Read-only views of the received bytes: the update is read, never written."""
-    try:
-        return view_bytes(data, source=source)
-    except WeightsError as exc:
-        raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
-
-
 Checker = Callable[[Mapping[str, Array], Spec, str], None]
 
 
@@ -378,16 +414,6 @@ def _validate(weights: Mapping[str, Array], spec: Spec, source: str) -> None:
         validate(weights, spec, source=source)
     except WeightsError as exc:
         raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
-
-
-def _check_file(path: Path, spec: Spec, source: str, check: Checker) -> FileWeights:
-    """Validate a received file block by block; the coordinator then folds it unread again."""
-    try:
-        weights = FileWeights(path, source=source, max_header=_header_bound(spec))
-    except WeightsError as exc:
-        raise FleetError(Code.INVALID_ARGUMENT, str(exc)) from exc
-    check(weights, spec, source)
-    return weights
 
 
 def _disk_error(exc: OSError, directory: Path, source: str) -> FleetError:

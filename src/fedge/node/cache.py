@@ -31,6 +31,7 @@ from fedge.chunks import (
     read_chunks,
     sha256_file,
 )
+from fedge.compression import pack, pack_to
 from fedge.errors import WeightsError
 from fedge.messages import ModelRef, UploadHeader
 from fedge.weights import Array, Weights, from_bytes, num_bytes, read_file, to_bytes, to_file
@@ -111,14 +112,18 @@ class Cache:
         return model
 
     def encode(
-        self, weights: Mapping[str, Array], task_id: str, *, ordered: bool = True
+        self, weights: Mapping[str, Array], task_id: str, *, packed: bool = False
     ) -> tuple[bytes | Path, int, bytes]:
-        """(payload, size, sha256) of a result: bytes when small, else a file."""
+        """(payload, size, sha256) of a result: bytes when small, else a file. Weights are
+        safetensors; an encoded update is `packed` (the server knows its layout)."""
         if num_bytes(weights) <= SPILL_BYTES:
-            data = to_bytes(weights, ordered=ordered)
+            data = pack(weights) if packed else to_bytes(weights)
             return data, len(data), hashlib.sha256(data).digest()
         path = self._result_path(task_id)
-        to_file(weights, path, ordered=ordered)
+        if packed:
+            pack_to(weights, path)
+        else:
+            to_file(weights, path)
         return path, path.stat().st_size, sha256_file(path).digest()
 
     def save(self, pending: Pending) -> Pending:

@@ -282,9 +282,7 @@ class Node:
         if not arrays:
             return Pending(header)
         encoding = result.encoding if isinstance(result, FitResult) and result.encoding else PLAIN
-        payload, size, digest = self.cache.encode(
-            arrays, task.task_id, ordered=encoding == PLAIN
-        )  # an encoded update's names say where each tensor goes: no order to keep
+        payload, size, digest = self.cache.encode(arrays, task.task_id, packed=encoding != PLAIN)
         return Pending(replace(header, encoding=encoding, size=size, sha256=digest), payload)
 
     def _download(self, task: TaskHeader) -> bytes | Path:
