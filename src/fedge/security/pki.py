@@ -34,7 +34,7 @@ from typing import Literal, get_args
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -123,7 +123,30 @@ def init_ca(
     issuing = _ca_certificate(issuing_subject, issuing_key, subject, key, days, path_length=0)
     write_file(directory / ISSUING_KEY_FILE, key_pem(issuing_key), private=True)
     write_file(directory / ISSUING_CERT_FILE, _pem(issuing), private=False)
+    release_key(directory, force=force)
     return cert_path
+
+
+RELEASE_KEY_FILE, RELEASE_PUB_FILE = "release.key", "release.pub"
+
+
+def release_key(directory: Path, *, force: bool = False) -> Path:
+    """The Ed25519 key that signs published models (`fedge.store.signing`), made with the
+    CA (or on first use for a CA made before there was one); `release.pub` is what
+    nodes and inference servers verify with. Returns the private key's path (0600)."""
+    private, public = directory / RELEASE_KEY_FILE, directory / RELEASE_PUB_FILE
+    if private.exists() and not force:
+        return private
+    key = ed25519.Ed25519PrivateKey.generate()
+    write_file(private, key_pem(key), private=True)
+    write_file(
+        public,
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        private=False,
+    )
+    return private
 
 
 def _ca_certificate(
@@ -565,7 +588,7 @@ def _chain_pem(cert: x509.Certificate, issuer: Issuer) -> bytes:
     return b"".join(_pem(c) for c in (cert, *issuer.chain))
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -1,0 +1,226 @@
+"""The model registry on a directory and on a real S3 server (moto's server mode, in its
+own process): versions, tags and rollback, signatures, tampering, interrupted and
+concurrent publishing, an unreachable store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from fedge.launch import wait_for
+from fedge.security import init_ca
+from fedge.security.pki import release_key
+from fedge.store import Registry, StoreError, Unreachable, open_registry
+from fedge.store.s3server import S3Server
+from fedge.weights import to_bytes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture(params=["file", "s3"])
+def url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "file":
+        return f"file://{tmp_path / 'store'}"
+    server: S3Server = request.getfixturevalue("s3")
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"models-{request.node.name.split('[')[0][-20:].replace('_', '-')}"
+    server.create_bucket(bucket)
+    return f"s3://{bucket}/fleet-a"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    certs = tmp_path / "pki"
+    init_ca(certs)
+    return certs
+
+
+def model_file(directory: Path, value: float, size: int = 1000) -> Path:
+    path = directory / f"model-{value}.safetensors"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(to_bytes({"w": np.full(size, value, np.float32)}))
+    return path
+
+
+def test_versions_tags_and_rollback(url: str, tmp_path: Path, keys: Path) -> None:
+    registry = open_registry(url, sign_key=keys / "release.key", verify_keys=[keys / "release.pub"])
+    parent = ""
+    for r in range(1, 4):
+        published = registry.publish(
+            "digits", model_file(tmp_path / "m", r), f"run1-r{r}", run="run1", round=r,
+            metrics={"accuracy": 0.5 + r / 10}, strategy="fedavg", parent=parent,
+        )  # fmt: skip
+        parent = published.version
+    assert [m.version for m in registry.versions("digits")] == ["run1-r1", "run1-r2", "run1-r3"]
+    assert registry.models() == ["digits"]
+    assert registry.tags("digits") == {"latest": "run1-r3"}
+    got = registry.pull("digits", "latest", tmp_path / "out.safetensors")
+    assert got.round == 3 and got.parent == "run1-r2" and got.metrics == {"accuracy": 0.8}
+    assert (tmp_path / "out.safetensors").read_bytes() == model_file(tmp_path / "m", 3).read_bytes()
+
+    registry.tag("digits", "production", "run1-r1", by="operator")
+    registry.tag("digits", "production", "run1-r2")
+    registry.tag("digits", "production", "run1-r3")
+    assert registry.rollback("digits", "production") == "run1-r2"
+    assert registry.rollback("digits", "production") == "run1-r1"
+    assert registry.tags("digits")["production"] == "run1-r1"
+    with pytest.raises(StoreError, match="no earlier version than 'run1-r1'"):
+        registry.rollback("digits", "production")
+    with pytest.raises(StoreError, match="has no version 'nope'"):
+        registry.tag("digits", "production", "nope")
+    with pytest.raises(StoreError, match=r"model '\.\./etc': expected 1-128 letters"):
+        registry.versions("../etc")
+
+    # keep the newest one and what a tag points to; the rest goes, blobs included
+    registry.tag("digits", "production", "run1-r2")
+    with_blobs = {m.sha256 for m in registry.versions("digits")}
+    assert registry.prune("digits", keep_last=1) == ["run1-r1"]
+    assert [m.version for m in registry.versions("digits")] == ["run1-r2", "run1-r3"]
+    assert len(with_blobs) == 3
+
+
+def test_tampering_and_foreign_keys_are_refused(url: str, tmp_path: Path, keys: Path) -> None:
+    signer = open_registry(url, sign_key=keys / "release.key")
+    published = signer.publish("m", model_file(tmp_path, 1.0), "v1", metrics={"accuracy": 0.9})
+    reader = open_registry(url, verify_keys=[keys / "release.pub"])
+    assert reader.check("m", "v1").signature == published.signature
+
+    # a manifest altered after signing (better metrics claimed)
+    forged = msgspec.structs.replace(published, metrics={"accuracy": 0.99})
+    signer.backend.put_bytes("models/m/versions/v1.json", msgspec.json.encode(forged))
+    with pytest.raises(StoreError, match="signature does not match the manifest"):
+        reader.check("m", "v1")
+    # a replaced blob, with the genuine manifest
+    signer.backend.put_bytes("models/m/versions/v1.json", msgspec.json.encode(published))
+    signer.backend.put_bytes(published.blob, model_file(tmp_path, 2.0).read_bytes())
+    with pytest.raises(StoreError, match=r"has SHA-256 .* the blob was tampered with"):
+        reader.check("m", "v1")
+    # another key's release, an unsigned one, a manifest that is not one
+    other = tmp_path / "other"
+    other.mkdir()
+    release_key(other)
+    open_registry(url, sign_key=other / "release.key").publish("m", model_file(tmp_path, 3.0), "v2")
+    with pytest.raises(StoreError, match="not a trusted release key"):
+        reader.check("m", "v2")
+    Registry(signer.backend).publish("m", model_file(tmp_path, 4.0), "v3")
+    with pytest.raises(StoreError, match="m/v3 is not signed"):
+        reader.check("m", "v3")
+    signer.backend.put_bytes("models/m/versions/v4.json", b'{"model": "m", "version": 7}')
+    with pytest.raises(StoreError, match=r"v4\.json: not a valid manifest"):
+        reader.manifest("m", "v4")
+    signer.backend.put_bytes("models/m/versions/v5.json", msgspec.json.encode(published))
+    with pytest.raises(StoreError, match="describes m/v1, not m/v5: the store was tampered"):
+        reader.manifest("m", "v5")
+
+
+PUBLISH_BIG = """
+import sys
+from pathlib import Path
+from fedge.store import open_registry
+open_registry(sys.argv[1]).publish("big", Path(sys.argv[2]), "v-big")
+"""
+
+
+def test_an_interrupted_publish_leaves_no_version(url: str, tmp_path: Path) -> None:
+    """The publisher is killed while it uploads a 200 MB model: no version, no tag and no
+    partial blob is ever visible; publishing again completes."""
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(200 << 20)
+    registry = open_registry(url)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PUBLISH_BIG), url, str(big)])
+    if url.startswith("file://"):
+        root = Path(url[len("file://") :])
+        wait_for(lambda: any(root.rglob(".*.tmp")), "the upload to start", 30, 0.005)
+    else:
+        wait_for(lambda: _multipart_started(url), "the upload to start", 30, 0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert registry.versions("big") == []
+    assert registry.tags("big") == {}
+    assert not registry.backend.list("blobs/"), registry.backend.list("blobs/")
+    published = registry.publish("big", big, "v-big")
+    assert registry.check("big", "latest") == published
+
+
+def _multipart_started(url: str) -> bool:
+    import boto3
+
+    bucket, prefix = url[len("s3://") :].split("/", 1)
+    uploads = boto3.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return bool(uploads.get("Uploads"))
+
+
+def test_concurrent_publishers_and_readers(url: str, tmp_path: Path) -> None:
+    registry = open_registry(url)
+    registry.publish("m", model_file(tmp_path, 0.0), "seed")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def publisher(worker: int) -> None:
+        try:
+            for i in range(5):
+                path = model_file(tmp_path / f"p{worker}", worker * 10 + i)
+                registry.publish("m", path, f"w{worker}-v{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader(worker: int) -> None:
+        out = tmp_path / f"r{worker}.safetensors"
+        try:
+            while not stop.is_set():
+                registry.pull("m", "latest", out)  # checked: whole and as described
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=publisher, args=(w,)) for w in range(3)]
+    readers = [threading.Thread(target=reader, args=(w,)) for w in range(2)]
+    for t in writers + readers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not errors, errors
+    versions = {m.version for m in registry.versions("m")}
+    assert versions == {"seed"} | {f"w{w}-v{i}" for w in range(3) for i in range(5)}
+    assert registry.tags("m")["latest"] in versions
+    assert len(registry.tag_moves("m", "latest")) == 16  # no move lost
+
+
+def test_an_unreachable_store_is_a_precise_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedge.launch import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    registry = open_registry("s3://bucket/p", endpoint=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(Unreachable, match=r"s3://bucket/p: Could not connect"):
+        registry.publish("m", model_file(tmp_path, 1.0), "v1")
+    with pytest.raises(StoreError, match="expected a file:///path or s3://bucket/prefix URL"):
+        open_registry("ftp://host/x")
+    with pytest.raises(StoreError, match="a file URL names a local path"):
+        open_registry("file://relative/x")
+    missing = open_registry(f"file://{tmp_path / 'empty'}")
+    assert missing.versions("m") == []
+    with pytest.raises(StoreError, match="model 'm' has no version 'latest'"):
+        missing.resolve("m", "latest")
