@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -834,6 +835,153 @@ def broker_config(
 
     files = write_config(certs, out, port=port, host=host, name=name, prefix=prefix, crl=crl)
     _console().print(f"wrote {files.config} and {files.acl}; run: mosquitto -c {files.config}")
+
+
+models_app = typer.Typer(
+    help="The model registry: published versions, tags, signatures.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store", envvar="FEDGE_STORE", help="file:///path or s3://bucket/prefix (FEDGE_STORE)."
+    ),
+]
+EndpointOption = Annotated[
+    str, typer.Option(help="S3 endpoint other than AWS (Ceph RGW, MinIO); or AWS_ENDPOINT_URL.")
+]
+ModelArgument = Annotated[str, typer.Argument(help="The model's name in the registry.")]
+RefArgument = Annotated[str, typer.Argument(help="A version, or a tag (latest, best, ...).")]
+ReleaseKeyOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--release-key", help="Trusted release public key (the CA's release.pub); repeatable."
+    ),
+]
+
+
+def _registry(store: str, endpoint: str = "", keys: list[Path] | None = None) -> Any:
+    from fedge.store import open_registry
+
+    return open_registry(store, endpoint=endpoint, verify_keys=keys or ())
+
+
+@models_app.command("list")
+def models_list(
+    store: StoreOption,
+    model: Annotated[str | None, typer.Option(help="List this model's versions.")] = None,
+    endpoint: EndpointOption = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Manifests as JSON lines.")] = False,
+) -> None:
+    """The models in a store, or one model's versions with their tags, newest last."""
+    import msgspec
+    from rich.table import Table
+
+    registry = _registry(store, endpoint)
+    if as_json:
+        for name in [model] if model else registry.models():
+            tags = registry.tags(name)
+            for m in registry.versions(name):
+                mine = sorted(t for t, v in tags.items() if v == m.version)
+                line = msgspec.to_builtins(m) | {"tags": mine}
+                sys.stdout.write(json.dumps(line) + "\n")
+        return
+    if model is None:
+        table = Table("model", "versions", "tags")
+        for name in registry.models():
+            tags = registry.tags(name)
+            shown = ", ".join(f"{t}={v}" for t, v in sorted(tags.items()))
+            table.add_row(name, str(len(registry.versions(name))), shown)
+    else:
+        tags_of: dict[str, list[str]] = {}
+        for tag, version in registry.tags(model).items():
+            tags_of.setdefault(version, []).append(tag)
+        table = Table("version", "created", "round", "metrics", "size", "signed", "tags")
+        table.columns[0].no_wrap = True
+        for m in registry.versions(model):
+            table.add_row(
+                m.version,
+                _when(int(m.created * 1000)),
+                str(m.round),
+                ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items())),
+                f"{m.size / 1e6:.2f} MB",
+                "yes" if m.signature else "no",
+                ", ".join(sorted(tags_of.get(m.version, []))),
+            )
+    _console(stdout=True).print(table)
+
+
+@models_app.command("show")
+def models_show(
+    model: ModelArgument, ref: RefArgument, store: StoreOption, endpoint: EndpointOption = ""
+) -> None:
+    """One version's manifest (a tag shows the version it points to)."""
+    import msgspec
+
+    manifest = _registry(store, endpoint).resolve(model, ref)
+    _console(stdout=True).print_json(msgspec.json.encode(manifest).decode())
+
+
+@models_app.command("pull")
+def models_pull(
+    model: ModelArgument,
+    ref: RefArgument,
+    store: StoreOption,
+    out: Annotated[Path, typer.Option(help="Where to write the model (safetensors).")],
+    release_key: ReleaseKeyOption = None,
+    endpoint: EndpointOption = "",
+) -> None:
+    """Download a version, checked (size, SHA-256, and the signature with --release-key)."""
+    if not release_key:
+        logging.getLogger(__name__).warning(
+            "no --release-key: the signature is not checked, only the hash"
+        )
+    manifest = _registry(store, endpoint, release_key).pull(model, ref, out)
+    _console().print(f"{model}/{manifest.version} -> {out} ({manifest.size} bytes)")
+
+
+@models_app.command("verify")
+def models_verify(
+    model: ModelArgument,
+    ref: RefArgument,
+    store: StoreOption,
+    release_key: ReleaseKeyOption = None,
+    endpoint: EndpointOption = "",
+) -> None:
+    """Check a version: signed by a trusted release key, and its file whole and unchanged."""
+    if not release_key:
+        raise typer.BadParameter("give --release-key (the CA's release.pub) to verify with")
+    manifest = _registry(store, endpoint, release_key).check(model, ref)
+    _console(stdout=True).print(
+        f"{model}/{manifest.version}: signature (key {manifest.key_id}) and SHA-256 "
+        f"{manifest.sha256} verified"
+    )
+
+
+@models_app.command("tag")
+def models_tag(
+    model: ModelArgument,
+    tag: Annotated[str, typer.Argument(help="The tag to move, e.g. production.")],
+    version: Annotated[str, typer.Argument(help="The version it will point to.")],
+    store: StoreOption,
+    endpoint: EndpointOption = "",
+) -> None:
+    """Point a tag at a version (serving nodes that follow the tag switch to it)."""
+    _registry(store, endpoint).tag(model, tag, version, by="fedge models tag")
+    _console().print(f"{model}: {tag} -> {version}")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    model: ModelArgument,
+    tag: Annotated[str, typer.Argument(help="The tag to move back.")],
+    store: StoreOption,
+    endpoint: EndpointOption = "",
+) -> None:
+    """Point a tag back at the version it pointed to before."""
+    previous = _registry(store, endpoint).rollback(model, tag, by="fedge models rollback")
+    _console().print(f"{model}: {tag} -> {previous}")
 
 
 @app.command()

@@ -119,6 +119,26 @@ class CompressionSection(_Section):
         return (self.mode,)
 
 
+class StoreSection(_Section):
+    url: str = ""
+    """``file:///path`` or ``s3://bucket/prefix``; empty: the server publishes nothing."""
+    model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = "model"
+    every: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Publish every N rounds (the last round always)."""
+    keep: Annotated[int, msgspec.Meta(ge=1)] = 5
+    """Newest versions kept; tagged versions (best, production, ...) are kept too."""
+    best_metric: str = ""
+    """A centralized evaluation metric: the version with the best value is tagged best."""
+    best_mode: Literal["max", "min"] = "max"
+    endpoint: str = ""
+    """An S3 API endpoint other than AWS (Ceph RGW, MinIO); AWS_ENDPOINT_URL works too."""
+    region: str = ""
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("file:///", "s3://")):
+            raise ValueError(f"expected file:///path or s3://bucket/prefix, got {self.url!r}")
+
+
 class RunConfig(_Section):
     app: AppSection
     run: RunSection = msgspec.field(default_factory=RunSection)
@@ -128,6 +148,8 @@ class RunConfig(_Section):
     simulation: SimulationSection = msgspec.field(default_factory=SimulationSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     compression: CompressionSection = msgspec.field(default_factory=CompressionSection)
+    store: StoreSection = msgspec.field(default_factory=StoreSection)
+    """Where the server publishes models; not a setting of the run (it may change)."""
     base_dir: Path = msgspec.field(default_factory=lambda: Path("."))
     """Directory of the config file; app modules are imported from here."""
 
@@ -137,7 +159,7 @@ class RunConfig(_Section):
     def settings(self) -> dict[str, Any]:
         """Everything that defines the run, as plain JSON (comments and layout of the
         file do not count): two configs with equal settings are the same run."""
-        fields = (f for f in self.__struct_fields__ if f != "base_dir")
+        fields = (f for f in self.__struct_fields__ if f not in ("base_dir", "store"))
         return {f: msgspec.to_builtins(getattr(self, f)) for f in fields}
 
 

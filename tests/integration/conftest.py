@@ -17,6 +17,7 @@ import pytest
 
 from fedge.launch import FEDGE, Launcher, wait_for
 from fedge.node.link import Link
+from fedge.store.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits"
@@ -52,6 +53,13 @@ def create_app(num_clients, seed, fit_delay=0.0, slow_round=0, marker_dir="", **
 
     return fedge.App(client_fn, inner.initial_weights, inner.evaluate_fn)
 """
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (moto's server mode) in its own process, for one test module."""
+    with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
 
 
 @pytest.fixture(params=TRANSPORTS)

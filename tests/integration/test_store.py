@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -25,12 +24,6 @@ from fedge.store.s3server import S3Server
 from fedge.weights import to_bytes
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
-        yield server
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -112,6 +112,7 @@ class RunService:
             return cls(store, state_dir, run_id, config)
         stored = parse_config(latest["config"], source=f"run {run_id}")
         stored.base_dir = Path(latest["base_dir"] or config.base_dir)
+        stored.store = config.store  # where to publish is not a setting of the run
         log.warning("resuming run %s as it was; ignoring the config's changes: %s", run_id, changes)
         return cls(store, state_dir, run_id, stored)
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedge.app import App
 from fedge.asynchronous import workflow_for
@@ -34,7 +34,13 @@ from fedge.metrics import Metrics
 from fedge.strategy.fedbuff import FedBuff
 from fedge.weights import State, Weights
 
+if TYPE_CHECKING:  # imported when [store] is set: boto3 is loaded only then
+    from fedge.store.publisher import Publisher
+
 log = logging.getLogger(__name__)
+
+PUBLISH_WAIT = 60.0
+"""Seconds a finished run waits for its last models to reach the store before exiting."""
 
 
 class Transport(Protocol):
@@ -108,6 +114,7 @@ class Aggregator(Observer):
         )
         self.service.uploads.keep_only(f"{runs.run_id}/{self.resume.round}.{self.resume.attempt}")
         self.revocations = Revocations(runs.store, settings.state_dir / CRL_FILE, settings.certs)
+        self.publisher = _publisher(runs, settings, strategy.name)
         self.state = "starting"
         self.reason = ""
         self.round = self.resume.round - 1
@@ -122,6 +129,7 @@ class Aggregator(Observer):
         if self.runs.finished():
             self.state = "finished"
             log.warning("run %s already finished; --new-run starts another", self.runs.run_id)
+            await self._close_publisher()  # models it could not publish before go now
             return
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -142,6 +150,12 @@ class Aggregator(Observer):
             stop.cancel()
             housekeeping.cancel()
             await transport.stop(grace=1.0)
+            await self._close_publisher()
+
+    async def _close_publisher(self) -> None:
+        if self.publisher is not None:  # a stopped server waits less for the store
+            wait = PUBLISH_WAIT if self.state == "finished" else 5.0
+            await asyncio.to_thread(self.publisher.close, wait)
 
     def request_stop(self, reason: str = "") -> None:
         """Stop after the current write; safe to call from the loop (signal handlers)."""
@@ -184,6 +198,13 @@ class Aggregator(Observer):
 
     def on_round(self, record: RoundRecord, weights: Weights, state: State) -> None:
         self.runs.on_round(record, weights, state)
+        publisher = self.publisher
+        if (
+            publisher
+            and record.status == "ok"
+            and publisher.due(record.round, self.runs.config.run.rounds)
+        ):
+            publisher.submit(record, weights)
         assert self._loop is not None
         sessions = asyncio.run_coroutine_threadsafe(self._sessions(), self._loop).result()
         node_of = {cid: node for node, cid, _ in sessions}
@@ -304,6 +325,28 @@ class Aggregator(Observer):
 
     async def assign(self, node_id: str, cid: int) -> str | None:
         return await self.service.assign(node_id, cid)
+
+
+def _publisher(runs: RunService, settings: ServerSettings, strategy: str) -> Publisher | None:
+    """The run's model publisher, if ``[store] url`` is set. It signs with the CA's
+    release key when the server has its PKI directory (made there on first use)."""
+    section = runs.config.store
+    if not section.url:
+        return None
+    from fedge.security.pki import release_key
+    from fedge.store import open_registry
+    from fedge.store.publisher import Publisher
+
+    key = None
+    if settings.certs is not None and (settings.certs / "ca.crt").exists():
+        key = release_key(settings.certs)
+    else:
+        log.warning("model store %s: publishing unsigned models (no PKI directory)", section.url)
+    registry = open_registry(
+        section.url, endpoint=section.endpoint, region=section.region, sign_key=key
+    )
+    spool = settings.state_dir / "runs" / runs.run_id / "publish"
+    return Publisher(registry, section, runs.run_id, spool, strategy)
 
 
 def _state(cert: dict[str, Any], now: float) -> str:

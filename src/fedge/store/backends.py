@@ -189,10 +189,15 @@ class S3Backend:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, key: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
             return call(*args, **kwargs)
+        except NoCredentialsError as exc:
+            raise StoreError(
+                f"{self.url}: no S3 credentials (set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            ) from exc
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))

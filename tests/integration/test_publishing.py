@@ -1,0 +1,124 @@
+"""A server publishes its models to the registry as `[store]` says — signed, pruned,
+tagged latest and best — and an unreachable store never stops training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, finished, latest_weights, write_config
+
+from fedge.launch import Launcher
+from fedge.store import open_registry
+from fedge.store.s3server import S3Server
+from fedge.weights import read_file
+
+pytestmark = pytest.mark.integration
+
+
+def store_config(tmp_path: Path, url: str, endpoint: str, rounds: int = 4) -> Path:
+    return write_config(
+        tmp_path / "app",
+        rounds=rounds,
+        fraction_evaluate=0.0,
+        extra=f"""
+        [store]
+        url = "{url}"
+        model = "digits"
+        keep = 2
+        best_metric = "accuracy"
+        endpoint = "{endpoint}"
+        """,
+    )
+
+
+def test_a_run_publishes_signed_models_and_the_cli_reads_them(
+    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    s3.create_bucket("published")
+    url = "s3://published/fleet"
+    config = store_config(tmp_path, url, s3.endpoint)
+    with Launcher(tmp_path, config, env=s3.env) as fleet:
+        out = tmp_path / "history.json"
+        server = fleet.server("--wait-for", "4", "--out", out)
+        for cid in range(4):
+            fleet.node(cid)
+        finished(server, fleet)
+        final = latest_weights(fleet)
+        run_id = next((fleet.state_dir / "runs").iterdir()).name
+        pub = fleet.certs / "release.pub"
+        rounds = json.loads(out.read_text())["rounds"]
+
+        versions = [f"{run_id}-r{r:06d}" for r in range(1, 5)]
+        accuracy = {v: r["metrics"]["accuracy"] for v, r in zip(versions, rounds, strict=True)}
+        best = max(versions, key=lambda v: (accuracy[v], v))
+        listed = cli(fleet, "models", "list", "--store", url, "--model", "digits",
+                     "--endpoint", s3.endpoint, "--json")  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        # the newest two are kept, and the best; every round was published
+        registry = open_registry(url, endpoint=s3.endpoint, verify_keys=[pub])
+        kept = [m.version for m in registry.versions("digits")]
+        assert kept == sorted({*versions[-2:], best}), (kept, accuracy)
+        lines = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert [line["version"] for line in lines] == kept, listed.stdout
+        assert all(line["signature"] for line in lines)
+        assert registry.tags("digits") == {"latest": versions[-1], "best": best}
+        manifest = registry.resolve("digits", "latest")
+        assert (manifest.run, manifest.round, manifest.parent) == (run_id, 4, versions[-2])
+        assert manifest.metrics["accuracy"] == accuracy[versions[-1]]
+
+        verified = cli(fleet, "models", "verify", "digits", "latest", "--store", url,
+                       "--release-key", pub, "--endpoint", s3.endpoint)  # fmt: skip
+        assert verified.returncode == 0 and "verified" in verified.stdout, verified.stderr
+        pulled = tmp_path / "pulled.safetensors"
+        got = cli(fleet, "models", "pull", "digits", "latest", "--store", url, "--out", pulled,
+                  "--release-key", pub, "--endpoint", s3.endpoint)  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        for name, array in read_file(pulled).items():
+            np.testing.assert_array_equal(array, final[name])
+        for args in (("tag", "digits", "production", versions[-2]),
+                     ("tag", "digits", "production", versions[-1]),
+                     ("rollback", "digits", "production")):  # fmt: skip
+            done = cli(fleet, "models", *args, "--store", url, "--endpoint", s3.endpoint)
+            assert done.returncode == 0, done.stderr
+        assert registry.tags("digits")["production"] == versions[-2]
+        refused = cli(fleet, "models", "tag", "digits", "production", "nope", "--store", url,
+                      "--endpoint", s3.endpoint)  # fmt: skip
+        assert refused.returncode != 0 and "has no version 'nope'" in refused.stderr
+
+
+def test_an_unreachable_store_does_not_stop_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is down for the whole run: every round trains, the server says why
+    nothing was published and keeps the models; served again once the store is up, the
+    finished run publishes them."""
+    s3 = S3Server(tmp_path / "moto.log")  # its port is chosen, nothing listens yet
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    url = "s3://late/fleet"
+    config = store_config(tmp_path, url, s3.endpoint, rounds=3)
+    with Launcher(tmp_path, config, env=s3.env) as fleet:
+        out = tmp_path / "history.json"
+        server = fleet.server("--wait-for", "4", "--out", out)
+        for cid in range(4):
+            fleet.node(cid)
+        finished(server, fleet)
+        log = fleet.log("server", 20000)
+        assert [r["status"] for r in json.loads(out.read_text())["rounds"]] == ["ok"] * 3
+        assert "could not publish round 000001" in log and "training goes on" in log, log
+        assert "not published yet" in log, log
+        spool = next((fleet.state_dir / "runs").iterdir()) / "publish"
+        assert len(list(spool.glob("*.json"))) == 2  # keep = 2: the newest wait
+        with s3:
+            s3.create_bucket("late")
+            again = fleet.server(name="again")
+            finished(again, fleet, "again")
+            registry = open_registry(url, endpoint=s3.endpoint)
+            rounds = [m.round for m in registry.versions("digits")]
+        assert rounds == [2, 3], fleet.log("again")
+        assert not list(spool.glob("*.json"))
