@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -166,38 +166,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+Loadgen = Callable[[str, Path, list[int]], None]
+"""A load generator process: (where the nodes dial, the certificates, their client ids)."""
+
+
 def run(
     nodes: int,
     rounds: int,
     work: Path,
     validity: tuple[dt.datetime, dt.datetime] | None = None,
+    *,
+    transport: str = "grpc",
+    generator: Loadgen = loadgen,
 ) -> dict[str, object]:
-    """`validity`: of the nodes' certificates (to have them renewed during the run)."""
+    """`validity`: of the nodes' certificates (to have them renewed during the run);
+    `generator` runs nodes speaking `transport` (for MQTT it dials the broker)."""
     (work / "app.py").write_text(APP)
     config = work / "fedge.toml"
     config.write_text(
         f'[app]\ntarget = "app:create_app"\n[run]\nnum_clients = {nodes}\n'
         f"rounds = {rounds}\nround_timeout = 300.0\n"
     )
-    with Launcher(work / f"fleet-{nodes}", config) as fleet:
+    with Launcher(work / f"fleet-{nodes}", config, transport=transport) as fleet:
         certs = fleet.issue()
         for cid in range(nodes):
             issue(certs, f"node-{cid}", validity=validity, force=True)
+        where = fleet.address if transport == "grpc" else fleet.broker_url()
         out = fleet.work / "out.json"
         extra = os.environ.get("FEDGE_BENCH_SERVER_ARGS", "").split()
         server = fleet.server("--out", out, "--wait-for", str(nodes), *extra)
-        result = _drive(fleet.address, certs, server, nodes, rounds, out)
+        result = _drive(where, certs, server, nodes, rounds, out, generator)
         if server.returncode != 0:
             raise RuntimeError(f"the server failed:\n{fleet.log('server')}")
         return result
 
 
 def _drive(
-    address: str, certs: Path, server: subprocess.Popen[bytes], nodes: int, rounds: int, out: Path
+    where: str,
+    certs: Path,
+    server: subprocess.Popen[bytes],
+    nodes: int,
+    rounds: int,
+    out: Path,
+    generator: Loadgen,
 ) -> dict[str, object]:
     chunks = [list(range(nodes))[i::LOADGEN_PROCESSES] for i in range(LOADGEN_PROCESSES)]
     context = multiprocessing.get_context("spawn")
-    generators = [context.Process(target=loadgen, args=(address, certs, c)) for c in chunks]
+    generators = [context.Process(target=generator, args=(where, certs, c)) for c in chunks]
     started = time.perf_counter()
     for g in generators:
         g.start()
@@ -229,14 +244,25 @@ def _drive(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(
+    doc: str = __doc__ or "",
+    *,
+    name: str = "scale",
+    transport: str = "grpc",
+    generator: Loadgen = loadgen,
+) -> None:
+    """The command line of a scale benchmark: `name` names its results file."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[100, 500, 1000])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedge-scale-") as tmp:
-        rows = [run(n, args.rounds, Path(tmp)) for n in args.nodes]
-    report("scale", f"Scale: 100k-parameter model, mTLS, {args.rounds} rounds", rows)
+    with tempfile.TemporaryDirectory(prefix=f"fedge-{name}-") as tmp:
+        rows = [
+            run(n, args.rounds, Path(tmp), transport=transport, generator=generator)
+            for n in args.nodes
+        ]
+    over = "" if transport == "grpc" else f" over {transport.upper()}"
+    report(name, f"Scale{over}: 100k-parameter model, mTLS, {args.rounds} rounds", rows)
 
 
 if __name__ == "__main__":
