@@ -195,7 +195,8 @@ def run(
         out = fleet.work / "out.json"
         extra = os.environ.get("FEDGE_BENCH_SERVER_ARGS", "").split()
         server = fleet.server("--out", out, "--wait-for", str(nodes), *extra)
-        result = _drive(where, certs, server, nodes, rounds, out, generator)
+        broker = fleet.broker.pid if fleet.broker is not None else None
+        result = _drive(where, certs, server, nodes, rounds, out, generator, broker)
         if server.returncode != 0:
             raise RuntimeError(f"the server failed:\n{fleet.log('server')}")
         return result
@@ -209,7 +210,10 @@ def _drive(
     rounds: int,
     out: Path,
     generator: Loadgen,
+    broker: int | None = None,
 ) -> dict[str, object]:
+    """Runs the load generators until the server exits; the load generators' (and the
+    broker's) CPU is reported too: they share the machine's cores with the server."""
     chunks = [list(range(nodes))[i::LOADGEN_PROCESSES] for i in range(LOADGEN_PROCESSES)]
     context = multiprocessing.get_context("spawn")
     generators = [context.Process(target=generator, args=(where, certs, c)) for c in chunks]
@@ -217,10 +221,14 @@ def _drive(
     for g in generators:
         g.start()
     cpu_before = cpu_seconds(server.pid)
+    others = {"loadgen": [g.pid for g in generators if g.pid], "broker": [broker] if broker else []}
+    first = {pid: cpu_seconds(pid) for pids in others.values() for pid in pids}
+    last = dict(first)
     try:
         cpu_after = cpu_before
         while server.poll() is None:
             cpu_after = cpu_seconds(server.pid)
+            last = {pid: cpu_seconds(pid) for pid in last}
             time.sleep(0.2)
     finally:
         for g in generators:
@@ -240,6 +248,11 @@ def _drive(
         "server_cpu_s_per_round": cpu,
         "server_cpu_ms_per_node": cpu / nodes * 1e3,
         "server_cpu_s_total": cpu_after - cpu_before,
+        **{
+            f"{what}_cpu_s_total": sum(last[pid] - first[pid] for pid in pids)
+            for what, pids in others.items()
+            if pids
+        },
         "total_s": time.perf_counter() - started,
     }
 

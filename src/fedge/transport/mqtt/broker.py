@@ -117,6 +117,10 @@ class Broker:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"mqtts://127.0.0.1:{self.port}"
 
