@@ -43,6 +43,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/fleet_bench.py
 	$(BIN)/python benchmarks/mqtt_bench.py
 	$(BIN)/python benchmarks/scale_bench.py
+	$(BIN)/python benchmarks/mqtt_scale_bench.py
 	$(BIN)/python benchmarks/transport_floor_bench.py
 	$(BIN)/python benchmarks/trust_bench.py
 	$(BIN)/python benchmarks/attack_bench.py

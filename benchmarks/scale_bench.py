@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -166,46 +166,69 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+Loadgen = Callable[[str, Path, list[int]], None]
+"""A load generator process: (where the nodes dial, the certificates, their client ids)."""
+
+
 def run(
     nodes: int,
     rounds: int,
     work: Path,
     validity: tuple[dt.datetime, dt.datetime] | None = None,
+    *,
+    transport: str = "grpc",
+    generator: Loadgen = loadgen,
 ) -> dict[str, object]:
-    """`validity`: of the nodes' certificates (to have them renewed during the run)."""
+    """`validity`: of the nodes' certificates (to have them renewed during the run);
+    `generator` runs nodes speaking `transport` (for MQTT it dials the broker)."""
     (work / "app.py").write_text(APP)
     config = work / "fedge.toml"
     config.write_text(
         f'[app]\ntarget = "app:create_app"\n[run]\nnum_clients = {nodes}\n'
         f"rounds = {rounds}\nround_timeout = 300.0\n"
     )
-    with Launcher(work / f"fleet-{nodes}", config) as fleet:
+    with Launcher(work / f"fleet-{nodes}", config, transport=transport) as fleet:
         certs = fleet.issue()
         for cid in range(nodes):
             issue(certs, f"node-{cid}", validity=validity, force=True)
+        where = fleet.address if transport == "grpc" else fleet.broker_url()
         out = fleet.work / "out.json"
         extra = os.environ.get("FEDGE_BENCH_SERVER_ARGS", "").split()
         server = fleet.server("--out", out, "--wait-for", str(nodes), *extra)
-        result = _drive(fleet.address, certs, server, nodes, rounds, out)
+        broker = fleet.broker.pid if fleet.broker is not None else None
+        result = _drive(where, certs, server, nodes, rounds, out, generator, broker)
         if server.returncode != 0:
             raise RuntimeError(f"the server failed:\n{fleet.log('server')}")
         return result
 
 
 def _drive(
-    address: str, certs: Path, server: subprocess.Popen[bytes], nodes: int, rounds: int, out: Path
+    where: str,
+    certs: Path,
+    server: subprocess.Popen[bytes],
+    nodes: int,
+    rounds: int,
+    out: Path,
+    generator: Loadgen,
+    broker: int | None = None,
 ) -> dict[str, object]:
+    """Runs the load generators until the server exits; the load generators' (and the
+    broker's) CPU is reported too: they share the machine's cores with the server."""
     chunks = [list(range(nodes))[i::LOADGEN_PROCESSES] for i in range(LOADGEN_PROCESSES)]
     context = multiprocessing.get_context("spawn")
-    generators = [context.Process(target=loadgen, args=(address, certs, c)) for c in chunks]
+    generators = [context.Process(target=generator, args=(where, certs, c)) for c in chunks]
     started = time.perf_counter()
     for g in generators:
         g.start()
     cpu_before = cpu_seconds(server.pid)
+    others = {"loadgen": [g.pid for g in generators if g.pid], "broker": [broker] if broker else []}
+    first = {pid: cpu_seconds(pid) for pids in others.values() for pid in pids}
+    last = dict(first)
     try:
         cpu_after = cpu_before
         while server.poll() is None:
             cpu_after = cpu_seconds(server.pid)
+            last = {pid: cpu_seconds(pid) for pid in last}
             time.sleep(0.2)
     finally:
         for g in generators:
@@ -225,18 +248,34 @@ def _drive(
         "server_cpu_s_per_round": cpu,
         "server_cpu_ms_per_node": cpu / nodes * 1e3,
         "server_cpu_s_total": cpu_after - cpu_before,
+        **{
+            f"{what}_cpu_s_total": sum(last[pid] - first[pid] for pid in pids)
+            for what, pids in others.items()
+            if pids
+        },
         "total_s": time.perf_counter() - started,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(
+    doc: str = __doc__ or "",
+    *,
+    name: str = "scale",
+    transport: str = "grpc",
+    generator: Loadgen = loadgen,
+) -> None:
+    """The command line of a scale benchmark: `name` names its results file."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[100, 500, 1000])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedge-scale-") as tmp:
-        rows = [run(n, args.rounds, Path(tmp)) for n in args.nodes]
-    report("scale", f"Scale: 100k-parameter model, mTLS, {args.rounds} rounds", rows)
+    with tempfile.TemporaryDirectory(prefix=f"fedge-{name}-") as tmp:
+        rows = [
+            run(n, args.rounds, Path(tmp), transport=transport, generator=generator)
+            for n in args.nodes
+        ]
+    over = "" if transport == "grpc" else f" over {transport.upper()}"
+    report(name, f"Scale{over}: 100k-parameter model, mTLS, {args.rounds} rounds", rows)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ class Connection:
         reconnect: bool = False,
     ) -> None:
         self.address, self.name = address, name
+        self.where = f"broker {address.host}:{address.port}"
         self._connected = threading.Event()
         self._refused = ""
         client = mqtt.Client(
@@ -136,19 +137,25 @@ class Connection:
         self._connected.clear()
         self._on_disconnect(int(getattr(reason, "value", 0) or 0))
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def dial(self) -> None:
+        """Open the TLS connection and send CONNECT; the answer comes to whoever runs
+        paho's loop (`connect` starts its thread; a load generator runs many clients on
+        one loop of its own)."""
         props = properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY
         props.ReceiveMaximum = self._receive_maximum
-        where = f"broker {self.address.host}:{self.address.port}"
         try:
             self.client.connect(
                 self.address.host, self.address.port, 30, clean_start=False, properties=props
             )
         except ssl.SSLError as exc:
-            raise LinkError(Code.UNAVAILABLE, f"{where} refused TLS: {exc}") from None
+            raise LinkError(Code.UNAVAILABLE, f"{self.where} refused TLS: {exc}") from None
         except OSError as exc:
-            raise LinkError(Code.UNAVAILABLE, f"cannot reach the {where}: {exc}") from None
+            raise LinkError(Code.UNAVAILABLE, f"cannot reach the {self.where}: {exc}") from None
+
+    def connect(self, timeout: float = 10.0) -> None:
+        self.dial()
+        where = self.where
         self.client.loop_start()
         if not self._connected.wait(timeout):
             self.close()

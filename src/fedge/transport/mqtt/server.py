@@ -30,7 +30,15 @@ from paho.mqtt.packettypes import PacketTypes
 from fedge.errors import FedgeError
 from fedge.fleet.service import FleetService
 from fedge.logs import escape
-from fedge.messages import PROTOCOL, Code, FleetError, Keepalive, ModelRef, TaskHeader
+from fedge.messages import (
+    PROTOCOL,
+    Code,
+    FleetError,
+    Keepalive,
+    ModelRef,
+    TaskHeader,
+    UploadHeader,
+)
 from fedge.node.link import LinkError
 from fedge.proto.fedge.v1 import fleet_pb2 as pb
 from fedge.security.credentials import validate_name
@@ -204,11 +212,17 @@ class Bridge:
         self._seen[key] = None
         while len(self._seen) > SEEN:
             self._seen.popitem(last=False)
-        task = asyncio.ensure_future(self._call(name, call, correlation, bytes(message.payload)))
+        answer = self._begin(name, call, correlation, bytes(message.payload))
+        task = asyncio.ensure_future(self._call(name, call, correlation, answer))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    async def _call(self, name: str, call: str, correlation: bytes, payload: bytes) -> None:
+    def _begin(
+        self, name: str, call: str, correlation: bytes, payload: bytes
+    ) -> Awaitable[bytes | None]:
+        """The call's checks and its handler's first step, now: in arrival order, so an
+        upload is registered before its chunks, dispatched right after it, look for it
+        (in a task it started a loop pass late, and they were dropped)."""
         try:
             self._admit(name)
             if call != "upload" and len(payload) > MAX_REQUEST:
@@ -216,7 +230,15 @@ class Bridge:
                     Code.INVALID_ARGUMENT,
                     f"a {call} message of {len(payload)} bytes; at most {MAX_REQUEST}",
                 )
-            reply = await self._handlers[call](name, correlation, payload)
+            return self._handlers[call](name, correlation, payload)
+        except (DecodeError, FleetError) as exc:
+            return _raising(exc)
+
+    async def _call(
+        self, name: str, call: str, correlation: bytes, answer: Awaitable[bytes | None]
+    ) -> None:
+        try:
+            reply = await answer
         except DecodeError as exc:
             self._reject(name, f"malformed {call} message: {exc}")
             self._reply(name, correlation, b"", Code.INVALID_ARGUMENT, f"malformed {call}: {exc}")
@@ -362,24 +384,33 @@ class Bridge:
         )
         return pb.QueryUploadReply(received_bytes=held, complete=complete).SerializeToString()
 
-    async def _upload(self, name: str, correlation: bytes, payload: bytes) -> bytes:
+    def _upload(self, name: str, correlation: bytes, payload: bytes) -> Awaitable[bytes]:
+        """Not a coroutine: the header is read and the upload registered at once (see
+        `_begin`); what comes back is the upload itself."""
         message = pb.UploadHeader.FromString(payload)
         header = convert.upload_header_from_pb(message)
         data = message.data
         if data or not header.size:  # the whole result in this one message
-
-            async def whole() -> AsyncIterator[tuple[int, bytes]]:
-                if data:
-                    yield header.offset, data
-
-            ack = await self.service.upload(name, header, whole())
-            return convert.ack_to_pb(ack, header.task_id).SerializeToString()
+            return self._upload_whole(name, header, data)
         if sum(1 for n, _ in self._uploads if n == name) >= UPLOADS_PER_NODE:
             raise FleetError(
                 Code.RESOURCE_EXHAUSTED,
                 f"node {name!r} has {UPLOADS_PER_NODE} uploads in progress; wait for one",
             )
         upload = self._uploads[name, correlation] = _Upload(header.offset, header.size, self._ack)
+        return self._upload_chunks(name, correlation, header, upload)
+
+    async def _upload_whole(self, name: str, header: UploadHeader, data: bytes) -> bytes:
+        async def whole() -> AsyncIterator[tuple[int, bytes]]:
+            if data:
+                yield header.offset, data
+
+        ack = await self.service.upload(name, header, whole())
+        return convert.ack_to_pb(ack, header.task_id).SerializeToString()
+
+    async def _upload_chunks(
+        self, name: str, correlation: bytes, header: UploadHeader, upload: _Upload
+    ) -> bytes:
         try:
             ack = await self.service.upload(name, header, upload.chunks())
         finally:
@@ -465,6 +496,10 @@ class Bridge:
             for index in range(chunks):  # an empty retained message clears the topic
                 client.publish(topics.chunk(self.prefix, old, index), b"", 1, True)
         log.info("MQTT: published model %s (%d bytes, %d chunks)", ref.version, ref.size, count)
+
+
+async def _raising(error: Exception) -> bytes | None:
+    raise error
 
 
 def _wait(info: Any, timeout: float = 60.0) -> None:
