@@ -242,3 +242,16 @@ def test_to_onnx_names_tensors_that_do_not_fit_the_module(mnist1d: ModuleType) -
     del weights["head.bias"]
     with pytest.raises(WeightsError, match=r"weights do not fit Net: .*head\.bias"):
         to_onnx(mnist1d.Net(), weights, input_shape=(40,))
+
+
+def test_the_same_weights_export_to_the_same_bytes_without_this_machines_paths(
+    mnist1d: ModuleType, tmp_path: Path
+) -> None:
+    from fedge.adapters.torch import get_weights
+
+    app = mnist1d.create_app(num_clients=4, seed=0)
+    weights = get_weights(mnist1d.Net())
+    first = export_onnx(app, weights, tmp_path / "a.onnx")
+    again = export_onnx(app, weights, tmp_path / "b.onnx")
+    assert first.sha256 == again.sha256
+    assert str(ROOT).encode() not in first.path.read_bytes(), "no stack frames from the exporter"

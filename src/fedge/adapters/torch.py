@@ -92,6 +92,10 @@ def to_onnx(
         registry.setLevel(level)
     assert program is not None  # the dynamo exporter always returns its program
     model: ModelProto = program.model_proto
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        # the exporter's notes: module names and stack frames with this machine's paths;
+        # without them the same weights export to the same bytes anywhere
+        del node.metadata_props[:]
     return model
 
 
