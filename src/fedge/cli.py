@@ -163,8 +163,9 @@ def export(
     ] = None,
     config: ConfigOption = Path("fedge.toml"),
 ) -> None:
-    """Write a trained model as ONNX, with the architecture the config's app gives
-    (App.onnx_model), for ONNX Runtime or OpenVINO; needs fedge[serve]."""
+    """Write a trained model as ONNX, with its app's architecture (App.onnx_model).
+
+    The file runs in ONNX Runtime or OpenVINO without fedge; needs the serve extra."""
     from fedge.config import load_config
     from fedge.serve.export import export_onnx, read_weights
 

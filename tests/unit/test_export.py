@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -176,6 +178,30 @@ def test_a_hook_that_builds_no_valid_model_is_refused(
     with pytest.raises(ExportError, match=r"invalid ONNX model: .*Frobnicate"):
         export_onnx(invalid, digits_weights, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_without_the_serve_extra_the_error_says_what_to_install(
+    digits_app: fedge.App, digits_weights: Weights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(
+        ExportError, match=r"onnxruntime is missing\): pip install 'fedge\[serve\]'"
+    ):
+        export_onnx(digits_app, digits_weights, tmp_path / "m.onnx")
+
+
+def test_an_app_with_an_export_hook_loads_no_onnx_where_it_trains() -> None:
+    """A node loads the app, hook included: onnx must not come with it."""
+    code = (
+        "import sys; from pathlib import Path; from fedge.app import load_app; "
+        "import fedge.adapters.torch; "
+        f"app = load_app('app:create_app', Path({str(ROOT / 'examples' / 'digits')!r}), "
+        "num_clients=2, seed=0); app.client_fn(0); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('onnx', 'onnxruntime', 'onnxscript')))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
 
 
 def test_read_weights_takes_plain_weights_or_a_checkpoint(
