@@ -165,7 +165,7 @@ def export(
 ) -> None:
     """Write a trained model as ONNX, with its app's architecture (App.onnx_model).
 
-    The file runs in ONNX Runtime or OpenVINO without fedge; needs the serve extra."""
+    The file runs in ONNX Runtime without fedge; exporting needs the serve extra."""
     from fedge.config import load_config
     from fedge.serve.export import export_onnx, read_weights
 
