@@ -177,6 +177,25 @@ def test_a_hook_that_builds_no_valid_model_is_refused(
     invalid = fedge.App(digits_app.client_fn, onnx_model=unknown_operator)
     with pytest.raises(ExportError, match=r"invalid ONNX model: .*Frobnicate"):
         export_onnx(invalid, digits_weights, tmp_path / "m.onnx")
+
+    def misdeclared(weights: Weights) -> Any:
+        model = softmax_onnx(weights)
+        model.graph.output[1].type.tensor_type.shape.dim[1].dim_value = 11
+        return model
+
+    wrong = fedge.App(digits_app.client_fn, onnx_model=misdeclared)
+    with pytest.raises(ExportError, match=r"invalid ONNX model: .*dimension 1: \(10\) vs \(11\)"):
+        export_onnx(wrong, digits_weights, tmp_path / "m.onnx")
+
+    def custom_domain(weights: Weights) -> Any:  # the checker skips domains it does not know
+        model = softmax_onnx(weights)
+        model.graph.node[2].domain = "com.example"
+        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+        return model
+
+    unrunnable = fedge.App(digits_app.client_fn, onnx_model=custom_domain)
+    with pytest.raises(ExportError, match=r"ONNX Runtime cannot run the model: .*com\.example"):
+        export_onnx(unrunnable, digits_weights, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -91,15 +91,17 @@ def export_onnx(
         raise ExportError(
             f"the app's onnx_model returned {type(model).__name__}, expected an onnx.ModelProto"
         )
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the app's onnx_model built an invalid ONNX model: {exc}") from None
-    if model.ByteSize() > MAX_BYTES:
+    if model.ByteSize() > MAX_BYTES:  # checked first: the checker refuses them in memory
         raise ExportError(
             f"the model takes {model.ByteSize()} bytes; above 2 GiB ONNX needs external "
             "data files, which fedge export does not write yet"
         )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(
+            f"the app's onnx_model built an invalid ONNX model: {_line(exc)}"
+        ) from None
     data = model.SerializeToString()
     _run_once(ort, data)
     _write(data, out)
@@ -138,7 +140,7 @@ def _run_once(ort: Any, data: bytes) -> None:
     except KeyError as exc:
         raise ExportError(f"the model has an input of type {exc}, not a plain tensor") from None
     except Exception as exc:  # onnxruntime raises its own unexported exception types
-        raise ExportError(f"ONNX Runtime cannot run the model: {exc}") from None
+        raise ExportError(f"ONNX Runtime cannot run the model: {_line(exc)}") from None
     for arg, result in zip(session.get_outputs(), results, strict=True):
         want = [d if isinstance(d, int) else None for d in arg.shape]
         got = list(np.shape(result))
@@ -156,6 +158,11 @@ _NUMPY = {
         ("uint8", "uint8"), ("bool", "bool"),
     ]
 }  # fmt: skip
+
+
+def _line(exc: Exception) -> str:
+    """The libraries' multi-line messages as one line: the CLI prints errors as one."""
+    return " ".join(str(exc).split())
 
 
 def _write(data: bytes, out: Path) -> None:
