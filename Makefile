@@ -10,7 +10,7 @@ SYSTEM := $(VENV)/.system
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve]"
 	touch $@
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
@@ -51,6 +51,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/compression_bench.py
 	$(BIN)/python benchmarks/fedbuff_bench.py
 	$(BIN)/python benchmarks/faults_bench.py
+	$(BIN)/python benchmarks/export_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

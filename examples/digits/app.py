@@ -1,7 +1,8 @@
 """Digits: NumPy softmax regression on scikit-learn's bundled 8x8 digits.
 
 Each client holds one partition of 80% of the data; the server evaluates the global
-model on the remaining 20%.
+model on the remaining 20%. ``fedge export`` writes the trained model as ONNX
+(`softmax_onnx`: logits and probabilities for a float32 [batch, 64] input).
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 import fedge
-from fedge.adapters.numpy import SoftmaxRegressionClient, softmax_loss, softmax_weights
+from fedge.adapters.numpy import (
+    SoftmaxRegressionClient,
+    softmax_loss,
+    softmax_onnx,
+    softmax_weights,
+)
 from fedge.datasets import dirichlet, iid, load_digits
 
 NUM_CLASSES = 10
@@ -59,4 +65,9 @@ def create_app(
         loss, accuracy = softmax_loss(weights, x_test, y_test)
         return {"loss": loss, "accuracy": accuracy}
 
-    return fedge.App(client_fn, softmax_weights(x_train.shape[1], NUM_CLASSES), evaluate_fn)
+    return fedge.App(
+        client_fn,
+        softmax_weights(x_train.shape[1], NUM_CLASSES),
+        evaluate_fn,
+        onnx_model=softmax_onnx,
+    )

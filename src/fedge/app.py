@@ -4,6 +4,8 @@ A TOML config names a factory as ``"module:function"`` (module path relative to 
 config file). The factory is called with ``num_clients``, ``seed`` and the
 ``[app.options]`` table as keyword arguments and returns an `App`. The simulator, the
 server and every node load the same app, so a deployment runs the simulated code.
+`fedge export` loads it too, for the one thing weights alone do not say: the model's
+inference graph (`App.onnx_model`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from fedge.client import Client
 from fedge.errors import ConfigError
 from fedge.weights import Weights
 
-if TYPE_CHECKING:  # a node loads the app too, and needs no coordinator
+if TYPE_CHECKING:  # a node loads the app too, and needs no coordinator (nor onnx)
+    from onnx import ModelProto
+
     from fedge.coordinator import Workflow
 
 
@@ -31,6 +35,10 @@ class App:
     evaluate_fn: Callable[[Weights], Mapping[str, float]] | None = None
     workflow: Workflow | None = None
     """How each round runs on the server (default: `fedge.coordinator.fit_round`)."""
+    onnx_model: Callable[[Weights], ModelProto] | None = None
+    """The inference graph with these weights in it, for `fedge export`: e.g.
+    `fedge.adapters.numpy.softmax_onnx` or `fedge.adapters.torch.to_onnx`. Called only
+    by the export, so onnx is imported only there."""
 
 
 def load_app(target: str, base_dir: Path, **kwargs: Any) -> App:

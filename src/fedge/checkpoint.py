@@ -196,6 +196,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(round=round_, weights=weights, state=state, meta=meta)
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a safetensors file whose header says it is a fedge checkpoint
+    (rather than plain weights, which share the format)."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return _KEY_FORMAT in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """``(round, path)`` of every checkpoint file in `directory`, oldest first.
 

@@ -153,6 +153,38 @@ def sim(
         to_file(history.weights, model_out)
 
 
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the ONNX model.")],
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="The model: safetensors weights (sim/server --model-out) or a checkpoint."
+        ),
+    ] = None,
+    config: ConfigOption = Path("fedge.toml"),
+) -> None:
+    """Write a trained model as ONNX, with its app's architecture (App.onnx_model).
+
+    The file runs in ONNX Runtime without fedge; exporting needs the serve extra."""
+    from fedge.config import load_config
+    from fedge.serve.export import export_onnx, read_weights
+
+    if weights is None:
+        raise FedgeError("fedge export needs the model: --weights FILE.safetensors")
+    cfg = load_config(config, strategy=False)
+    info = export_onnx(_app_of(cfg), read_weights(weights), out, source=str(weights))
+    _console().print(
+        _escape(
+            f"wrote {info.path} ({info.size} bytes, opset {info.opset}, sha256 {info.sha256})\n"
+            f"inputs: {', '.join(map(str, info.inputs))}\n"
+            f"outputs: {', '.join(map(str, info.outputs))}"
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 ca_app = typer.Typer(help="Project certificate authority (mutual TLS).", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
 CertsOption = Annotated[Path, typer.Option("--certs", help="Directory with the CA and certs.")]

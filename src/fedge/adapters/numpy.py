@@ -5,6 +5,7 @@ FedProx papers' convex experiments, trained with minibatch SGD. It follows the s
 config conventions as the PyTorch adapter: ``local_epochs``, ``lr``, ``batch_size``,
 ``proximal_mu`` (FedProx), and partial work — ``work_fraction`` (a simulated straggler's
 share of the steps) and ``deadline`` (a real node's: Unix time to stop training by).
+`softmax_onnx` is its inference graph for `fedge export`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from fedge.adapters import ONNX_INPUT, ONNX_OPSET
 from fedge.client import Client, Config, EvaluateResult, FitResult
+from fedge.errors import WeightsError
 from fedge.weights import Array, Weights
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 FloatArray = npt.NDArray[np.floating]
 IntArray = npt.NDArray[np.integer]
@@ -31,13 +38,79 @@ def softmax_weights(num_features: int, num_classes: int) -> Weights:
     }
 
 
+def softmax_logits(weights: Mapping[str, Array], x: FloatArray) -> FloatArray:
+    """The model's forward pass: class scores [batch, classes] of the examples `x`."""
+    w: FloatArray = np.asarray(weights["weight"], dtype=np.float32)
+    return x @ w + np.asarray(weights["bias"], dtype=np.float32)  # type: ignore[no-any-return]
+
+
 def softmax_loss(weights: Mapping[str, Array], x: FloatArray, y: IntArray) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of the model on ``(x, y)``."""
-    w: FloatArray = np.asarray(weights["weight"], dtype=np.float32)
-    logits = x @ w + np.asarray(weights["bias"], dtype=np.float32)
+    logits = softmax_logits(weights, x)
     logp = _log_softmax(logits)
     loss = float(-logp[np.arange(len(y)), y].mean())
     return loss, float((logits.argmax(axis=1) == y).mean())
+
+
+def softmax_onnx(weights: Mapping[str, Array]) -> ModelProto:
+    """The model as an ONNX graph: ``logits = input @ weight + bias`` and their softmax.
+
+    Input ``input`` float32 [batch, features]; outputs ``logits`` (what `softmax_loss`
+    computes, so the two can be compared) and ``probabilities`` (what a service answers
+    with). Built node by node with `onnx.helper`: three operators need no exporter.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight, bias = _softmax_parameters(weights)
+    features, classes = weight.shape
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", [ONNX_INPUT, "weight"], ["scores"]),
+            helper.make_node("Add", ["scores", "bias"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        "softmax_regression",
+        [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, ["batch", features])],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", classes])
+            for name in ("logits", "probabilities")
+        ],
+        initializer=[
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    opsets = [helper.make_opsetid("", ONNX_OPSET)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="fedge")
+    model.ir_version = helper.find_min_ir_version_for(opsets)  # older runtimes load it too
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _softmax_parameters(weights: Mapping[str, Array]) -> tuple[FloatArray, FloatArray]:
+    """``weight`` [features, classes] and ``bias`` [classes] as float32, or a
+    `WeightsError` naming the tensor that is missing or has the wrong shape."""
+    for name in ("weight", "bias"):
+        if name not in weights:
+            raise WeightsError(
+                f"softmax regression: missing tensor {name!r}; got {sorted(weights)}"
+            )
+    weight, bias = np.asarray(weights["weight"]), np.asarray(weights["bias"])
+    for name, a in (("weight", weight), ("bias", bias)):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise WeightsError(f"softmax regression: tensor {name!r} has dtype {a.dtype}")
+    if weight.ndim != 2 or 0 in weight.shape:
+        raise WeightsError(
+            "softmax regression: tensor 'weight' must be [features, classes], "
+            f"got shape {list(weight.shape)}"
+        )
+    if bias.shape != (weight.shape[1],):
+        raise WeightsError(
+            f"softmax regression: tensor 'bias' has shape {list(bias.shape)}, expected "
+            f"{[weight.shape[1]]} (one per class of 'weight' {list(weight.shape)})"
+        )
+    return weight.astype(np.float32), bias.astype(np.float32)
 
 
 def _log_softmax(logits: FloatArray) -> FloatArray:
