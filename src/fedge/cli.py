@@ -163,17 +163,45 @@ def export(
         ),
     ] = None,
     config: ConfigOption = Path("fedge.toml"),
+    store: Annotated[
+        str | None, typer.Option(help="Or a version from this model registry (see --version).")
+    ] = None,
+    version: Annotated[str, typer.Option(help="A version or tag in --store.")] = "latest",
+    model: Annotated[
+        str | None, typer.Option(help="The model's name in --store (default: [store] model).")
+    ] = None,
+    release_key: Annotated[
+        list[Path] | None,
+        typer.Option("--release-key", help="Trusted release public key for --store."),
+    ] = None,
 ) -> None:
     """Write a trained model as ONNX, with its app's architecture (App.onnx_model).
 
     The file runs in ONNX Runtime without fedge; exporting needs the serve extra."""
+    import tempfile
+
     from fedge.config import load_config
     from fedge.serve.export import export_onnx, read_weights
 
-    if weights is None:
-        raise FedgeError("fedge export needs the model: --weights FILE.safetensors")
+    if (weights is None) == (store is None):
+        raise FedgeError(
+            "fedge export needs the model: --weights FILE.safetensors, or --store URL [--version V]"
+        )
     cfg = load_config(config, strategy=False)
-    info = export_onnx(_app_of(cfg), read_weights(weights), out, source=str(weights))
+    with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp:
+        source = str(weights)
+        if store is not None:
+            from fedge.store import open_registry
+
+            name = model or cfg.store.model
+            registry = open_registry(
+                store, endpoint=cfg.store.endpoint, verify_keys=release_key or ()
+            )
+            weights = Path(tmp) / "model.safetensors"
+            manifest = registry.pull(name, version, weights)
+            source = f"{store} {name}/{manifest.version}"
+        assert weights is not None
+        info = export_onnx(_app_of(cfg), read_weights(weights), out, source=source)
     _console().print(
         _escape(
             f"wrote {info.path} ({info.size} bytes, opset {info.opset}, sha256 {info.sha256})\n"

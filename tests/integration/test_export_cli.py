@@ -135,6 +135,58 @@ def test_a_checkpoint_exports_like_its_weights(digits_model: Path, tmp_path: Pat
     assert np.abs(logits - softmax_logits(weights, x)).max() <= TOLERANCE
 
 
+def test_a_signed_version_in_a_store_exports_like_its_weights(
+    digits_model: Path, tmp_path: Path
+) -> None:
+    from fedge.security import init_ca
+    from fedge.store import open_registry
+
+    init_ca(tmp_path / "pki")
+    store = f"file://{tmp_path / 'store'}"
+    registry = open_registry(store, sign_key=tmp_path / "pki" / "release.key")
+    registry.publish("digits", digits_model, "v1")
+    ok(
+        fedge(
+            "export",
+            "--store",
+            store,
+            "--model",
+            "digits",
+            "--version",
+            "latest",
+            "--release-key",
+            tmp_path / "pki" / "release.pub",
+            "-c",
+            DIGITS / "fedge.toml",
+            "--out",
+            "s.onnx",
+            cwd=tmp_path,
+        )
+    )
+    x = np.random.default_rng(1).random((4, 64), dtype=np.float32)
+    logits = outputs(tmp_path / "s.onnx", x)["logits"]
+    assert np.abs(logits - softmax_logits(read_file(digits_model), x)).max() <= TOLERANCE
+    # a tampered blob is refused before anything is exported
+    (manifest,) = registry.versions("digits")
+    registry.backend.put_bytes(manifest.blob, b"not the model")
+    error = refused(
+        fedge(
+            "export",
+            "--store",
+            store,
+            "--model",
+            "digits",
+            "-c",
+            DIGITS / "fedge.toml",
+            "--out",
+            "t.onnx",
+            cwd=tmp_path,
+        )
+    )
+    assert "digits/v1 is 13 bytes, its manifest says" in error
+    assert not (tmp_path / "t.onnx").exists()
+
+
 def test_weights_that_do_not_fit_the_app_are_refused_naming_the_tensor(
     digits_model: Path, tmp_path: Path
 ) -> None:
