@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from conftest import cli, finished, latest_weights, write_config
 
+from fedge.adapters.numpy import softmax_logits
 from fedge.launch import Launcher
-from fedge.store import open_registry
+from fedge.store import NotFound, open_registry
 from fedge.store.s3server import S3Server
 from fedge.weights import read_file
 
 pytestmark = pytest.mark.integration
+ort = pytest.importorskip("onnxruntime")
 
 
 def store_config(tmp_path: Path, url: str, endpoint: str, rounds: int = 4) -> Path:
@@ -80,6 +82,15 @@ def test_a_run_publishes_signed_models_and_the_cli_reads_them(
         assert got.returncode == 0, got.stderr
         for name, array in read_file(pulled).items():
             np.testing.assert_array_equal(array, final[name])
+        # each version carries its ONNX export, checked like the model
+        onnx = tmp_path / "latest.onnx"
+        registry.pull("digits", "latest", onnx, artifact="onnx")
+        x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+        session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"input": x})
+        np.testing.assert_allclose(logits, softmax_logits(final, x), atol=1e-5)
+        with pytest.raises(NotFound, match="has no 'tflite' file"):
+            registry.pull("digits", "latest", onnx, artifact="tflite")
         for args in (("tag", "digits", "production", versions[-2]),
                      ("tag", "digits", "production", versions[-1]),
                      ("rollback", "digits", "production")):  # fmt: skip

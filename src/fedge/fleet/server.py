@@ -114,7 +114,7 @@ class Aggregator(Observer):
         )
         self.service.uploads.keep_only(f"{runs.run_id}/{self.resume.round}.{self.resume.attempt}")
         self.revocations = Revocations(runs.store, settings.state_dir / CRL_FILE, settings.certs)
-        self.publisher = _publisher(runs, settings, strategy.name)
+        self.publisher = _publisher(runs, settings, strategy.name, app)
         self.state = "starting"
         self.reason = ""
         self.round = self.resume.round - 1
@@ -327,7 +327,9 @@ class Aggregator(Observer):
         return await self.service.assign(node_id, cid)
 
 
-def _publisher(runs: RunService, settings: ServerSettings, strategy: str) -> Publisher | None:
+def _publisher(
+    runs: RunService, settings: ServerSettings, strategy: str, app: App
+) -> Publisher | None:
     """The run's model publisher, if ``[store] url`` is set. It signs with the CA's
     release key when the server has its PKI directory (made there on first use)."""
     section = runs.config.store
@@ -346,7 +348,7 @@ def _publisher(runs: RunService, settings: ServerSettings, strategy: str) -> Pub
         section.url, endpoint=section.endpoint, region=section.region, sign_key=key
     )
     spool = settings.state_dir / "runs" / runs.run_id / "publish"
-    return Publisher(registry, section, runs.run_id, spool, strategy)
+    return Publisher(registry, section, runs.run_id, spool, strategy, app)
 
 
 def _state(cert: dict[str, Any], now: float) -> str:

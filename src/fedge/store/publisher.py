@@ -18,7 +18,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fedge.app import App
 from fedge.config import StoreSection
+from fedge.errors import FedgeError
 from fedge.history import RoundRecord
 from fedge.store.backends import StoreError, Unreachable
 from fedge.store.registry import Registry
@@ -31,9 +33,19 @@ MAX_BACKOFF = 60.0
 
 class Publisher:
     def __init__(
-        self, registry: Registry, section: StoreSection, run_id: str, spool: Path, strategy: str
+        self,
+        registry: Registry,
+        section: StoreSection,
+        run_id: str,
+        spool: Path,
+        strategy: str,
+        app: App | None = None,
     ) -> None:
+        """With an `app` that has an inference graph (`App.onnx_model`), each version
+        also carries its ONNX export, made here (off the round's path), so a device
+        serves it with ONNX Runtime alone."""
         self.registry, self.section, self.run_id = registry, section, run_id
+        self.app = app if app is not None and app.onnx_model is not None else None
         self.spool, self.strategy = spool, strategy
         self.spool.mkdir(parents=True, exist_ok=True)
         self.published: list[str] = []
@@ -101,6 +113,24 @@ class Publisher:
     def _remove(self, meta: Path) -> None:
         meta.unlink(missing_ok=True)
         meta.with_suffix(".safetensors").unlink(missing_ok=True)
+        meta.with_suffix(".onnx").unlink(missing_ok=True)
+
+    def _onnx(self, weights: Path) -> dict[str, Path]:
+        """The version's ONNX export, or none if the app has no graph or it fails (then
+        the models are published without, and it says why once)."""
+        if self.app is None:
+            return {}
+        out = weights.with_suffix(".onnx")
+        if not out.exists():
+            from fedge.serve.export import export_onnx, read_weights
+
+            try:
+                export_onnx(self.app, read_weights(weights), out, source=str(weights))
+            except FedgeError as exc:
+                log.error("models are published without ONNX: %s", exc)
+                self.app = None
+                return {}
+        return {"onnx": out}
 
     def _run(self) -> None:
         backoff = 1.0
@@ -164,6 +194,7 @@ class Publisher:
             strategy=self.strategy,
             parent=self._parent if self._parent != version else "",
             tags=tuple(tags),
+            artifacts=self._onnx(meta_path.with_suffix(".safetensors")),
         )
         if "best" in tags:
             self._best = value

@@ -39,6 +39,13 @@ BLOB_GRACE = 3600.0
 TAG_MOVES_KEPT = 50
 
 
+class Artifact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Another file of a version, e.g. its ONNX export: by content, like the model."""
+
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    size: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a version is: its file (by SHA-256 and size) and where it came from."""
 
@@ -53,6 +60,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     strategy: str = ""
     parent: str = ""
     """The version published before this one by the same run ("" for the first)."""
+    artifacts: Annotated[dict[Name, Artifact], msgspec.Meta(max_length=16)] = {}
+    """Files made from the model, by kind (``onnx``: the app's inference graph)."""
     format: int = 1
     key_id: str = ""
     signature: str = ""
@@ -175,18 +184,30 @@ class Registry:
         moves = self.tag_moves(model, ref)
         return self.manifest(model, moves[-1].version if moves else ref)
 
-    def pull(self, model: str, ref: str, out: Path) -> Manifest:
-        """Download the version `ref` names to `out`, checked (size, SHA-256 and, with
-        `verify`, signature) before it appears there."""
-        manifest = self.resolve(model, ref)
+    def pull(self, model: str, ref: str, out: Path, *, artifact: str = "") -> Manifest:
+        """Download the version `ref` names (or its `artifact`, e.g. ``onnx``) to `out`,
+        checked (size, SHA-256 and, with `verify`, signature) before it appears there."""
+        return self.pull_manifest(self.resolve(model, ref), out, artifact=artifact)
+
+    def pull_manifest(self, manifest: Manifest, out: Path, *, artifact: str = "") -> Manifest:
         if self._verify is not None:
             self._verify(manifest)
+        file = Artifact(manifest.sha256, manifest.size)
+        if artifact:
+            found = manifest.artifacts.get(artifact)
+            if found is None:
+                raise NotFound(
+                    f"{manifest.model}/{manifest.version} has no {artifact!r} file (it has: "
+                    f"{', '.join(sorted(manifest.artifacts)) or 'only the model'})"
+                )
+            file = found
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as f:
             tmp = Path(f.name)
         try:
-            self.backend.get_file(manifest.blob, tmp)
-            check_blob(tmp, manifest, self.url)
+            self.backend.get_file(blob_key(file.sha256), tmp)
+            what = f"{manifest.model}/{manifest.version}" + (f" ({artifact})" if artifact else "")
+            check_blob(tmp, file, what, self.url)
             tmp.replace(out)
         finally:
             tmp.unlink(missing_ok=True)
@@ -212,12 +233,19 @@ class Registry:
         strategy: str = "",
         parent: str = "",
         tags: tuple[str, ...] = ("latest",),
+        artifacts: dict[str, Path] | None = None,
     ) -> Manifest:
         """Store the model file at `path` as `version` of `model`, then move `tags` to
         it. Publishing the same version again is harmless (same blob, same key)."""
         check_name(model, "model")
         check_name(version, "version")
         sha, size = file_digest(path)
+        files = {path: sha}
+        extra = {}
+        for kind, file in (artifacts or {}).items():
+            check_name(kind, "artifact")
+            digest, length = file_digest(file)
+            extra[kind], files[file] = Artifact(digest, length), digest
         manifest = Manifest(
             model=model,
             version=version,
@@ -229,11 +257,13 @@ class Registry:
             metrics=dict(list((metrics or {}).items())[:MAX_METRICS]),
             strategy=strategy,
             parent=parent,
+            artifacts=extra,
         )
         if self._sign is not None:
             manifest = self._sign(manifest)
-        if not self.backend.exists(manifest.blob):
-            self.backend.put_file(manifest.blob, path)
+        for file, digest in files.items():  # every file before the manifest commits
+            if not self.backend.exists(blob_key(digest)):
+                self.backend.put_file(blob_key(digest), file)
         self.backend.put_bytes(_manifest_key(model, version), msgspec.json.encode(manifest))
         for tag in tags:
             self.tag(model, tag, version, by="publish")
@@ -283,7 +313,10 @@ class Registry:
         return deleted
 
     def _collect_blobs(self) -> None:
-        referenced = {m.sha256 for name in self.models() for m in self.versions(name)}
+        referenced = set()
+        for name in self.models():
+            for m in self.versions(name):
+                referenced |= {m.sha256, *(a.sha256 for a in m.artifacts.values())}
         now = time.time()
         for entry in self.backend.list("blobs/sha256/"):
             sha = entry.key.rsplit("/", 1)[1]
@@ -315,15 +348,15 @@ def file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def check_blob(path: Path, manifest: Manifest, where: str) -> None:
+def check_blob(path: Path, expected: Artifact, what: str, where: str) -> None:
     sha, size = file_digest(path)
-    if size != manifest.size:
+    if size != expected.size:
         raise StoreError(
-            f"{where}: {manifest.model}/{manifest.version} is {size} bytes, its manifest says "
-            f"{manifest.size}: the blob is incomplete or was replaced"
+            f"{where}: {what} is {size} bytes, its manifest says {expected.size}: the blob "
+            "is incomplete or was replaced"
         )
-    if sha != manifest.sha256:
+    if sha != expected.sha256:
         raise StoreError(
-            f"{where}: {manifest.model}/{manifest.version} has SHA-256 {sha}, its manifest "
-            f"says {manifest.sha256}: the blob was tampered with"
+            f"{where}: {what} has SHA-256 {sha}, its manifest says {expected.sha256}: the "
+            "blob was tampered with"
         )
