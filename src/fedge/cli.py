@@ -974,12 +974,21 @@ def models_list(
 
 @models_app.command("show")
 def models_show(
-    model: ModelArgument, ref: RefArgument, store: StoreOption, endpoint: EndpointOption = ""
+    model: ModelArgument,
+    ref: RefArgument,
+    store: StoreOption,
+    device: Annotated[str, typer.Option(help="Show what this device gets in a canary.")] = "",
+    label: Annotated[
+        list[str] | None, typer.Option(help="The device's KEY=VALUE labels; repeatable.")
+    ] = None,
+    endpoint: EndpointOption = "",
 ) -> None:
-    """One version's manifest (a tag shows the version it points to)."""
+    """One version's manifest (a tag shows the version it points to, for --device)."""
     import msgspec
 
-    manifest = _registry(store, endpoint).resolve(model, ref)
+    manifest = _registry(store, endpoint).resolve(
+        model, ref, device=device, labels=dict(_pair(i) for i in label or [])
+    )
     _console(stdout=True).print_json(msgspec.json.encode(manifest).decode())
 
 
@@ -1025,11 +1034,28 @@ def models_tag(
     tag: Annotated[str, typer.Argument(help="The tag to move, e.g. production.")],
     version: Annotated[str, typer.Argument(help="The version it will point to.")],
     store: StoreOption,
+    canary_fraction: Annotated[
+        float, typer.Option(min=0, max=1, help="Only this share of devices moves (a canary).")
+    ] = 0.0,
+    canary_label: Annotated[
+        list[str] | None,
+        typer.Option(help="Only devices with this KEY=VALUE label move; repeatable."),
+    ] = None,
     endpoint: EndpointOption = "",
 ) -> None:
-    """Point a tag at a version (serving nodes that follow the tag switch to it)."""
-    _registry(store, endpoint).tag(model, tag, version, by="fedge models tag")
-    _console().print(f"{model}: {tag} -> {version}")
+    """Point a tag at a version (serving nodes that follow the tag switch to it). With
+    --canary-fraction or --canary-label only those devices move; the same command
+    without them then promotes the version to all."""
+    labels = dict(_pair(i, "--canary-label") for i in canary_label or [])
+    _registry(store, endpoint).tag(
+        model, tag, version, by="fedge models tag", fraction=canary_fraction, labels=labels
+    )
+    staged = (
+        f" (canary: {canary_fraction:.0%} of devices {labels or ''})"
+        if labels or canary_fraction
+        else ""
+    )
+    _console().print(f"{model}: {tag} -> {version}{staged}")
 
 
 @models_app.command("rollback")

@@ -89,6 +89,41 @@ def test_versions_tags_and_rollback(url: str, tmp_path: Path, keys: Path) -> Non
     assert len(with_blobs) == 3
 
 
+def test_a_staged_rollout_moves_a_canary_first_then_everyone(url: str, tmp_path: Path) -> None:
+    registry = open_registry(url)
+    for v in ("v1", "v2", "v3"):
+        registry.publish("m", model_file(tmp_path, float(v[1])), v, tags=())
+    devices = [f"device-{i}" for i in range(200)]
+
+    def serving(version: str, **labels: str) -> list[str]:
+        return [
+            d
+            for d in devices
+            if registry.resolve("m", "prod", device=d, labels=labels).version == version
+        ]
+
+    with pytest.raises(StoreError, match="a canary needs a stable version"):
+        registry.tag("m", "prod", "v2", fraction=0.1)
+    registry.tag("m", "prod", "v1")
+    registry.tag("m", "prod", "v2", fraction=0.1)
+    first = serving("v2")
+    assert 8 <= len(first) <= 35, len(first)  # ~10% of 200
+    registry.tag("m", "prod", "v2", fraction=0.5)  # the canary grows: nobody moves back
+    wider = serving("v2")
+    assert set(first) <= set(wider) and 70 <= len(wider) <= 130
+    assert registry.resolve("m", "prod").version == "v1"  # no device: the stable one
+    # by label: every device of plant-3, and only those
+    registry.tag("m", "prod", "v3", labels={"site": "plant-3"})
+    assert len(serving("v3", site="plant-3")) == len(devices)
+    assert serving("v3", site="plant-4") == [] and len(serving("v1", site="plant-4")) == 200
+    # promoted to all, then rolled back to where everyone was
+    registry.tag("m", "prod", "v3")
+    assert len(serving("v3")) == 200
+    assert registry.rollback("m", "prod") == "v1"
+    with pytest.raises(StoreError, match=r"a canary fraction is in \(0, 1\], got 1.5"):
+        registry.tag("m", "prod", "v2", fraction=1.5)
+
+
 def test_tampering_and_foreign_keys_are_refused(url: str, tmp_path: Path, keys: Path) -> None:
     signer = open_registry(url, sign_key=keys / "release.key")
     published = signer.publish("m", model_file(tmp_path, 1.0), "v1", metrics={"accuracy": 0.9})

@@ -78,11 +78,32 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return blob_key(self.sha256)
 
 
+class Canary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A staged move: only the devices it selects follow the tag to the new version;
+    the rest stay on `stable` until a plain move promotes it to all."""
+
+    stable: Name
+    fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Share of devices, chosen by a hash of (model, tag, version, device): stable as
+    the fraction grows, and different for each new version."""
+    labels: Annotated[dict[str, str], msgspec.Meta(max_length=16)] = {}
+    """Only devices with all these labels (and, with a fraction, only that share)."""
+
+    def selects(self, key: str, device: str, labels: dict[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in self.labels.items()):
+            return False
+        if self.fraction <= 0:
+            return bool(self.labels)  # labels alone: every device that has them
+        digest = hashlib.sha256(f"{key}/{device}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.fraction
+
+
 class TagMove(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tag: Name
     version: Name
     at: float
     by: str = ""
+    canary: Canary | None = None
 
 
 def blob_key(sha256: str) -> str:
@@ -160,11 +181,11 @@ class Registry:
                 current[name] = moves[-1].version
         return current
 
-    def tag_moves(self, model: str, tag: str) -> list[TagMove]:
-        """The moves of `tag`, oldest first (a bounded tail of them)."""
+    def tag_moves(self, model: str, tag: str, last: int = TAG_MOVES_KEPT) -> list[TagMove]:
+        """The `last` moves of `tag`, oldest first."""
         prefix = f"models/{check_name(model, 'model')}/tags/{check_name(tag, 'tag')}/"
         moves = []
-        for entry in self.backend.list(prefix)[-TAG_MOVES_KEPT:]:
+        for entry in self.backend.list(prefix)[-last:]:
             try:
                 move = msgspec.json.decode(
                     self.backend.get_bytes(entry.key, MAX_MANIFEST), type=TagMove
@@ -178,11 +199,23 @@ class Registry:
             moves.append(move)
         return moves
 
-    def resolve(self, model: str, ref: str) -> Manifest:
-        """The version `ref` names: a tag of `model`, or a version."""
+    def resolve(
+        self, model: str, ref: str, *, device: str = "", labels: dict[str, str] | None = None
+    ) -> Manifest:
+        """The version `ref` names for `device` (with `labels`): a tag of `model` — in a
+        staged move, its new version if the canary selects the device, else the stable
+        one — or a version."""
         check_name(ref, "version or tag")
-        moves = self.tag_moves(model, ref)
-        return self.manifest(model, moves[-1].version if moves else ref)
+        moves = self.tag_moves(model, ref, last=1)
+        if not moves:
+            return self.manifest(model, ref)
+        last = moves[-1]
+        version = last.version
+        if last.canary is not None and not last.canary.selects(
+            f"{model}/{ref}/{last.version}", device, labels or {}
+        ):
+            version = last.canary.stable
+        return self.manifest(model, version)
 
     def pull(self, model: str, ref: str, out: Path, *, artifact: str = "") -> Manifest:
         """Download the version `ref` names (or its `artifact`, e.g. ``onnx``) to `out`,
@@ -269,11 +302,34 @@ class Registry:
             self.tag(model, tag, version, by="publish")
         return manifest
 
-    def tag(self, model: str, tag: str, version: str, *, by: str = "") -> None:
-        """Point `tag` at `version` (which must exist)."""
+    def tag(
+        self,
+        model: str,
+        tag: str,
+        version: str,
+        *,
+        by: str = "",
+        fraction: float = 0.0,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """Point `tag` at `version` (which must exist); with a `fraction` of devices or
+        `labels`, only for those (a canary), the rest staying where the tag was."""
         check_name(tag, "tag")
         self.manifest(model, version)
-        move = TagMove(tag, version, time.time(), by[:200])
+        canary = None
+        if not 0 <= fraction <= 1:
+            raise StoreError(f"a canary fraction is in (0, 1], got {fraction}")
+        if fraction or labels:
+            moves = self.tag_moves(model, tag)
+            if not moves:
+                raise StoreError(
+                    f"tag {tag!r} of {model!r} points nowhere yet: a canary needs a stable "
+                    "version to keep the other devices on"
+                )
+            last = moves[-1]
+            stable = last.canary.stable if last.canary is not None else last.version
+            canary = Canary(stable, fraction, dict(labels or {}))
+        move = TagMove(tag, version, time.time(), by[:200], canary)
         key = f"models/{model}/tags/{tag}/{time.time_ns():020d}-{secrets.token_hex(4)}.json"
         self.backend.put_bytes(key, msgspec.json.encode(move))
 
@@ -325,13 +381,15 @@ class Registry:
 
 
 def _effective_history(moves: list[TagMove]) -> list[str]:
-    """The versions a tag stood at, where a rollback undoes the move before it."""
+    """The versions a tag stood at for the fleet at large (a canary move leaves it on
+    its stable version), where a rollback undoes the move before it."""
     stack: list[str] = []
     for move in moves:
-        if move.by.startswith("rollback") and len(stack) >= 2 and stack[-2] == move.version:
+        version = move.canary.stable if move.canary is not None else move.version
+        if move.by.startswith("rollback") and len(stack) >= 2 and stack[-2] == version:
             stack.pop()
         else:
-            stack.append(move.version)
+            stack.append(version)
     return stack
 
 
