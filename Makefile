@@ -48,6 +48,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/longrun_bench.py
 	$(BIN)/python benchmarks/compression_bench.py
 	$(BIN)/python benchmarks/fedbuff_bench.py
+	$(BIN)/python benchmarks/fedbuff_fleet_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -2,26 +2,29 @@
 
 A real `fedge server` and 20 real `fedge node` processes over mutual TLS on 127.0.0.1.
 Each node is held to a CPU share by a Linux cgroup (`fedge.cgroups`, CFS bandwidth
-control): shares spread log-evenly over 10x (10% of a CPU down to 1%), assigned to the
-clients in the order `[simulation] speed_spread` uses. Everything a node does — TLS,
-decoding, training, hashing, uploading — is slowed, as on a slow board, and the shares
-sum to under one CPU, so the ratio holds on this 2-core machine with the server running.
+control). The shares spread log-evenly over 10x (digits: 5% of a CPU down to 0.5%;
+MNIST-1D: 10% down to 1%) and go to the clients in the order `[simulation]
+speed_spread` uses. Everything a node does is slowed, as on a slow board, and the shares
+sum to under one CPU, so the 2-core machine gives every node its quota while the server
+runs. Why cgroups, and not a sleep in `fit` or a node-side `--max-cpu`: see
+docs/architecture.md, "Slow nodes on one machine".
 
-Why cgroups and not a sleep in `fit` or a node option: a sleep slows only training and
-leaves the CPU free; a duty cycle inside the node (a `--max-cpu` option) would only
-approximate what the kernel enforces exactly, and a real device is slow in all it does.
-Nodes start unthrottled (imports would take minutes at 1% of a CPU), connect to a
-warm-up server and are then moved into their groups; FedAvg's and FedBuff's servers come
-next on the same address (fresh state each), and the same throttled nodes reconnect.
+The nodes start unthrottled and serve one warm-up round (imports and torch's first
+training would take minutes at 1% of a CPU); then they are throttled. Each repeat runs a
+FedAvg server, then a FedBuff server (K = 5, concurrency 20, server lr 1, max staleness
+30), on the same address with fresh state; the same nodes reconnect to each. Times come
+from the server's state: each round's commit time (``finished_at``), counted from when
+round 1 had its clients (``wall_time - wait_time`` before its commit). Reported: wall
+seconds to the first update whose centralized accuracy reaches the target; FedBuff runs
+for FedAvg's total wall time and is then stopped; final accuracy is each method's last
+update within that budget; and how many results the fastest and the slowest node
+delivered, and the CPU they used (their shares hold?). Medians over the repeats end
+the table. Without cgroup write access (not root, no CPU controller) it says why and
+writes no numbers.
 
-Measured from the server's state (the time each round was committed): wall seconds from
-the moment all 20 nodes are connected to the first update whose centralized accuracy
-reaches the target; FedBuff runs for FedAvg's total wall time and is then stopped;
-final accuracy is each method's last update within that budget. Digits (NumPy softmax
-regression, target 0.92). Without cgroup write access (not root, no CPU controller) the
-benchmark says why and writes no numbers.
-
-Usage: python benchmarks/fedbuff_fleet_bench.py [--rounds 12]
+Usage: python benchmarks/fedbuff_fleet_bench.py [--dataset digits|mnist1d|all]
+       [--repeats 3] [--rounds N] [--keep DIR]
+(`make bench` runs digits, about 3 minutes; MNIST-1D takes about 20 minutes.)
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ CASES = {
     "digits": Case(
         "digits", 'partition = "iid", epochs = 5, batch_size = 16, lr = 0.5', 0.92, 10, 0.05
     ),
-    "mnist1d": Case("mnist1d_torch", "alpha = 1.0, epochs = 2, batch_size = 32", 0.28, 30, 0.10),
+    "mnist1d": Case("mnist1d_torch", "alpha = 1.0, epochs = 2, batch_size = 32", 0.28, 20, 0.10),
 }
 
 CONFIG = """
