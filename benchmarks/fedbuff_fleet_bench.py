@@ -2,12 +2,12 @@
 
 A real `fedge server` and 20 real `fedge node` processes over mutual TLS on 127.0.0.1.
 Each node is held to a CPU share by a Linux cgroup (`fedge.cgroups`, CFS bandwidth
-control). The shares spread log-evenly over 10x (digits: 5% of a CPU down to 0.5%;
-MNIST-1D: 10% down to 1%) and go to the clients in the order `[simulation]
-speed_spread` uses. Everything a node does is slowed, as on a slow board, and the shares
-sum to under one CPU, so the 2-core machine gives every node its quota while the server
-runs. Why cgroups, and not a sleep in `fit` or a node-side `--max-cpu`: see
-docs/architecture.md, "Slow nodes on one machine".
+control). The CPU for tasks spreads log-evenly over 10x (digits: 5% of a CPU down to
+0.5%; MNIST-1D: 10% down to 1%), plus 0.2% for what a node does besides tasks, and goes
+to the clients in the order `[simulation] speed_spread` uses. Everything a node does is
+slowed, as on a slow board, and the shares sum to under one CPU, so the 2-core machine
+gives every node its quota while the server runs. Why cgroups, and not a sleep in
+`fit` or a node-side `--max-cpu`: see docs/architecture.md, "Slow nodes on one machine".
 
 The nodes start unthrottled and serve one warm-up round (imports and torch's first
 training would take minutes at 1% of a CPU); then they are throttled. Each repeat runs a
@@ -54,6 +54,11 @@ from fedge.sim import spread_task_times
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS, SPREAD = 20, 10.0
+BACKGROUND = 0.002
+"""CPU share added to every node for what it does besides tasks: a connected idle node
+used 0.23% of a CPU (heartbeats, the gRPC task stream), and fitting CPU = background +
+cost x tasks to the fastest and slowest nodes of an uncorrected run gave 0.2%. Without
+it the slowest nodes' task times spread 16x, not 10x."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +117,9 @@ def write_config(work: Path, case: Case, name: str, rounds: int, strategy: str) 
 
 
 def shares(fastest: float) -> list[float]:
-    """CPU share of each client, from `fastest` down to SPREAD times less, in the order
-    of the simulation's `speed_spread`."""
-    return [fastest / t for t in spread_task_times(CLIENTS, SPREAD, seed=0)]
+    """CPU share of each client: for tasks, from `fastest` down to SPREAD times less, in
+    the order of the simulation's `speed_spread`; plus the BACKGROUND."""
+    return [fastest / t + BACKGROUND for t in spread_task_times(CLIENTS, SPREAD, seed=0)]
 
 
 def committed_rounds(state_dir: Path) -> list[dict[str, Any]]:
@@ -210,6 +215,7 @@ def compare(
         within = [r for r in run.rounds if r["finished_at"] - run.started <= budget]
         done = [sum(r["participants"].count(c) for r in within) for c in (fast, slow)]
         row["fastest_node_results"], row["slowest_node_results"] = done
+        row["results_spread"] = done[0] / done[1] if done[1] else None
         row["fastest_node_cpu_pct"] = 100 * run.node_cpu[fast]
         row["slowest_node_cpu_pct"] = 100 * run.node_cpu[slow]
     return rows
