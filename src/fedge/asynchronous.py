@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from fedge.checkpoint import Checkpoint
 from fedge.client import FIT
-from fedge.coordinator import Outcome, Round, Task, Workflow, _resolve, client_seed, fit_round
+from fedge.coordinator import Outcome, Round, Task, Workflow, client_seed, fit_round
 from fedge.metrics import WeightedMetrics
 from fedge.strategy.base import Strategy
 from fedge.strategy.fedbuff import Buffer, FedBuff
@@ -84,10 +84,7 @@ class BufferedAsync:
         record.stale = int(self._partial["stale"])
         self._drop_too_stale(rnd, strategy)
         rnd.coordinator.observer.round_started(rnd.number, strategy.buffer_size)
-        config = {
-            **strategy.fit_config(rnd.number),
-            **_resolve(rnd.coordinator.fit_config, rnd.number),
-        }
+        config = rnd.fit_config()
         metrics, selected = WeightedMetrics(), set[int]()
         while buffer.count < strategy.buffer_size:
             selected.update(self._top_up(rnd, strategy, config))
@@ -118,7 +115,7 @@ class BufferedAsync:
         """Open tasks on the newest model for idle available clients, up to the
         concurrency; with none outstanding, wait for clients first."""
         need = 0 if self.outstanding else max(1, strategy.min_available_clients)
-        available = rnd.fleet.wait_available(need, rnd.deadline)
+        available = rnd.wait_available(need)
         busy = {t.cid for t in self.outstanding.values()}
         idle = sorted(c for c in available if c not in busy)
         room = strategy.concurrency - len(self.outstanding)

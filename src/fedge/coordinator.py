@@ -288,8 +288,13 @@ class Round:
     # --- building blocks ------------------------------------------------------------
 
     def wait_available(self, count: int) -> list[int]:
-        """At least `count` available clients (sorted), or `QuorumError` at the deadline."""
-        self.available = sorted(self.fleet.wait_available(count, self.deadline))
+        """At least `count` available clients (sorted), or `QuorumError` at the deadline;
+        the time it waited is added to the record's `wait_time`."""
+        started = time.perf_counter()
+        try:
+            self.available = sorted(self.fleet.wait_available(count, self.deadline))
+        finally:
+            self.record.wait_time += time.perf_counter() - started
         return self.available
 
     def sample(self, among: Sequence[int], count: int) -> list[int]:
@@ -304,6 +309,14 @@ class Round:
         if id(weights) not in self._versions:
             self._versions[id(weights)] = self.fleet.publish(weights)
         return self._versions[id(weights)]
+
+    def fit_config(self) -> dict[str, Any]:
+        """What every fit task of the round is told (before its ``round`` and ``seed``):
+        the strategy's settings, overridden by the user's ``fit_config``."""
+        return {
+            **self.strategy.fit_config(self.number),
+            **_resolve(self.coordinator.fit_config, self.number),
+        }
 
     def tasks(
         self,
@@ -359,10 +372,7 @@ class Round:
         record, strategy = self.record, self.strategy
         record.selected = list(cids)
         self.coordinator.observer.round_started(self.number, len(cids))
-        base = {
-            **strategy.fit_config(self.number),
-            **_resolve(self.coordinator.fit_config, self.number),
-        }
+        base = self.fit_config()
         tasks = self.tasks(
             FIT,
             cids,

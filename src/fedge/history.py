@@ -39,6 +39,9 @@ class RoundRecord:
     evaluate_failures: dict[int, str] = field(default_factory=dict)
     """Clients asked to evaluate without a usable answer, and why."""
     fit_time: float = 0.0
+    wait_time: float = 0.0
+    """Seconds of `fit_time` spent waiting for enough clients to be available (a round
+    started before its nodes connected); the work itself is ``wall_time - wait_time``."""
     evaluate_time: float = 0.0
     wall_time: float = 0.0
     cpu_time: float = 0.0

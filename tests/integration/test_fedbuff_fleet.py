@@ -1,4 +1,5 @@
-"""FedBuff on a real fleet: real slow nodes, and a server SIGKILLed mid-buffer."""
+"""FedBuff on a real fleet: slow nodes (sleeping, and CPU-throttled by cgroups), and a
+server SIGKILLed mid-buffer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import checkpoint_rounds, finished, wait_for, write_config
 
+from fedge.cgroups import CpuLimitError, CpuLimits
 from fedge.checkpoint import latest_checkpoint
 from fedge.launch import Launcher
 
@@ -45,6 +47,34 @@ def test_fast_nodes_do_not_wait_for_slow_ones(tmp_path: Path, transport: str) ->
     assert len(tasks) == len(set(tasks))
     done = [sum(r["participants"].count(c) for r in rounds) for c in range(4)]
     # the fast nodes trained again and again on newer models while the slow ones worked
+    assert done[0] + done[1] > 2 * (done[2] + done[3]), done
+    assert rounds[-1]["metrics"]["accuracy"] > 0.8
+
+
+def test_nodes_throttled_by_cgroups_fall_behind_and_the_run_completes(
+    tmp_path: Path,
+) -> None:
+    try:
+        limits = CpuLimits.detect("fedge-test-fleet")
+    except CpuLimitError as exc:
+        pytest.skip(f"no cgroup CPU limits here: {exc}")
+    config, _ = _configs(tmp_path, rounds=8)
+    with limits, Launcher(tmp_path, config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "4", "--out", out)
+        nodes = {cid: fleet.node(cid) for cid in (2, 3)}  # the slow ones join first
+        wait_for(lambda: (s := fleet.status(1.0)) is not None and len(s.nodes) == 2, "2 nodes")
+        for cid in (2, 3):  # 0.5% of a CPU: every step they take is slow
+            limits.limit(f"node-{cid}", nodes[cid].pid, 0.005)
+        for cid in (0, 1):  # unthrottled; the run starts once these join
+            nodes[cid] = fleet.node(cid)
+        finished(server, fleet)
+        history = json.loads(out.read_text())
+        membership = Path(f"/proc/{nodes[2].pid}/cgroup").read_text()
+        assert "/fedge-test-fleet-node-2\n" in membership, membership
+    rounds = history["rounds"]
+    assert [r["status"] for r in rounds] == ["ok"] * 8
+    done = [sum(r["participants"].count(c) for r in rounds) for c in range(4)]
     assert done[0] + done[1] > 2 * (done[2] + done[3]), done
     assert rounds[-1]["metrics"]["accuracy"] > 0.8
 

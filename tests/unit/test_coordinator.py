@@ -7,6 +7,7 @@ can be written down by hand.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +26,10 @@ from fedge import (
     RoundRecord,
     Weights,
 )
+from fedge.asynchronous import workflow_for
 from fedge.coordinator import Coordinator, Observer, client_seed
 from fedge.sim import LocalFleet
-from fedge.strategy import FedAvg, FedProx
+from fedge.strategy import FedAvg, FedBuff, FedProx
 
 INITIAL: Weights = {"w": np.zeros(3, np.float64), "b": np.zeros((), np.float64)}
 
@@ -641,3 +643,27 @@ def test_in_place_training_cannot_change_the_global_model() -> None:
     # each round: every client adds 1 to the same global model, so the mean is +1
     np.testing.assert_array_equal(history.weights["w"], np.full(3, 3.0))
     np.testing.assert_array_equal(INITIAL["w"], np.zeros(3))
+
+
+class _LateFleet(LocalFleet):
+    """Its clients become available 50 ms after a round first asks for them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.late = True
+
+    def wait_available(self, count: int, deadline: float | None = None) -> list[int]:
+        if self.late and count > 0:
+            time.sleep(0.05)
+            self.late = False
+        return super().wait_available(count, deadline)
+
+
+@pytest.mark.parametrize("strategy", [FedAvg(), FedBuff(buffer_size=2, concurrency=2)])
+def test_a_round_records_how_long_it_waited_for_clients(strategy: fedge.Strategy) -> None:
+    coordinator = Coordinator(strategy, INITIAL, rounds=1, workflow=workflow_for(strategy))
+    fleet = _LateFleet(Clients(), 4)
+    first, _, _ = coordinator.run_round(fleet, 1)
+    assert first.status == "ok"
+    assert 0.05 <= first.wait_time <= first.fit_time <= first.wall_time
+    assert RoundRecord.from_dict(json.loads(json.dumps(first.to_dict()))) == first

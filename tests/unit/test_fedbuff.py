@@ -49,6 +49,17 @@ def test_the_buffer_folds_example_and_staleness_weighted_deltas() -> None:
         Buffer(round=1).mean()
 
 
+def test_scalar_tensors_are_buffered_and_stepped_as_arrays() -> None:
+    base = {"t": np.array(1.0, np.float32)}  # a 0-d tensor, e.g. a temperature
+    buffer = Buffer(round=1)
+    buffer.fold("a", {"t": np.array(3.0, np.float32)}, base, 1, 0)
+    buffer.fold("b", {"t": np.array(2.0, np.float32)}, base, 1, 0)
+    mean = buffer.mean()
+    assert isinstance(mean["t"], np.ndarray) and mean["t"].shape == () and mean["t"] == 1.5
+    new, _ = FedBuff().apply(base, mean, {}, RoundContext(1, 0, base, np.random.default_rng(0)))
+    assert isinstance(new["t"], np.ndarray) and new["t"].dtype == np.float32 and new["t"] == 2.5
+
+
 def test_apply_steps_by_the_server_learning_rate_and_keeps_counters() -> None:
     strategy = FedBuff(server_learning_rate=0.5)
     weights = {"w": np.array([1.0, 1.0], np.float32), "n": np.array([3], np.int64)}
@@ -82,6 +93,16 @@ def test_fedbuff_is_configured_by_name_and_gets_the_asynchronous_workflow() -> N
     assert (strategy.buffer_size, strategy.concurrency) == (4, 8)
     assert isinstance(workflow_for(strategy), BufferedAsync)
     assert workflow_for(FedAvg()) is fit_round
+
+
+def test_a_server_side_wrapper_around_fedbuff_is_refused_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_strategy({"name": "fedbuff", "wrap": [{"name": "clip_updates", "max_norm": 1.0}]})
+    assert str(raised.value) == (
+        "strategy.wrap: ClipUpdates cannot wrap FedBuff: a server-side wrapper changes the "
+        "synchronous aggregation, which FedBuff does not use (node-side wrappers such as "
+        "ClipClient do apply)"
+    )
 
 
 def test_speeds_spread_exactly_and_bad_task_times_are_refused() -> None:

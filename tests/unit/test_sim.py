@@ -66,7 +66,7 @@ def run(**kwargs: Any) -> fedge.History:
 
 def outcome(history: fedge.History) -> list[dict[str, Any]]:
     """Everything a history records except timings."""
-    timings = {"fit_time", "evaluate_time", "wall_time", "cpu_time"}
+    timings = {"fit_time", "wait_time", "evaluate_time", "wall_time", "cpu_time"}
     return [
         {k: v for k, v in record.items() if k not in timings}
         for record in history.to_dict()["rounds"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -51,6 +51,10 @@ class Strategy:
     needs ``min_results`` valid results to be aggregated (else it fails and is retried).
     Federated evaluation runs on ``fraction_evaluate`` of the clients (0 disables it).
     """
+
+    asynchronous: ClassVar[bool] = False
+    """Aggregates in asynchronous rounds (`fedge.asynchronous`), not through `aggregator`
+    in synchronous ones; server-side wrappers cannot wrap it."""
 
     fraction_fit: float = 1.0
     clients_per_round: int | None = None
@@ -124,6 +128,12 @@ class StrategyWrapper(Strategy):
     strategy's, so a wrapped strategy is sampled exactly as the bare one."""
 
     def __init__(self, inner: Strategy) -> None:  # no dataclass fields of its own
+        if inner.asynchronous:
+            raise ConfigError(
+                f"strategy.wrap: {type(self).__name__} cannot wrap {inner.name}: a server-side "
+                f"wrapper changes the synchronous aggregation, which {inner.name} does not use "
+                "(node-side wrappers such as ClipClient do apply)"
+            )
         self.inner = inner
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -69,7 +70,8 @@ class Buffer:
         for name, b in base.items():
             if not np.issubdtype(b.dtype, np.floating):
                 continue
-            delta = np.subtract(update[name], b, dtype=np.float64)
+            delta = np.empty(b.shape, np.float64)  # an array for 0-d tensors too
+            np.subtract(update[name], b, out=delta)
             np.multiply(delta, scale, out=delta)
             if name in self.sums:
                 np.add(self.sums[name], delta, out=self.sums[name])
@@ -82,7 +84,7 @@ class Buffer:
         """The buffered mean delta, ``sum_i n_i s_i delta_i / sum_i n_i``."""
         if not self.tasks or self.weight <= 0:
             raise ValueError("the buffer is empty")
-        return {name: np.divide(s, self.weight) for name, s in self.sums.items()}
+        return {name: np.asarray(np.divide(s, self.weight)) for name, s in self.sums.items()}
 
 
 class _NotSynchronous(Aggregator):
@@ -97,6 +99,8 @@ class _NotSynchronous(Aggregator):
 class FedBuff(Strategy):
     """Buffered asynchronous aggregation; evaluation is centralized (``evaluate_fn``):
     federated evaluation would wait behind the fit tasks that stay outstanding."""
+
+    asynchronous: ClassVar[bool] = True
 
     buffer_size: int = 10
     """K: client updates folded per server update."""
@@ -149,5 +153,5 @@ class FedBuff(Strategy):
                 new[name] = w
                 continue
             step: Array = np.multiply(self.server_learning_rate, aggregate[name])
-            new[name] = np.add(w, step).astype(w.dtype)
+            new[name] = np.asarray(np.add(w, step), dtype=w.dtype)
         return new, state
