@@ -1071,6 +1071,61 @@ def models_rollback(
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="The model's name (in the store and in URLs).")],
+    store: Annotated[
+        str, typer.Option(envvar="FEDGE_STORE", help="Follow a tag in this registry.")
+    ] = "",
+    tag: Annotated[str, typer.Option(help="The tag to follow (latest, best, production).")] = (
+        "latest"
+    ),
+    release_key: ReleaseKeyOption = None,
+    onnx: Annotated[
+        Path | None, typer.Option(help="Serve this ONNX file instead of a store's model.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    device: Annotated[
+        str, typer.Option(help="This device's name in staged rollouts [default: hostname].")
+    ] = "",
+    label: Annotated[
+        list[str] | None, typer.Option(help="The device's KEY=VALUE labels; repeatable.")
+    ] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between checks of the store.")] = 30.0,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Verified models kept here [default: $XDG_CACHE_HOME/fedge/serve]."),
+    ] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB.")] = 32.0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
+    endpoint: EndpointOption = "",
+) -> None:
+    """Serve a model over HTTP (KServe v2 and v1 predict, /metrics), hot-swapping to each
+    new verified version its tag names."""
+    import socket
+
+    from fedge.serve.runner import InferenceServer, ServeSettings, open_source
+
+    settings = ServeSettings(
+        model,
+        host=host,
+        port=port,
+        store=store,
+        tag=tag,
+        release_keys=release_key or [],
+        onnx=onnx,
+        device=device or socket.gethostname(),
+        labels=dict(_pair(item) for item in label or []),
+        poll=poll,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        max_body=int(max_body_mb * (1 << 20)),
+        threads=threads,
+    )
+    InferenceServer(open_source(settings), settings).run()
+
+
+@app.command()
 def demo(
     clients: Annotated[int, typer.Option(help="Number of node processes.")] = 10,
     rounds: Annotated[int, typer.Option(help="Rounds to train.")] = 5,

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedge.checkpoint import is_checkpoint, load_checkpoint
 from fedge.errors import FedgeError
+from fedge.serve.model import ORT_DTYPES
 from fedge.weights import Array, Weights, read_file, spec_of, validate
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def _run_once(ort: Any, data: bytes) -> None:
         feeds = {}
         for arg in session.get_inputs():
             shape = [d if isinstance(d, int) else 2 for d in arg.shape]
-            feeds[arg.name] = np.zeros(shape, _NUMPY[arg.type])
+            feeds[arg.name] = np.zeros(shape, ORT_DTYPES[arg.type])
         results = session.run(None, feeds)
     except KeyError as exc:
         raise ExportError(f"the model has an input of type {exc}, not a plain tensor") from None
@@ -148,16 +149,6 @@ def _run_once(ort: Any, data: bytes) -> None:
             raise ExportError(
                 f"output {arg.name!r} is declared {arg.shape} but ONNX Runtime computed {got}"
             )
-
-
-_NUMPY = {
-    f"tensor({name})": np.dtype(dtype)
-    for name, dtype in [
-        ("float", "float32"), ("double", "float64"), ("float16", "float16"),
-        ("int64", "int64"), ("int32", "int32"), ("int16", "int16"), ("int8", "int8"),
-        ("uint8", "uint8"), ("bool", "bool"),
-    ]
-}  # fmt: skip
 
 
 def _line(exc: Exception) -> str:

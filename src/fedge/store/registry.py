@@ -222,9 +222,13 @@ class Registry:
         checked (size, SHA-256 and, with `verify`, signature) before it appears there."""
         return self.pull_manifest(self.resolve(model, ref), out, artifact=artifact)
 
-    def pull_manifest(self, manifest: Manifest, out: Path, *, artifact: str = "") -> Manifest:
+    def verify(self, manifest: Manifest) -> None:
+        """Raise `StoreError` unless `manifest` is signed by a trusted key (with `verify`)."""
         if self._verify is not None:
             self._verify(manifest)
+
+    def pull_manifest(self, manifest: Manifest, out: Path, *, artifact: str = "") -> Manifest:
+        self.verify(manifest)
         file = Artifact(manifest.sha256, manifest.size)
         if artifact:
             found = manifest.artifacts.get(artifact)
