@@ -471,9 +471,21 @@ def node(
     broker: BrokerOption = "",
     mqtt_prefix: PrefixOption = "fedge",
     mqtt_chunk_kb: ChunkOption = 256,
+    serve: Annotated[
+        str, typer.Option(help="Also serve the trained model over HTTP on HOST:PORT.")
+    ] = "",
+    store: Annotated[
+        str, typer.Option(envvar="FEDGE_STORE", help="--serve: the registry [default: [store]].")
+    ] = "",
+    serve_model: Annotated[str, typer.Option(help="--serve: model [default: [store] model].")] = "",
+    serve_tag: Annotated[str, typer.Option(help="--serve: the tag followed.")] = "latest",
+    release_key: Annotated[
+        list[Path] | None,
+        typer.Option(help="--serve: trusted release public key (release.pub); repeatable."),
+    ] = None,
 ) -> None:
     """Run an edge node: dial the server (or the broker), train on local data, reconnect
-    forever."""
+    forever; with --serve, answer inference requests with the newest verified model."""
     if ctx.invoked_subcommand is not None:
         return
     import signal
@@ -522,10 +534,58 @@ def node(
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop())
+    served = _serve_beside(edge, cfg, serve, store, serve_model, serve_tag, release_key or [])
     started()
-    edge.run()
+    try:
+        edge.run()
+    finally:
+        if served is not None:
+            served.stop()
     if edge.stopped_because is not None:
         raise FedgeError(f"node {identity!r} stopped: {edge.stopped_because}")
+
+
+def _serve_beside(
+    edge: Any, cfg: RunConfig, address: str, store: str, model: str, tag: str, keys: list[Path]
+) -> Any:
+    """The inference server in a thread of the node: it follows `tag` for this device
+    (its name and labels select it in a staged rollout), checks the store at once when
+    a task brings a new global model, and the node's heartbeats report what it serves."""
+    if not address:
+        return None
+    from fedge.serve.follower import ModelFollower
+    from fedge.serve.model import ServedModel
+    from fedge.serve.runner import InferenceServer, ServeSettings, open_source
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FedgeError(f"--serve must look like HOST:PORT, got {address!r}")
+    settings = ServeSettings(
+        model or cfg.store.model,
+        host=host,
+        port=int(port),
+        store=store or cfg.store.url,
+        tag=tag,
+        release_keys=keys,
+        device=edge.settings.name,
+        labels=edge.settings.labels,
+        cache_dir=edge.cache.models.parent / "serve",
+        endpoint=cfg.store.endpoint,
+        region=cfg.store.region,
+    )
+    source = open_source(settings)
+    assert isinstance(source, ModelFollower)  # a store is followed, never a fixed file
+
+    def report(served: ServedModel) -> None:
+        edge.serving = f"{served.name}/{served.version}"
+
+    if source.current is not None:
+        report(source.current)
+    source.on_swap.append(report)
+    edge.on_new_model = source.expect_new
+    server = InferenceServer(source, settings)
+    server.start()
+    return server
 
 
 @node_app.command("enroll")
@@ -586,10 +646,15 @@ def status(
     if reply.reason:
         _console().print(f"reason: {_escape(reply.reason)}", soft_wrap=True)
     _console().print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in reply.metrics.items()))
-    table = Table("node", "cid", "address", "live", "tasks done")
+    table = Table("node", "cid", "address", "live", "tasks done", "serving")
     for n in reply.nodes:
         table.add_row(
-            n.node_id, str(n.cid), n.address, "yes" if n.live else "no", str(n.tasks_done)
+            n.node_id,
+            str(n.cid),
+            n.address,
+            "yes" if n.live else "no",
+            str(n.tasks_done),
+            n.serving or "-",
         )
     _console(stdout=True).print(table)
 
@@ -666,7 +731,7 @@ def nodes_list(
         found = control.nodes()
     table = Table(
         "node", "cid", "state", "connected", "live", "cert expires", "last seen", "tasks done",
-        "labels",
+        "labels", "serving",
     )  # fmt: skip
     for n in found:
         table.add_row(
@@ -679,6 +744,7 @@ def nodes_list(
             _when(n.last_seen_unix_ms),
             str(n.tasks_done),
             _labels(n.labels),
+            n.serving or "-",
         )
     _console(stdout=True).print(table)
 

@@ -154,6 +154,8 @@ class NodeInfo:
     state: str = "active"
     """"active", "revoked" or "expired"."""
     certificates: Sequence[CertificateInfo] = ()
+    serving: str = ""
+    """What its inference server serves ("MODEL/VERSION"), from its last heartbeat."""
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ def create_app(num_clients, seed, fit_delay=0.0, slow_round=0, marker_dir="", **
         client.fit = slow_fit
         return client
 
-    return fedge.App(client_fn, inner.initial_weights, inner.evaluate_fn)
+    return fedge.App(
+        client_fn, inner.initial_weights, inner.evaluate_fn, onnx_model=inner.onnx_model
+    )
 """
 
 

@@ -133,3 +133,53 @@ def test_an_unreachable_store_does_not_stop_training(
             rounds = [m.round for m in registry.versions("digits")]
         assert rounds == [2, 3], fleet.log("again")
         assert not list(spool.glob("*.json"))
+
+
+def test_a_node_serves_the_newest_published_model_and_status_shows_it(tmp_path: Path) -> None:
+    """`fedge node --serve`: while the fleet trains, the node's inference server swaps to
+    each model the server publishes (told by the node when a task brings a new one), the
+    node's heartbeats report it, and `fedge status` shows which version it serves."""
+    import httpx
+
+    from fedge.launch import free_port, wait_for
+
+    url = f"file://{tmp_path / 'store'}"
+    config = write_config(
+        tmp_path / "app", rounds=6, fraction_evaluate=0.0, fit_delay=0.4,
+        extra=f'[store]\nurl = "{url}"\nmodel = "digits"\nkeep = 10\n',
+    )  # fmt: skip
+    port = free_port()
+    with Launcher(tmp_path, config) as fleet:
+        server = fleet.server("--wait-for", "2", "--heartbeat-interval", "0.3")
+        serving = fleet.node(
+            0, "--serve", f"127.0.0.1:{port}", "--release-key", fleet.certs / "release.pub"
+        )
+        fleet.node(1)
+        seen: set[str] = set()
+
+        def served_by_node_0() -> str | None:
+            reply = fleet.status()
+            rows = [n for n in reply.nodes if n.node_id == "node-0"] if reply else []
+            if rows and rows[0].serving:
+                seen.add(rows[0].serving)
+            return rows[0].serving if len(seen) >= 2 else None
+
+        wait_for(served_by_node_0, "node-0 serving two versions during the run", 90)
+        status = cli(fleet, "status", "--server", fleet.address, "--certs", fleet.certs)
+        assert status.returncode == 0, status.stderr
+        assert "serving" in status.stdout and "digits/" in status.stdout, status.stdout
+        finished(server, fleet)
+        registry = open_registry(url, verify_keys=[fleet.certs / "release.pub"])
+        latest = registry.resolve("digits", "latest").version
+        assert all(s.startswith("digits/") for s in seen), seen
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            # the last model came after the last task: the operator's hook checks at once
+            loaded = http.post("/v2/repository/models/digits/load").json()
+            assert loaded["version"] == latest and loaded["error"] == "", loaded
+            x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+            body = {"inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32",
+                                "data": x.ravel().tolist()}]}  # fmt: skip
+            answer = http.post("/v2/models/digits/infer", json=body).json()
+        logits = np.array(answer["outputs"][0]["data"], np.float32).reshape(3, 10)
+        np.testing.assert_allclose(logits, softmax_logits(latest_weights(fleet), x), atol=1e-5)
+        assert serving.poll() is None, "the node (and its inference server) keeps running"

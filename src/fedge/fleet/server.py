@@ -260,6 +260,7 @@ class Aggregator(Observer):
                 connected_since=s.connected_since,
                 last_seen=s.last_seen,
                 tasks_done=s.tasks_done,
+                serving=s.serving,
             )
             for s in sorted(self.service.sessions.by_node.values(), key=lambda s: s.cid)
         ]

@@ -237,8 +237,9 @@ class FleetService:
             log.info("accepted: %s", received.error or source)
         return UploadAck(True, received_bytes=received.size)
 
-    async def heartbeat(self, identity: str, token: str) -> None:
-        self.sessions.authenticate(_identity(identity), token)
+    async def heartbeat(self, identity: str, token: str, serving: str = "") -> None:
+        session = self.sessions.authenticate(_identity(identity), token)
+        session.serving = serving[:MAX_STRING]
 
     async def leave(self, identity: str, token: str, reason: str) -> None:
         session = self.sessions.authenticate(_identity(identity), token)

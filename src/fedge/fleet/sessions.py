@@ -46,6 +46,8 @@ class Session:
     ended: str | None = None
     """Why the server ended this session while it was in use (replaced, reassigned)."""
     tasks_done: int = 0
+    serving: str = ""
+    """What the node's inference server serves, as its last heartbeat said."""
 
 
 class Sessions:

@@ -61,7 +61,8 @@ class Link(Protocol):
 
     def upload(self, header: UploadHeader, chunks: Iterable[tuple[int, bytes]]) -> UploadAck: ...
 
-    def heartbeat(self, token: str) -> None: ...
+    def heartbeat(self, token: str, serving: str = "") -> None:
+        """I am alive; `serving` says what this device's inference server serves."""
 
     def leave(self, token: str, reason: str) -> None: ...
 

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty, Queue
@@ -92,6 +93,12 @@ class Node:
         self._lock = threading.Lock()
         self._last_transfer = 0.0  # seconds the last model download took
         self._next_renewal = 0.0  # after a failed renewal: not before this time
+        self.serving = ""
+        """What the inference server beside this node serves; sent with each heartbeat."""
+        self.on_new_model: Callable[[], None] | None = None
+        """Called when a task brings a global model this node has not seen (``--serve``:
+        the inference server checks the store at once rather than at its next poll)."""
+        self._model_seen = ""
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -169,7 +176,7 @@ class Node:
             if self._renewal_due(joined) and self._renew(joined):
                 return  # the session ends; the next one uses the new certificate
             try:
-                self.link.heartbeat(joined.token)
+                self.link.heartbeat(joined.token, self.serving)
             except LinkError as exc:
                 log.info("heartbeat failed (%s); reconnecting", exc.code)
                 self.link.cancel()
@@ -198,6 +205,10 @@ class Node:
     # --- work --------------------------------------------------------------------------
 
     def _take(self, task: TaskHeader) -> None:
+        if task.model is not None and task.model.version != self._model_seen:
+            self._model_seen = task.model.version
+            if self.on_new_model is not None:
+                self.on_new_model()
         with self._lock:
             if task.task_id in self._busy:
                 return

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 ARTIFACT = "onnx"
 MIN_CHECK_SPACING = 0.2
 """Seconds between the starts of two store checks."""
+EAGER_CHECKS, EAGER_SPACING = 5, 2.0
+"""After `expect_new`: checks this many seconds apart until a new version is served."""
 KEEP_CACHED = 2
 """Versions kept in the cache: the one served and the one before (a rollback's target)."""
 
@@ -58,6 +60,7 @@ class ModelFollower:
         self.swaps = 0
         self.on_swap: list[Callable[[ServedModel], None]] = []
         self._requested = self._done = 0
+        self._eager = 0
         self._changed = threading.Condition()
         self._poke = threading.Event()
         self._stopping = threading.Event()
@@ -70,6 +73,12 @@ class ModelFollower:
         self._stopping.set()
         self._poke.set()
         self._thread.join(timeout=10)
+
+    def expect_new(self) -> None:
+        """A new version is on its way (a node saw a new global model): check now, and a
+        few more times shortly after, since the server publishes it in the background."""
+        self._eager = EAGER_CHECKS
+        self._poke.set()
 
     def check_now(self, timeout: float = 30.0) -> bool:
         """Ask for a check and wait until one that began after this call has ended."""
@@ -95,7 +104,8 @@ class ModelFollower:
             with self._changed:
                 self._done = max(self._done, target)
                 self._changed.notify_all()
-            self._poke.wait(self.interval)
+            self._poke.wait(EAGER_SPACING if self._eager > 0 else self.interval)
+            self._eager = max(0, self._eager - 1)
             self._poke.clear()
 
     def check(self) -> None:
@@ -134,6 +144,7 @@ class ModelFollower:
 
     def _swap(self, model: ServedModel) -> None:
         old, self.current = self.current, model
+        self._eager = 0
         self.swaps += 1
         (self.cache / "current").write_text(model.version)
         log.info(

@@ -101,8 +101,8 @@ class MemoryLink:
 
         return self._run(self.service.upload(self.identity, header, send()))
 
-    def heartbeat(self, token: str) -> None:
-        self._run(self.service.heartbeat(self.identity, token))
+    def heartbeat(self, token: str, serving: str = "") -> None:
+        self._run(self.service.heartbeat(self.identity, token, serving))
 
     def leave(self, token: str, reason: str) -> None:
         self._run(self.service.leave(self.identity, token, reason))

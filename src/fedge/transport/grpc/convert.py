@@ -156,6 +156,7 @@ def node_to_pb(node: NodeInfo) -> pb.NodeStatus:
         connected_since_unix_ms=int(node.connected_since * 1000),
         last_seen_unix_ms=int(node.last_seen * 1000),
         tasks_done=node.tasks_done,
+        serving=node.serving,
         connected=node.connected,
         live=node.live,
         labels=node.labels,

@@ -212,8 +212,8 @@ class GrpcLink:
             raise LinkError(code, reply.message)
         return UploadAck(reply.accepted, reply.duplicate, reply.message, reply.received_bytes)
 
-    def heartbeat(self, token: str) -> None:
-        request = pb.HeartbeatRequest(session_token=token)
+    def heartbeat(self, token: str, serving: str = "") -> None:
+        request = pb.HeartbeatRequest(session_token=token, serving=serving)
         requests = self._requests
         if requests is not None and token == self._stream_token:  # a message, not a call
             requests.put(pb.NodeMessage(heartbeat=request))

@@ -113,7 +113,8 @@ class FleetServicer(pb_grpc.FleetServicer):
                         reply = await self._upload_inline(context, message.upload)
                         await acks.put(pb.TaskMessage(ack=reply))
                     elif body == "heartbeat":  # for the session this stream belongs to
-                        await self.service.heartbeat(self._who(context), token)
+                        serving = message.heartbeat.serving
+                        await self.service.heartbeat(self._who(context), token, serving)
             except FleetError as exc:  # the session was taken over: end the stream
                 await acks.put(exc)
 
@@ -246,7 +247,8 @@ class FleetServicer(pb_grpc.FleetServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatReply:
-        await call(context, self.service.heartbeat(self._who(context), request.session_token))
+        who, token = self._who(context), request.session_token
+        await call(context, self.service.heartbeat(who, token, request.serving))
         return pb.HeartbeatReply()
 
     async def Leave(

@@ -329,8 +329,9 @@ class MqttLink:
         reply = self._request("upload", message.SerializeToString(), 120.0, after=send)
         return _ack(pb.UploadReply.FromString(reply))
 
-    def heartbeat(self, token: str) -> None:
-        self._request("heartbeat", pb.HeartbeatRequest(session_token=token).SerializeToString())
+    def heartbeat(self, token: str, serving: str = "") -> None:
+        request = pb.HeartbeatRequest(session_token=token, serving=serving)
+        self._request("heartbeat", request.SerializeToString())
 
     def leave(self, token: str, reason: str) -> None:
         request = pb.LeaveRequest(session_token=token, reason=reason)

@@ -434,7 +434,7 @@ class Bridge:
 
     async def _heartbeat(self, name: str, correlation: bytes, payload: bytes) -> bytes:
         request = pb.HeartbeatRequest.FromString(payload)
-        await self.service.heartbeat(name, request.session_token)
+        await self.service.heartbeat(name, request.session_token, request.serving)
         return b""
 
     async def _leave(self, name: str, correlation: bytes, payload: bytes) -> bytes:

@@ -245,12 +245,14 @@ class QueryUploadReply(_message.Message):
     def __init__(self, received_bytes: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "session_token")
+    __slots__ = ("node_id", "session_token", "serving")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_token: str
-    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
+    serving: str
+    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., serving: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ()
@@ -438,7 +440,7 @@ class StatusReply(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., results_received: _Optional[int] = ..., results_expected: _Optional[int] = ..., waiting_for: _Optional[int] = ..., missing_cids: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "cid", "address", "connected_since_unix_ms", "last_seen_unix_ms", "tasks_done", "connected", "live", "has_cid", "labels", "certificate_expires_unix_ms", "state", "certificates")
+    __slots__ = ("node_id", "cid", "address", "connected_since_unix_ms", "last_seen_unix_ms", "tasks_done", "connected", "live", "has_cid", "labels", "certificate_expires_unix_ms", "state", "certificates", "serving")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -459,6 +461,7 @@ class NodeStatus(_message.Message):
     CERTIFICATE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cid: int
     address: str
@@ -472,7 +475,8 @@ class NodeStatus(_message.Message):
     certificate_expires_unix_ms: int
     state: str
     certificates: _containers.RepeatedCompositeFieldContainer[CertificateInfo]
-    def __init__(self, node_id: _Optional[str] = ..., cid: _Optional[int] = ..., address: _Optional[str] = ..., connected_since_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., tasks_done: _Optional[int] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ..., has_cid: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., certificate_expires_unix_ms: _Optional[int] = ..., state: _Optional[str] = ..., certificates: _Optional[_Iterable[_Union[CertificateInfo, _Mapping]]] = ...) -> None: ...
+    serving: str
+    def __init__(self, node_id: _Optional[str] = ..., cid: _Optional[int] = ..., address: _Optional[str] = ..., connected_since_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., tasks_done: _Optional[int] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ..., has_cid: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., certificate_expires_unix_ms: _Optional[int] = ..., state: _Optional[str] = ..., certificates: _Optional[_Iterable[_Union[CertificateInfo, _Mapping]]] = ..., serving: _Optional[str] = ...) -> None: ...
 
 class CertificateInfo(_message.Message):
     __slots__ = ("serial", "issued_unix_ms", "expires_unix_ms", "state", "reason")
