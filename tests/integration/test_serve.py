@@ -388,3 +388,25 @@ def test_an_unreachable_store_keeps_the_model_served(
         assert "serving the cached digits/v1" in again.output()
     finally:
         again.close()
+
+
+def test_a_canary_reaches_only_the_devices_it_selects(
+    served: Served, registry: Registry, tmp_path: Path, pki: Path
+) -> None:
+    """`served` is device "canary-host" with no labels; a second server has site=plant-3."""
+    labelled = Served(
+        tmp_path, "--store", f"file://{tmp_path / 'store'}", "--model", "digits",
+        "--tag", "production", "--release-key", pki / "release.pub", "--poll", "600",
+        "--device", "edge-7", "--label", "site=plant-3",
+    )  # fmt: skip
+    try:
+        publish(registry, tmp_path, 2)
+        registry.tag("digits", "production", "v2", labels={"site": "plant-3"})
+        assert labelled.load()["version"] == "v2"
+        assert served.load()["version"] == "v1"
+        registry.tag("digits", "production", "v2")  # promoted to every device
+        assert served.load()["version"] == "v2"
+        registry.rollback("digits", "production")
+        assert (served.load()["version"], labelled.load()["version"]) == ("v1", "v1")
+    finally:
+        labelled.close()
