@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio.to_thread
@@ -47,7 +47,6 @@ class FixedSource:
     checked_at: float = 0.0
     swaps: int = 1
     tag: str = ""
-    store: str = field(default="")
 
     def check_now(self, timeout: float = 30.0) -> bool:
         return True

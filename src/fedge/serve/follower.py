@@ -118,8 +118,11 @@ class ModelFollower:
             if current is None or current.version != manifest.version:
                 self._swap(self._fetch(manifest))
             self._set_error("")
-        except FedgeError as exc:
+        except (FedgeError, OSError) as exc:  # OSError: the cache's disk (full, read-only)
             self._set_error(str(exc))
+        except Exception as exc:  # never let the follower die: it is the only one
+            log.exception("model %s: checking the store failed", self.model)
+            self._set_error(f"{type(exc).__name__}: {exc}")
         finally:
             self.checked_at = time.time()
 
