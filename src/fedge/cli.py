@@ -20,6 +20,7 @@ from fedge.malloc import pause_gc
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
     from fedge.app import App
     from fedge.config import RunConfig
@@ -33,13 +34,27 @@ app = typer.Typer(
 )
 
 
+PIPE_WIDTH = 1000  # a table is only as wide as its cells need: this is no padding
+
+
+def _keyed_table(key: str, values: list[str], *headers: str) -> Table:
+    """A table led by identifiers an operator copies (node, token, run, model, version):
+    that column is never wrapped or shortened, even in an 80-column pipe."""
+    from rich.table import Column, Table
+
+    width = max([len(key), *(len(v) for v in values)])
+    return Table(Column(key, no_wrap=True, min_width=width), *headers)
+
+
 @functools.cache
 def _console(stdout: bool = False) -> Console:
     """Messages go to stderr, tables to stdout; rich loads on first use (a node never
-    prints with it)."""
+    prints with it). Into a pipe or a file a table row stays one whole line for grep and
+    scripts: no terminal width applies there, so nothing is wrapped or shortened."""
     from rich.console import Console
 
-    return Console(stderr=not stdout)
+    stream = sys.stdout if stdout else sys.stderr
+    return Console(stderr=not stdout, width=None if stream.isatty() else PIPE_WIDTH)
 
 
 def _escape(text: str) -> str:
@@ -629,7 +644,6 @@ def status(
     insecure: InsecureOption = False,
 ) -> None:
     """Show the run, round, connected nodes and last metrics."""
-    from rich.table import Table
 
     from fedge.transport.grpc.control_client import fetch_status
 
@@ -646,7 +660,10 @@ def status(
     if reply.reason:
         _console().print(f"reason: {_escape(reply.reason)}", soft_wrap=True)
     _console().print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in reply.metrics.items()))
-    table = Table("node", "cid", "address", "live", "tasks done", "serving")
+    table = _keyed_table(
+        "node", [n.node_id for n in reply.nodes], "cid", "address", "live", "tasks done",
+        "serving",
+    )  # fmt: skip
     for n in reply.nodes:
         table.add_row(
             n.node_id,
@@ -683,18 +700,16 @@ def runs(
     """List the runs a state directory holds."""
     import datetime as dt
 
-    from rich.table import Column, Table
-
     from fedge.state import StateStore
 
     if not (state_dir / "state.db").exists():
         raise FedgeError(f"{state_dir} holds no fedge state (no state.db)")
     with StateStore(state_dir / "state.db") as store:
         found = store.runs()
-    table = Table("status", "rounds", "strategy", "started", "reason")
-    # a run id is what the operator needs from this table: never shortened (in a pipe too)
-    longest = max((len(run["run_id"]) for run in found), default=3)
-    table.columns.insert(0, Column("run", no_wrap=True, min_width=longest))
+    table = _keyed_table(
+        "run", [run["run_id"] for run in found], "status", "rounds", "strategy", "started",
+        "reason",
+    )  # fmt: skip
     for run in found:
         started = dt.datetime.fromtimestamp(run["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
         strategy = run["config"].get("strategy", {})
@@ -723,15 +738,14 @@ def nodes_list(
     insecure: InsecureOption = False,
 ) -> None:
     """Every node the server knows: client id, state, certificate expiry, last seen."""
-    from rich.table import Table
 
     from fedge.transport.grpc.control_client import Control
 
     with _calling(server), Control(server, certs, name, insecure) as control:
         found = control.nodes()
-    table = Table(
-        "node", "cid", "state", "connected", "live", "cert expires", "last seen", "tasks done",
-        "labels", "serving",
+    table = _keyed_table(
+        "node", [n.node_id for n in found], "cid", "state", "connected", "live",
+        "cert expires", "last seen", "tasks done", "labels", "serving",
     )  # fmt: skip
     for n in found:
         table.add_row(
@@ -889,13 +903,14 @@ def tokens_list(
     insecure: InsecureOption = False,
 ) -> None:
     """Every token: what it is for, its state (unused, used, expired, revoked), expiry."""
-    from rich.table import Table
 
     from fedge.transport.grpc.control_client import Control
 
     with _calling(server), Control(server, certs, admin, insecure) as control:
         found = control.tokens()
-    table = Table("token id", "for", "state", "expires", "used by", "labels")
+    table = _keyed_table(
+        "token id", [t.token_id for t in found], "for", "state", "expires", "used by", "labels"
+    )
     for t in found:
         table.add_row(
             t.token_id,
@@ -1002,7 +1017,6 @@ def models_list(
 ) -> None:
     """The models in a store, or one model's versions with their tags, newest last."""
     import msgspec
-    from rich.table import Table
 
     registry = _registry(store, endpoint)
     if as_json:
@@ -1014,8 +1028,9 @@ def models_list(
                 sys.stdout.write(json.dumps(line) + "\n")
         return
     if model is None:
-        table = Table("model", "versions", "tags")
-        for name in registry.models():
+        names = registry.models()
+        table = _keyed_table("model", names, "versions", "tags")
+        for name in names:
             tags = registry.tags(name)
             shown = ", ".join(f"{t}={v}" for t, v in sorted(tags.items()))
             table.add_row(name, str(len(registry.versions(name))), shown)
@@ -1023,9 +1038,12 @@ def models_list(
         tags_of: dict[str, list[str]] = {}
         for tag, version in registry.tags(model).items():
             tags_of.setdefault(version, []).append(tag)
-        table = Table("version", "created", "round", "metrics", "size", "signed", "tags")
-        table.columns[0].no_wrap = True
-        for m in registry.versions(model):
+        versions = registry.versions(model)
+        table = _keyed_table(
+            "version", [m.version for m in versions], "created", "round", "metrics", "size",
+            "signed", "tags",
+        )  # fmt: skip
+        for m in versions:
             table.add_row(
                 m.version,
                 _when(int(m.created * 1000)),
