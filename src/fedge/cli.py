@@ -448,7 +448,9 @@ def server(
     try:
         asyncio.run(main())
         if aggregator.state == "finished" and out is not None:
-            out.write_text(json.dumps(runs.history().to_dict(), indent=2))
+            history = runs.history()
+            history.ended_early = aggregator.reason
+            out.write_text(json.dumps(history.to_dict(), indent=2))
         if aggregator.state == "finished" and model_out is not None:
             weights = runs.latest_weights()
             if weights is not None:

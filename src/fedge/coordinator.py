@@ -20,6 +20,7 @@ it. Given the same seed, strategy and client code, every fleet produces the same
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -169,6 +170,8 @@ class Coordinator:
     workflow: Workflow = fit_round
 
     def __post_init__(self) -> None:
+        self.ended_early = ""
+        """Why the run ended before its last round (the strategy's `stop_reason`), or ""."""
         self.spec: Spec = spec_of(self.weights)
         if not self.state:
             self.state = self.strategy.init_state(self.weights)
@@ -181,6 +184,10 @@ class Coordinator:
             recorder.on_start(self.evaluate_centrally(self.weights))
         server_round, attempt = start_round, start_attempt
         while server_round <= self.rounds:
+            self.ended_early = self.strategy.stop_reason(self.state)
+            if self.ended_early:
+                log.warning("run ends before round %d: %s", server_round, self.ended_early)
+                return
             record, weights, state = self.run_round(fleet, server_round, attempt)
             recorder.on_round(record, weights, state)  # durable before it is announced
             self.weights, self.state = weights, state
@@ -217,6 +224,7 @@ class Coordinator:
             bad = nonfinite(new_weights)
             if bad is None:
                 weights, state = new_weights, new_state
+                record.strategy_metrics = self.strategy.report(state)
                 record.metrics = self.evaluate_centrally(weights)
                 eval_started = time.perf_counter()
                 record.evaluate_metrics = rnd.evaluate(weights)
@@ -281,6 +289,7 @@ class Round:
             attempt,
             self.weights,
             np.random.default_rng([coordinator.seed, number, attempt, 1]),
+            coordinator.state,
         )
         self.available: list[int] = []
         self._versions: dict[int, str] = {}
@@ -371,6 +380,8 @@ class Round:
         updates in client-id order; the aggregate, or None without quorum."""
         record, strategy = self.record, self.strategy
         record.selected = list(cids)
+        population = max(len(self.available), len(cids))
+        self.context = dataclasses.replace(self.context, population=population, selected=len(cids))
         self.coordinator.observer.round_started(self.number, len(cids))
         base = self.fit_config()
         tasks = self.tasks(

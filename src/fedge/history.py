@@ -38,6 +38,8 @@ class RoundRecord:
     """Federated evaluation: example-weighted ``loss`` and metrics from clients."""
     evaluate_failures: dict[int, str] = field(default_factory=dict)
     """Clients asked to evaluate without a usable answer, and why."""
+    strategy_metrics: Metrics = field(default_factory=dict)
+    """What the strategy reports about itself after the round, e.g. ``epsilon`` spent."""
     fit_time: float = 0.0
     wait_time: float = 0.0
     """Seconds of `fit_time` spent waiting for enough clients to be available (a round
@@ -68,7 +70,7 @@ class RoundRecord:
         for key in ("selected", "participants"):
             if key in values:
                 values[key] = [int(c) for c in values[key]]
-        for key in ("metrics", "fit_metrics", "evaluate_metrics"):
+        for key in ("metrics", "fit_metrics", "evaluate_metrics", "strategy_metrics"):
             if key in values:
                 values[key] = dict(values[key])
         return cls(**values)
@@ -82,6 +84,8 @@ class History:
     wall_time: float = 0.0
     weights: Weights | None = field(default=None, repr=False, compare=False)
     """The final global weights."""
+    ended_early: str = ""
+    """Why the run ended before its last round (e.g. its privacy budget was spent), or ""."""
 
     @property
     def completed(self) -> list[RoundRecord]:
@@ -101,6 +105,7 @@ class History:
             "initial_metrics": self.initial_metrics,
             "rounds": [r.to_dict() for r in self.rounds],
             "wall_time": self.wall_time,
+            "ended_early": self.ended_early,
         }
 
     @classmethod
@@ -110,4 +115,5 @@ class History:
             initial_metrics=dict(data.get("initial_metrics", {})),
             rounds=[RoundRecord.from_dict(r) for r in data.get("rounds", [])],
             wall_time=float(data.get("wall_time", 0.0)),
+            ended_early=str(data.get("ended_early", "")),
         )

@@ -62,7 +62,11 @@ def history_table(history: History) -> Table:
     central = _keys(r.metrics for r in history.rounds)
     federated = _keys(r.evaluate_metrics for r in history.rounds)
     fit: list[str] = []  # clients' own training metrics stay in --out, not in the table
-    table = Table(title=f"fedge: {len(history.completed)} rounds in {history.wall_time:.2f} s")
+    own = _keys(r.strategy_metrics for r in history.rounds)  # e.g. epsilon spent
+    table = Table(
+        title=f"fedge: {len(history.completed)} rounds in {history.wall_time:.2f} s",
+        caption=f"ended early: {history.ended_early}" if history.ended_early else None,
+    )
     for name in [
         "round",
         "clients",
@@ -70,6 +74,7 @@ def history_table(history: History) -> Table:
         *central,
         *(f"fed_{k}" for k in federated),
         *(f"fit_{k}" for k in fit),
+        *own,
         "time (s)",
     ]:
         table.add_column(name, justify="right")
@@ -79,7 +84,7 @@ def history_table(history: History) -> Table:
             "-",
             "initial",
             *(_fmt(history.initial_metrics.get(k)) for k in central),
-            *["-"] * (len(federated) + len(fit)),
+            *["-"] * (len(federated) + len(fit) + len(own)),
             "-",
         )
     for r in history.rounds:
@@ -90,6 +95,7 @@ def history_table(history: History) -> Table:
             *(_fmt(r.metrics.get(k)) for k in central),
             *(_fmt(r.evaluate_metrics.get(k)) for k in federated),
             *(_fmt(r.fit_metrics.get(k)) for k in fit),
+            *(_fmt(r.strategy_metrics.get(k)) for k in own),
             f"{r.wall_time:.3f}",
         )
     return table

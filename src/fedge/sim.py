@@ -398,7 +398,7 @@ def simulate(
             exc.history = history
             raise
     history.wall_time = time.perf_counter() - started
-    history.weights = coordinator.weights
+    history.weights, history.ended_early = coordinator.weights, coordinator.ended_early
     return history
 
 

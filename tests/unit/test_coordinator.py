@@ -561,7 +561,7 @@ def test_history_to_dict_is_plain_json() -> None:
     )
     data = json.loads(json.dumps(history.to_dict()))
 
-    assert set(data) == {"initial_metrics", "rounds", "wall_time"}
+    assert set(data) == {"initial_metrics", "rounds", "wall_time", "ended_early"}
     assert data["initial_metrics"] == {"mean": 0.0}
     assert [r["round"] for r in data["rounds"]] == [1, 2]
     first = data["rounds"][0]

@@ -197,11 +197,12 @@ def test_a_simulation_clips_the_huge_update_of_one_client(tmp_path: Path) -> Non
         (
             '[{ name = "clip_updates", max_norm = 1.0 }, { name = "clip_update", max_norm = 1.0 }]',
             "'strategy.wrap[1].name' = 'clip_update': unknown wrapper; "
-            "expected one of ['clip_updates']",
+            "expected one of ['clip_updates', 'differential_privacy']",
         ),
         (
             "[{ max_norm = 1.0 }]",
-            "'strategy.wrap[0].name' = '': unknown wrapper; expected one of ['clip_updates']",
+            "'strategy.wrap[0].name' = '': unknown wrapper; "
+            "expected one of ['clip_updates', 'differential_privacy']",
         ),
         (
             '[{ name = "clip_updates", max_norm = 1.0, norm = 2 }]',

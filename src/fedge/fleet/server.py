@@ -182,8 +182,8 @@ class Aggregator(Observer):
             self.state, self.reason = "failed", str(exc)
             self._end("failed", str(exc))
             raise FedgeError(f"run {self.runs.run_id} failed: {exc}") from None
-        self.state = "finished"
-        self._end("finished")
+        self.state, self.reason = "finished", self.coordinator.ended_early
+        self._end("finished", self.reason)
 
     def _end(self, status: str, reason: str = "") -> None:
         try:
@@ -211,7 +211,8 @@ class Aggregator(Observer):
         done = Counter(node_of[c] for c in record.participants if c in node_of)
         self.runs.record_activity({node: seen for node, _, seen in sessions}, done)
         if record.status == "ok":
-            self.last_metrics = dict(record.metrics or record.evaluate_metrics)
+            self.last_metrics = {**(record.metrics or record.evaluate_metrics)}
+            self.last_metrics.update(record.strategy_metrics)  # e.g. epsilon spent
 
     async def _sessions(self) -> list[tuple[str, int, float]]:
         return [(s.node_id, s.cid, s.last_seen) for s in self.service.sessions.by_node.values()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fedge.strategy.base import RoundContext, Strategy, StrategyWrapper
 from fedge.strategy.bulyan import Bulyan
 from fedge.strategy.clip import ClipUpdates
+from fedge.strategy.dp import DifferentialPrivacy
 from fedge.strategy.fedavg import FedAvg
 from fedge.strategy.fedavgm import FedAvgM
 from fedge.strategy.fedbuff import FedBuff
@@ -35,13 +36,17 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FedBuff,
     )
 }
-WRAPPERS: dict[str, type[StrategyWrapper]] = {"clip_updates": ClipUpdates}
+WRAPPERS: dict[str, type[StrategyWrapper]] = {
+    "clip_updates": ClipUpdates,
+    "differential_privacy": DifferentialPrivacy,
+}
 
 __all__ = [
     "STRATEGIES",
     "WRAPPERS",
     "Bulyan",
     "ClipUpdates",
+    "DifferentialPrivacy",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

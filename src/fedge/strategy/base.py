@@ -40,6 +40,12 @@ class RoundContext:
     """The global weights the clients started from: ``update - weights`` is a delta."""
     rng: np.random.Generator
     """Seeded from (run seed, round, attempt): the same draws in a resumed run."""
+    state: State = dataclasses.field(default_factory=dict)
+    """The strategy's state at the start of the round (e.g. an adaptive clipping norm)."""
+    population: int = 0
+    """Clients available when the round sampled (0 before it did)."""
+    selected: int = 0
+    """Clients sampled to train this round: ``selected / population`` is its sampling rate."""
 
 
 @dataclass(kw_only=True)
@@ -121,6 +127,15 @@ class Strategy:
         """Next global weights from the current ones and this round's aggregate."""
         return aggregate, state
 
+    def report(self, state: State) -> dict[str, float]:
+        """Numbers about the strategy itself after a round (privacy spent, clipping norm),
+        recorded with the round."""
+        return {}
+
+    def stop_reason(self, state: State) -> str:
+        """Why the run must end before its next round (a privacy budget spent), or ""."""
+        return ""
+
 
 class StrategyWrapper(Strategy):
     """Wraps `inner` and delegates everything to it; a subclass overrides the steps it
@@ -162,6 +177,12 @@ class StrategyWrapper(Strategy):
         self, weights: Weights, aggregate: Weights, state: State, ctx: RoundContext
     ) -> tuple[Weights, State]:
         return self.inner.apply(weights, aggregate, state, ctx)
+
+    def report(self, state: State) -> dict[str, float]:
+        return self.inner.report(state)
+
+    def stop_reason(self, state: State) -> str:
+        return self.inner.stop_reason(state)
 
 
 def _delegated(name: str) -> property:
