@@ -11,10 +11,10 @@ import pytest
 from dp_accounting import pld, rdp
 
 import fedge
-from fedge import accounting
 from fedge.client import Client, Config, FitResult
 from fedge.config import build_strategy
 from fedge.errors import ConfigError
+from fedge.privacy import accounting
 from fedge.strategy import WRAPPERS, DifferentialPrivacy, FedAdam, FedAvg, RoundContext
 from fedge.strategy.dp import CLIP_NORM, RATES, NoisedSum
 from fedge.weights import Weights

@@ -18,7 +18,7 @@ noised with standard deviation ``σ_b``, and ``C ← C · exp(−η (b̃ − γ)
 towards the ``γ`` quantile of the update norms. The noise is split so the whole round
 stays a Gaussian mechanism of multiplier ``z``: ``z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)``.
 
-ε at ``delta`` is accounted after every round (`fedge.accounting`) and kept in the state,
+ε at ``delta`` is accounted after every round (`fedge.privacy.accounting`) and kept in the state,
 so a resumed run goes on counting; with ``epsilon_budget`` the run ends before a round
 that would spend more.
 """
@@ -30,9 +30,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedge import accounting
 from fedge.aggregate import Aggregator
 from fedge.errors import ConfigError
+from fedge.privacy import accounting
 from fedge.strategy.base import RoundContext, State, Strategy, StrategyWrapper
 from fedge.strategy.clip import delta_norm
 from fedge.weights import Array, Weights, blocks
