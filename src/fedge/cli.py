@@ -101,16 +101,25 @@ ModelOutOption = Annotated[
 ]
 
 
-def _app_of(cfg: RunConfig) -> App:
+def _app_of(cfg: RunConfig, *, node: bool = False) -> App:
+    """The configured app; with secure aggregation its clients answer SecAgg+ and the
+    server runs it (a `node` has no strategy to check)."""
     from fedge.app import load_app
 
-    return load_app(
+    app = load_app(
         cfg.app.target,
         cfg.base_dir,
         num_clients=cfg.run.num_clients,
         seed=cfg.run.seed,
         **cfg.app.options,
     )
+    secure = cfg.secure_aggregation
+    if not secure.enabled:
+        return app
+    from fedge.secure_aggregation import Settings, secured
+
+    settings = Settings(secure.neighbours, secure.threshold, secure.clipping_range, secure.bits)
+    return secured(app, settings, None if node else cfg.build_strategy())
 
 
 @app.command()
@@ -529,7 +538,7 @@ def node(
         raise FedgeError("--certs is required (or --insecure on loopback)")
     labels = dict(_pair(item) for item in label or [])
     cfg = load_config(config, strategy=False)
-    client = _app_of(cfg).client_fn(cid)  # only the client is kept: not the app's data
+    client = _app_of(cfg, node=True).client_fn(cid)  # only the client is kept: not the app's data
     uplink = Throughput()
     if cfg.compression.mode != "none":
         client = CompressClient(client, cfg.compression, uplink=uplink)

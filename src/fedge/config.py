@@ -119,6 +119,20 @@ class CompressionSection(_Section):
         return (self.mode,)
 
 
+class SecureAggregationSection(_Section):
+    """SecAgg+ (fedge.secure_aggregation): the server sees only the sum of the updates."""
+
+    enabled: bool = False
+    neighbours: Annotated[int, msgspec.Meta(ge=2, le=255)] | None = None
+    """Each client's neighbours in the masking graph; default ~2 log2(clients), <= n - 1."""
+    threshold: Annotated[float, msgspec.Meta(ge=0.5, lt=1)] = 0.5
+    """Shares that rebuild a secret: floor(threshold * neighbours) + 1, a majority at least."""
+    clipping_range: Annotated[float, Positive] = 1.0
+    """Each coordinate of an update delta is clipped to [-range, range], then quantized."""
+    bits: Annotated[int, msgspec.Meta(ge=1, le=32)] = 16
+    """Quantization levels per coordinate: 2^bits."""
+
+
 class StoreSection(_Section):
     url: str = ""
     """``file:///path`` or ``s3://bucket/prefix``; empty: the server publishes nothing."""
@@ -148,6 +162,9 @@ class RunConfig(_Section):
     simulation: SimulationSection = msgspec.field(default_factory=SimulationSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     compression: CompressionSection = msgspec.field(default_factory=CompressionSection)
+    secure_aggregation: SecureAggregationSection = msgspec.field(
+        default_factory=SecureAggregationSection
+    )
     store: StoreSection = msgspec.field(default_factory=StoreSection)
     """Where the server publishes models; not a setting of the run (it may change)."""
     base_dir: Path = msgspec.field(default_factory=lambda: Path("."))
@@ -159,7 +176,9 @@ class RunConfig(_Section):
     def settings(self) -> dict[str, Any]:
         """Everything that defines the run, as plain JSON (comments and layout of the
         file do not count): two configs with equal settings are the same run."""
-        fields = (f for f in self.__struct_fields__ if f not in ("base_dir", "store"))
+        fields = [f for f in self.__struct_fields__ if f not in ("base_dir", "store")]
+        if not self.secure_aggregation.enabled:  # as runs recorded before it existed
+            fields.remove("secure_aggregation")
         return {f: msgspec.to_builtins(getattr(self, f)) for f in fields}
 
 

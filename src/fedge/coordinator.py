@@ -375,14 +375,19 @@ class Round:
 
     # --- the standard stages --------------------------------------------------------
 
+    def select(self, cids: Sequence[int]) -> None:
+        """Record that `cids` train this round (their share of the available clients is
+        the sampling rate the strategy sees) and tell the observer."""
+        self.record.selected = list(cids)
+        population = max(len(self.available), len(cids))
+        self.context = dataclasses.replace(self.context, population=population, selected=len(cids))
+        self.coordinator.observer.round_started(self.number, len(cids))
+
     def fit(self, cids: Sequence[int]) -> Weights | None:
         """The fit stage: train `cids` from the global model and fold their validated
         updates in client-id order; the aggregate, or None without quorum."""
         record, strategy = self.record, self.strategy
-        record.selected = list(cids)
-        population = max(len(self.available), len(cids))
-        self.context = dataclasses.replace(self.context, population=population, selected=len(cids))
-        self.coordinator.observer.round_started(self.number, len(cids))
+        self.select(cids)
         base = self.fit_config()
         tasks = self.tasks(
             FIT,

@@ -1,0 +1,303 @@
+"""SecAgg+: the server learns the sum of the quantized updates and nothing else, dropouts
+up to the threshold still give that sum, and each kind of bad input is named."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fedge
+from fedge.app import App
+from fedge.client import Client, ClientWrapper, Config, FitResult, Message, Reply, Result
+from fedge.config import parse_config
+from fedge.coordinator import Outcome
+from fedge.errors import ConfigError
+from fedge.secure_aggregation import (
+    MASKED,
+    SHARES,
+    UNMASK,
+    SecAggClient,
+    SecureRound,
+    Settings,
+    check,
+    flat_delta,
+    quantized,
+    secured,
+)
+from fedge.security import secagg
+from fedge.sim import LocalFleet
+from fedge.strategy import ClipUpdates, FedAvg, FedMedian, Krum
+from fedge.weights import Weights
+
+INITIAL: Weights = {"w": np.zeros(1000, np.float32), "step": np.array(0, np.int64)}
+
+
+class Adds(Client):
+    """Adds a delta of its own (seeded by its client id) to ``w``."""
+
+    def __init__(self, cid: int) -> None:
+        self.delta = np.random.default_rng(cid).normal(0, 0.3, 1000).astype(np.float32)
+
+    def fit(self, weights: Weights, config: Config) -> FitResult:
+        return FitResult({"w": weights["w"] + self.delta, "step": weights["step"] + 1}, 5, {})
+
+
+class Faulty(ClientWrapper):
+    """Fails one stage, or corrupts its reply, as a dropout or an attacker would."""
+
+    def __init__(self, inner: Client, fail: str = "", corrupt: str = "") -> None:
+        super().__init__(inner)
+        self.fail, self.corrupt = fail, corrupt
+
+    def handle(self, message: Message) -> Result:
+        if message.kind == self.fail:
+            raise ConnectionError("link lost")
+        reply = self.inner.handle(message)
+        if message.kind == self.corrupt == MASKED and isinstance(reply, Reply):
+            return Reply({**reply.arrays, "masked": reply.arrays["masked"][:-1]})
+        if message.kind == self.corrupt == SHARES and isinstance(reply, Reply):
+            return Reply({"sealed": np.roll(reply.arrays["sealed"], 1, axis=0)})  # wrong peers
+        return reply
+
+
+class Watched:
+    """A fleet whose every outcome the test can inspect afterwards."""
+
+    def __init__(self, inner: LocalFleet, seen: list[Outcome]) -> None:
+        self.inner, self.seen = inner, seen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def outcomes(self, deadline: float | None) -> Iterator[Outcome]:
+        for outcome in self.inner.outcomes(deadline):
+            self.seen.append(outcome)
+            yield outcome
+
+
+def run(
+    num_clients: int = 10,
+    rounds: int = 1,
+    settings: Settings | None = None,
+    faults: dict[int, dict[str, str]] | None = None,
+    seen: list[Outcome] | None = None,
+) -> tuple[fedge.History, SecureRound]:
+    faults = faults or {}
+
+    app = secured(App(Adds, INITIAL), settings or Settings(), FedAvg())
+
+    def client_fn(cid: int) -> Client:  # the faults act on what the server receives
+        return Faulty(app.client_fn(cid), **faults.get(cid, {}))
+
+    workflow = app.workflow
+    assert isinstance(workflow, SecureRound)
+    if seen is not None:
+        original = LocalFleet.__enter__
+
+        def watched(self: LocalFleet) -> Any:
+            return Watched(original(self), seen)
+
+        LocalFleet.__enter__ = watched  # type: ignore[method-assign]
+    try:
+        history = fedge.simulate(
+            client_fn, num_clients, rounds, initial_weights=INITIAL, workflow=workflow,
+            strategy=FedAvg(clients_per_round=num_clients), max_round_retries=0,
+        )  # fmt: skip
+    finally:
+        if seen is not None:
+            LocalFleet.__enter__ = original  # type: ignore[method-assign]
+    return history, workflow
+
+
+def expected(cids: list[int], settings: Settings, num_clients: int = 10) -> np.ndarray:
+    """Plain FedAvg (equal weights) of the quantized deltas the clients sent."""
+    config = {
+        "secagg_clipping_range": settings.clipping_range,
+        "secagg_bits": settings.bits,
+    }
+    total = np.zeros(1000, np.uint64)
+    for cid in cids:
+        seed = fedge.coordinator.client_seed(0, 1, cid)
+        delta = flat_delta({"w": INITIAL["w"] + Adds(cid).delta}, INITIAL)
+        total += quantized(delta, {**config, "seed": seed})
+    mean = secagg.dequantize(total, len(cids), settings.clipping_range, settings.bits)
+    return (INITIAL["w"] + mean).astype(np.float32)
+
+
+# --- the building blocks ---------------------------------------------------------------------
+
+
+def test_any_threshold_of_shares_rebuilds_the_secret_and_fewer_do_not() -> None:
+    secret = bytes(range(32))
+    shares = secagg.split(secret, 3, 5)
+    assert all(len(s) == secagg.SHARE for s in shares)
+    assert (
+        secagg.combine(shares[2:5]) == secret == secagg.combine([shares[0], shares[3], shares[4]])
+    )
+    assert secagg.combine(shares[:2] + shares[:1][:0] + [shares[4]]) == secret
+    assert secagg.combine(shares[:2]) != secret  # two points do not fix a degree-2 polynomial
+    with pytest.raises(secagg.SecAggError, match="distinct"):
+        secagg.combine([shares[0], shares[0], shares[1]])
+
+
+def test_sealed_shares_open_only_for_their_pair() -> None:
+    a = secagg.private_key(secagg.derive(b"a" * 32, "c"))
+    b = secagg.private_key(secagg.derive(b"b" * 32, "c"))
+    key = secagg.agree(a, secagg.public_bytes(b), "run/1.0")
+    assert key == secagg.agree(b, secagg.public_bytes(a), "run/1.0")
+    assert key != secagg.agree(b, secagg.public_bytes(a), "run/1.1")  # bound to the round
+    box = secagg.seal(key, 3, 7, b"x" * 33, b"y" * 33)
+    assert secagg.unseal(key, box, 3, 7) == (b"x" * 33, b"y" * 33)
+    with pytest.raises(secagg.SecAggError, match="sealed for another pair"):
+        secagg.unseal(key, box, 3, 8)
+    with pytest.raises(secagg.SecAggError, match="do not open"):
+        secagg.unseal(bytes(32), box, 3, 7)
+    with pytest.raises(secagg.SecAggError, match=r"low-order|unusable"):
+        secagg.agree(a, bytes(32), "run/1.0")
+
+
+def test_the_graph_is_regular_symmetric_and_logarithmic() -> None:
+    cids = list(range(100))
+    k = secagg.default_neighbours(100)
+    assert k == 14
+    graph = secagg.neighbours(cids, k, np.random.default_rng(0))
+    assert all(len(peers) == k and c not in peers for c, peers in graph.items())
+    assert all(c in graph[p] for c, peers in graph.items() for p in peers)
+    assert secagg.neighbours([1, 2, 3], 2, np.random.default_rng(0)) == {
+        1: [2, 3],
+        2: [1, 3],
+        3: [1, 2],
+    }
+
+
+def test_quantization_is_unbiased_and_masks_cancel_in_the_ring() -> None:
+    values = np.full(200_000, 0.123)
+    q = secagg.quantize(values, 1.0, 8, np.random.default_rng(0))
+    assert q.min() >= 0 and q.max() <= 255
+    assert secagg.dequantize(q, 1, 1.0, 8).mean() == pytest.approx(0.123, abs=1e-3)
+    m = secagg.mask(b"k" * 32, 10)
+    total = q[:10].copy()
+    secagg.fold(total, m)
+    assert not np.array_equal(total, q[:10])
+    secagg.fold(total, m, -1)
+    np.testing.assert_array_equal(total, q[:10])
+
+
+# --- whole rounds in simulation --------------------------------------------------------------
+
+
+def test_the_aggregate_is_fedavg_of_the_quantized_updates_exactly() -> None:
+    settings = Settings(clipping_range=2.0)
+    history, _ = run(settings=settings)
+    assert [r.status for r in history.rounds] == ["ok"]
+    assert history.rounds[0].participants == list(range(10))
+    assert history.weights is not None
+    np.testing.assert_array_equal(history.weights["w"], expected(list(range(10)), settings))
+    assert int(history.weights["step"]) == 0  # integer tensors stay the global model's
+    plain = np.mean([Adds(c).delta for c in range(10)], axis=0)
+    np.testing.assert_allclose(history.weights["w"], plain, atol=2 * 2.0 / 2**16)
+
+
+def test_the_server_holds_no_individual_update() -> None:
+    seen: list[Outcome] = []
+    settings = Settings()
+    _, workflow = run(seen=seen, settings=settings)
+    config = {"secagg_clipping_range": 1.0, "secagg_bits": 16}
+    masked = {o.task.cid: o.result.arrays["masked"] for o in seen if o.task.kind == MASKED}  # type: ignore[union-attr]
+    assert len(masked) == 10
+    for cid, vector in masked.items():
+        seed = fedge.coordinator.client_seed(0, 1, cid)
+        mine = quantized(flat_delta({"w": Adds(cid).delta}, INITIAL), {**config, "seed": seed})
+        assert np.mean(vector == mine) < 0.01  # masked: no coordinate is its own
+        assert abs(float(np.mean(vector / 2.0**64)) - 0.5) < 0.05  # uniform over the ring
+    assert set(workflow.held) == {"sum", "sent"}  # a running sum, no per-client vector
+
+
+def test_dropouts_after_sharing_up_to_the_threshold_still_give_the_exact_sum() -> None:
+    # client 2 never sends its masked input; client 5 sends it, then leaves before unmasking
+    settings = Settings(neighbours=6)
+    faults = {2: {"fail": MASKED}, 5: {"fail": UNMASK}}
+    history, _ = run(settings=settings, faults=faults)
+    (record,) = history.rounds
+    assert record.status == "ok"
+    assert record.participants == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert "link lost" in record.failures[2] and "link lost" in record.failures[5]
+    assert history.weights is not None
+    np.testing.assert_array_equal(history.weights["w"], expected(record.participants, settings))
+
+
+def test_too_many_dropouts_fail_the_round_with_the_reason() -> None:
+    # with 4 neighbours a secret needs 3 shares: 3 of them leaving before unmasking is too many
+    settings = Settings(neighbours=4)
+    faults = {c: {"fail": UNMASK} for c in range(6)}
+    with pytest.raises(fedge.QuorumError):
+        run(settings=settings, faults=faults)
+
+
+def test_a_wrong_length_masked_vector_is_named_and_the_rest_is_summed() -> None:
+    settings = Settings(neighbours=6)
+    history, _ = run(settings=settings, faults={4: {"corrupt": MASKED}})
+    (record,) = history.rounds
+    assert record.status == "ok"
+    assert "tensor 'masked' has shape [999], expected [1000]" in record.failures[4]
+    assert history.weights is not None
+    np.testing.assert_array_equal(
+        history.weights["w"], expected([c for c in range(10) if c != 4], settings)
+    )
+
+
+def test_shares_sent_to_the_wrong_peers_are_named_and_the_round_fails_cleanly() -> None:
+    with pytest.raises(fedge.QuorumError) as err:
+        run(settings=Settings(neighbours=4), faults={3: {"corrupt": SHARES}})
+    record = err.value.history.rounds[-1]  # type: ignore[attr-defined]
+    assert record.failures[3].endswith("could not open the shares it sent")
+    assert record.reason.startswith("secure aggregation: cannot unmask client 3")
+
+
+def test_a_client_masks_a_round_once() -> None:
+    client = SecAggClient(Adds(0), 0, b"s" * 32)
+    payload = {k: np.zeros(1, np.int64) for k in ("c_pk", "sealed", "survived")}
+    message = Message(
+        UNMASK,
+        {"secagg_label": "r/1.0", "secagg_threshold": 2},
+        None,
+        {"peers": np.array([-1]), **payload},
+    )
+    with pytest.raises(secagg.SecAggError):
+        client.handle(message)  # too few survivors
+    with pytest.raises(secagg.SecAggError, match="answered already: never twice"):
+        client.handle(message)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FedMedian(), Krum(num_malicious=1, min_results=5), ClipUpdates(FedAvg(), max_norm=1.0)],
+)
+def test_strategies_that_need_individual_updates_are_refused(strategy: Any) -> None:
+    with pytest.raises(
+        ConfigError, match=r"secure_aggregation: cannot run with .*sees only the sum"
+    ):
+        check(strategy)
+
+
+def test_an_app_with_its_own_workflow_is_refused() -> None:
+    app = App(Adds, INITIAL, workflow=lambda rnd: None)
+    with pytest.raises(ConfigError, match="brings its own workflow"):
+        secured(app, Settings(), FedAvg())
+
+
+def test_the_config_section_is_checked() -> None:
+    base = {"app": {"target": "app:create_app"}}
+    cfg = parse_config({**base, "secure_aggregation": {"enabled": True, "neighbours": 8}})
+    assert cfg.secure_aggregation.enabled and cfg.secure_aggregation.neighbours == 8
+    assert "secure_aggregation" in cfg.settings()
+    assert "secure_aggregation" not in parse_config(base).settings()
+    for bad in ({"threshold": 0.4}, {"bits": 40}, {"neighbours": 1}, {"clipping_range": 0}):
+        with pytest.raises(ConfigError, match=r"secure_aggregation\."):
+            parse_config({**base, "secure_aggregation": bad})
