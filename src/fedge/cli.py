@@ -118,7 +118,13 @@ def _app_of(cfg: RunConfig, *, node: bool = False) -> App:
         return app
     from fedge.secure_aggregation import Settings, secured
 
-    settings = Settings(secure.neighbours, secure.threshold, secure.clipping_range, secure.bits)
+    settings = Settings(
+        neighbours=secure.neighbours,
+        threshold=secure.threshold,
+        clipping_range=secure.clipping_range,
+        bits=secure.bits,
+        groups=secure.groups,
+    )
     return secured(app, settings, None if node else cfg.build_strategy())
 
 

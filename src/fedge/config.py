@@ -131,6 +131,8 @@ class SecureAggregationSection(_Section):
     """Each coordinate of an update delta is clipped to [-range, range], then quantized."""
     bits: Annotated[int, msgspec.Meta(ge=1, le=32)] = 16
     """Quantization levels per coordinate: 2^bits."""
+    groups: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Groups that each run SecAgg+; > 1 lets a robust strategy run across group sums."""
 
 
 class StoreSection(_Section):

@@ -67,6 +67,8 @@ class Settings:
     """Each coordinate of an update delta is clipped to [-range, range] before quantizing."""
     bits: int = 16
     """Quantization levels per coordinate: 2^bits (sums live in the ring of 2^64)."""
+    groups: int = 1
+    """Groups that each run SecAgg+; > 1 lets a robust strategy run across group means."""
 
     def degree(self, n: int) -> int:
         k = secagg.default_neighbours(n) if self.neighbours is None else self.neighbours
@@ -76,26 +78,29 @@ class Settings:
         return int(self.threshold * k) + 1
 
 
-def check(strategy: Strategy) -> None:
-    """Refuse strategies that need individual updates or change how they are summed."""
-    if (
-        isinstance(strategy, StrategyWrapper)
-        or type(strategy).aggregator is not Strategy.aggregator
-    ):
+def check(strategy: Strategy, groups: int = 1) -> None:
+    """Refuse strategies that need individual updates (unless there are groups, whose
+    means they get instead) or that change how updates are summed (wrappers)."""
+    if strategy.asynchronous or isinstance(strategy, StrategyWrapper):
+        raise ConfigError(
+            f"secure_aggregation: cannot run with {strategy.name}: the server sees only sums "
+            "of masked updates, which asynchronous strategies and server-side wrappers "
+            "cannot work on (clip on the nodes with ClipClient instead)"
+        )
+    if groups == 1 and type(strategy).aggregator is not Strategy.aggregator:
         raise ConfigError(
             f"secure_aggregation: cannot run with {strategy.name}: the server sees only the sum "
             "of the updates, so it works with FedAvg-family strategies (fedavg, fedprox, "
-            "fedavgm, fedadam, fedyogi, fedadagrad) without server-side wrappers"
+            "fedavgm, fedadam, fedyogi, fedadagrad); for a robust rule set "
+            "secure_aggregation.groups > 1, and it runs across the group sums"
         )
-    if strategy.asynchronous:
-        raise ConfigError(f"secure_aggregation: cannot run with {strategy.name} (asynchronous)")
 
 
 def secured(app: App, settings: Settings, strategy: Strategy | None) -> App:
     """The app with every client wrapped to answer the four stages, and the workflow
     (checked against the server's `strategy`)."""
     if strategy is not None:
-        check(strategy)
+        check(strategy, settings.groups)
     if app.workflow is not None:
         raise ConfigError(
             "secure_aggregation: the app brings its own workflow; it cannot also run SecAgg+"
@@ -263,8 +268,13 @@ def flat_delta(new: Mapping[str, Array], reference: Weights) -> npt.NDArray[np.f
 
 
 class SecureRound:
-    """The workflow: `rnd` -> the mean of the sampled clients' quantized deltas added to
-    the global model, or None (the round's reason says why)."""
+    """The workflow: `rnd` -> the next aggregate, or None (the round's reason says why).
+
+    With one group the aggregate is the mean of the sampled clients' quantized deltas
+    added to the global model. With ``groups`` > 1 the clients are split at random into
+    groups that each run SecAgg+ among themselves; each group's mean is one input to the
+    strategy's own aggregator, so a robust rule (median, trimmed mean, Krum) runs across
+    group means the server may see, while no single update is ever visible."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -276,149 +286,181 @@ class SecureRound:
         available = rnd.wait_available(max(strategy.min_available_clients, strategy.min_results, 3))
         cids = rnd.sample(available, strategy.num_fit_clients(len(available)))
         rnd.select(cids)
-        k = settings.degree(len(cids))
-        needed = settings.shares_needed(k)
-        graph = secagg.neighbours(cids, k, rnd.rng)
+        if len(cids) < 3 * settings.groups:
+            record.reason = (
+                f"secure aggregation: {len(cids)} clients cannot form {settings.groups} "
+                "groups of at least 3"
+            )
+            return None
+        order = [int(c) for c in rnd.rng.permutation(cids)]
+        groups = [sorted(order[g :: settings.groups]) for g in range(settings.groups)]
+        graph: dict[int, list[int]] = {}
+        needed: dict[int, int] = {}
+        for members in groups:
+            k = settings.degree(len(members))
+            graph.update(secagg.neighbours(members, k, rnd.rng))
+            needed.update(dict.fromkeys(members, settings.shares_needed(k)))
+        session = _Session(graph, max(len(p) for p in graph.values()))
         label = f"{rnd.coordinator.run_id}/{rnd.number}.{rnd.attempt}"
-        config = {
+        base = {
             "secagg_label": label,
-            "secagg_threshold": needed,
             "secagg_clipping_range": settings.clipping_range,
             "secagg_bits": settings.bits,
         }
 
-        # 1: public keys
-        keys: dict[int, Mapping[str, Array]] = {}
+        def config(cid: int) -> dict[str, Any]:
+            return {**base, "secagg_threshold": needed[cid]}
+
+        width = session.width
         spec = {"c_pk": TensorSpec(U8, (secagg.KEY,)), "s_pk": TensorSpec(U8, (secagg.KEY,))}
         for cid, reply in _stage(rnd, KEYS, cids, config, spec, None):
-            keys[cid] = reply
+            session.keys[cid] = reply
 
-        # 2: shares, sealed for each neighbour
-        def peers_in(cid: int, members: Mapping[int, object]) -> list[int]:
-            row = [p if p in members else NO_PEER for p in graph[cid]]
-            return row + [NO_PEER] * (k - len(row))
+        spec = {"sealed": TensorSpec(U8, (width, secagg.SEALED))}
+        for cid, reply in _stage(rnd, SHARES, list(session.keys), config, spec, session.to_share):
+            session.sealed[cid] = (session.row(cid, session.keys), reply["sealed"])
 
-        def keys_of(row: list[int], name: str) -> Array:
-            return np.stack(
-                [keys[p][name] if p != NO_PEER else np.zeros(secagg.KEY, np.uint8) for p in row]
-            )
-
-        def shares_payload(cid: int) -> Weights:
-            row = peers_in(cid, keys)
-            return {"peers": np.array(row, np.int64), "c_pk": keys_of(row, "c_pk")}
-
-        sealed: dict[int, tuple[list[int], Array]] = {}
-        spec = {"sealed": TensorSpec(U8, (k, secagg.SEALED))}
-        for cid, reply in _stage(rnd, SHARES, list(keys), config, spec, shares_payload):
-            sealed[cid] = (peers_in(cid, keys), reply["sealed"])
-
-        def addressed(cid: int, row: list[int]) -> Array:
-            """The sealed shares each peer in `row` sent to `cid`."""
-            out = np.zeros((k, secagg.SEALED), np.uint8)
-            for j, p in enumerate(row):
-                if p != NO_PEER:
-                    sender_row, boxes = sealed[p]
-                    out[j] = boxes[sender_row.index(cid)]
-            return out
-
-        def masked_payload(cid: int) -> Weights:
-            row = peers_in(cid, sealed)
-            return {
-                "peers": np.array(row, np.int64),
-                "c_pk": keys_of(row, "c_pk"),
-                "s_pk": keys_of(row, "s_pk"),
-                "sealed": addressed(cid, row),
-            }
-
-        # 3: masked inputs, folded into one sum as they come
         size = sum(int(np.asarray(rnd.weights[n]).size) for n in float_names(rnd.weights))
-        total = np.zeros(size, np.uint64)
+        totals = [np.zeros(size, np.uint64) for _ in groups]
+        group_of = {cid: g for g, members in enumerate(groups) for cid in members}
         sent: list[int] = []
-        spec = {"masked": TensorSpec(U64, (size,)), "rejected": TensorSpec(U8, (k,))}
-        fit_config = {**rnd.fit_config(), **config}
-        for cid, reply in _stage(
-            rnd, MASKED, list(sealed), fit_config, spec, masked_payload, model=True
-        ):
-            secagg.fold(total, reply["masked"].view(np.uint64))
+        spec = {"masked": TensorSpec(U64, (size,)), "rejected": TensorSpec(U8, (width,))}
+        fit_base = rnd.fit_config()
+        stage = _stage(rnd, MASKED, list(session.sealed), lambda c: {**fit_base, **config(c)},
+                       spec, session.to_mask, model=True)  # fmt: skip
+        for cid, reply in stage:
+            secagg.fold(totals[group_of[cid]], reply["masked"].view(np.uint64))
             sent.append(cid)
-            row = peers_in(cid, sealed)
+            row = session.row(cid, session.sealed)
             for j in np.flatnonzero(reply["rejected"]):
                 record.failures.setdefault(
                     row[j], f"client {cid} could not open the shares it sent"
                 )
-        self.held = {"sum": total, "sent": sorted(sent)}
-        if len(sent) < max(strategy.min_results, needed):
+        self.held = {"sums": totals, "sent": sorted(sent)}
+        if len(sent) < strategy.min_results:
             record.reason = (
-                f"secure aggregation: {len(sent)} masked inputs, fewer than the "
-                f"{max(strategy.min_results, needed)} needed"
+                f"secure aggregation: {len(sent)} masked inputs, fewer than min_results "
+                f"{strategy.min_results}"
             )
             return None
 
-        # 4: shares of the survivors' self masks and of the dropped clients' mask keys
-        def unmask_payload(cid: int) -> Weights:
-            row = peers_in(cid, sealed)
-            return {
-                "peers": np.array(row, np.int64),
-                "c_pk": keys_of(row, "c_pk"),
-                "sealed": addressed(cid, row),
-                "survived": np.array([p in sent for p in row], np.uint8),
-            }
-
-        given: dict[int, list[bytes]] = {cid: [] for cid in sealed}  # shares of each secret
-        spec = {"shares": TensorSpec(U8, (k, secagg.SHARE))}
-        for cid, reply in _stage(rnd, UNMASK, sent, config, spec, unmask_payload):
-            for slot, peer in enumerate(peers_in(cid, sealed)):
+        spec = {"shares": TensorSpec(U8, (width, secagg.SHARE))}
+        for cid, reply in _stage(
+            rnd, UNMASK, sent, config, spec, lambda c: session.to_unmask(c, sent)
+        ):
+            for slot, peer in enumerate(session.row(cid, session.sealed)):
                 if peer != NO_PEER and reply["shares"][slot].any():
-                    given[peer].append(reply["shares"][slot].tobytes())
-        try:
-            self._unmask(total, sent, sealed, keys, given, needed, label)
-        except secagg.SecAggError as exc:
-            record.reason = f"secure aggregation: {exc}"
-            return None
-        reachable = len(sent) * ((1 << settings.bits) - 1)  # each input is at most 2^bits - 1
-        if int(total.max(initial=0)) > reachable:
-            record.reason = (
-                "secure aggregation: the unmasked sum is outside what honest inputs can reach "
-                "(a client sent a malformed masked input)"
-            )
-            return None
-        record.participants = sorted(sent)
-        return _apply_mean(
-            rnd.weights, secagg.dequantize(total, len(sent), settings.clipping_range, settings.bits)
-        )
+                    session.given[peer].append(reply["shares"][slot].tobytes())
 
-    def _unmask(
+        aggregator = strategy.aggregator(rnd.context)
+        for g, (members, total) in enumerate(zip(groups, totals, strict=True)):
+            inputs = [c for c in members if c in sent]
+            try:
+                if len(inputs) < max(needed[members[0]], 1):
+                    raise secagg.SecAggError(
+                        f"{len(inputs)} masked inputs, fewer than the {needed[members[0]]} needed"
+                    )
+                session.unmask(
+                    total, [c for c in members if c in session.sealed], inputs, needed, label
+                )
+                if int(total.max(initial=0)) > len(inputs) * ((1 << settings.bits) - 1):
+                    raise secagg.SecAggError(
+                        "the unmasked sum is outside what honest inputs can reach "
+                        "(a client sent a malformed masked input)"
+                    )
+            except secagg.SecAggError as exc:
+                where = f" (group {g + 1} of {len(groups)})" if len(groups) > 1 else ""
+                record.reason = f"secure aggregation{where}: {exc}"
+                return None
+            mean = secagg.dequantize(total, len(inputs), settings.clipping_range, settings.bits)
+            aggregator.add(_apply_mean(rnd.weights, mean), len(inputs), g)
+        record.participants = sorted(sent)
+        try:
+            return aggregator.result()
+        except ValueError as exc:  # e.g. Krum with too few groups for its f
+            record.reason = f"{strategy.name} could not aggregate the group sums: {exc}"
+            return None
+
+
+class _Session:
+    """One round's graph and what the clients sent: public keys and sealed shares (the
+    server cannot open them), and the shares returned for unmasking."""
+
+    def __init__(self, graph: Mapping[int, list[int]], width: int) -> None:
+        self.graph, self.width = graph, width
+        self.keys: dict[int, Mapping[str, Array]] = {}
+        self.sealed: dict[int, tuple[list[int], Array]] = {}
+        self.given: dict[int, list[bytes]] = {cid: [] for cid in graph}
+
+    def row(self, cid: int, members: Mapping[int, object]) -> list[int]:
+        """`cid`'s neighbours still in `members`, padded to the width."""
+        row = [p if p in members else NO_PEER for p in self.graph[cid]]
+        return row + [NO_PEER] * (self.width - len(row))
+
+    def keys_of(self, row: list[int], name: str) -> Array:
+        blank = np.zeros(secagg.KEY, np.uint8)
+        return np.stack([self.keys[p][name] if p != NO_PEER else blank for p in row])
+
+    def addressed(self, cid: int, row: list[int]) -> Array:
+        """The sealed shares each peer in `row` sent to `cid`."""
+        out = np.zeros((self.width, secagg.SEALED), np.uint8)
+        for j, peer in enumerate(row):
+            if peer != NO_PEER:
+                sender_row, boxes = self.sealed[peer]
+                out[j] = boxes[sender_row.index(cid)]
+        return out
+
+    def to_share(self, cid: int) -> Weights:
+        row = self.row(cid, self.keys)
+        return {"peers": np.array(row, np.int64), "c_pk": self.keys_of(row, "c_pk")}
+
+    def to_mask(self, cid: int) -> Weights:
+        row = self.row(cid, self.sealed)
+        return {
+            "peers": np.array(row, np.int64),
+            "c_pk": self.keys_of(row, "c_pk"),
+            "s_pk": self.keys_of(row, "s_pk"),
+            "sealed": self.addressed(cid, row),
+        }
+
+    def to_unmask(self, cid: int, sent: list[int]) -> Weights:
+        row = self.row(cid, self.sealed)
+        return {
+            "peers": np.array(row, np.int64),
+            "c_pk": self.keys_of(row, "c_pk"),
+            "sealed": self.addressed(cid, row),
+            "survived": np.array([p in sent for p in row], np.uint8),
+        }
+
+    def unmask(
         self,
         total: secagg.Ring,
+        shared: list[int],
         sent: list[int],
-        sealed: Mapping[int, tuple[list[int], Array]],
-        keys: Mapping[int, Mapping[str, Array]],
-        given: Mapping[int, list[bytes]],
-        needed: int,
+        needed: Mapping[int, int],
         label: str,
     ) -> None:
-        """Remove the survivors' self masks and the masks they shared with dropped
-        clients from `total`, in place."""
-        for cid in sealed:
-            if cid not in sent and not set(sealed[cid][0]) & set(sent):
+        """Remove from `total`, in place, the self masks of the clients that `sent` input
+        and the masks they shared with clients that `shared` their secrets, then dropped."""
+        for cid in shared:
+            if cid not in sent and not set(self.sealed[cid][0]) & set(sent):
                 continue  # dropped, and no input carries a mask shared with it
-            shares = given[cid]
-            if len(shares) < needed:
+            shares = self.given[cid]
+            if len(shares) < needed[cid]:
                 role = "self mask" if cid in sent else "mask key (it dropped)"
                 raise secagg.SecAggError(
                     f"cannot unmask client {cid}: {len(shares)} shares of its {role}, "
-                    f"{needed} needed"
+                    f"{needed[cid]} needed"
                 )
-            secret = secagg.combine(sorted(shares, key=lambda s: s[0])[:needed])
+            secret = secagg.combine(sorted(shares, key=lambda s: s[0])[: needed[cid]])
             if cid in sent:
                 secagg.fold(total, secagg.mask(secret, total.size), -1)
                 continue
             s_sk = secagg.private_key(secret)
-            for peer in sealed[cid][0]:
+            for peer in self.sealed[cid][0]:
                 if peer in sent:  # it added this pair's mask with a sign; take it back
-                    pair = secagg.mask(
-                        secagg.agree(s_sk, keys[peer]["s_pk"].tobytes(), label), total.size
-                    )
+                    public = self.keys[peer]["s_pk"].tobytes()
+                    pair = secagg.mask(secagg.agree(s_sk, public, label), total.size)
                     secagg.fold(total, pair, -1 if peer < cid else 1)
 
 
@@ -426,7 +468,7 @@ def _stage(
     rnd: Round,
     kind: str,
     cids: list[int],
-    config: Mapping[str, Any],
+    config: Callable[[int], Mapping[str, Any]],
     expects: Spec,
     payload: Callable[[int], Weights] | None,
     *,

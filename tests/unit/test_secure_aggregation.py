@@ -103,9 +103,14 @@ def run(
         LocalFleet.__enter__ = watched  # type: ignore[method-assign]
     try:
         history = fedge.simulate(
-            client_fn, num_clients, rounds, initial_weights=INITIAL, workflow=workflow,
-            strategy=FedAvg(clients_per_round=num_clients), max_round_retries=0,
-        )  # fmt: skip
+            client_fn,
+            num_clients,
+            rounds,
+            initial_weights=INITIAL,
+            workflow=workflow,
+            strategy=FedAvg(clients_per_round=num_clients),
+            max_round_retries=0,
+        )
     finally:
         if seen is not None:
             LocalFleet.__enter__ = original  # type: ignore[method-assign]
@@ -213,7 +218,8 @@ def test_the_server_holds_no_individual_update() -> None:
         mine = quantized(flat_delta({"w": Adds(cid).delta}, INITIAL), {**config, "seed": seed})
         assert np.mean(vector == mine) < 0.01  # masked: no coordinate is its own
         assert abs(float(np.mean(vector / 2.0**64)) - 0.5) < 0.05  # uniform over the ring
-    assert set(workflow.held) == {"sum", "sent"}  # a running sum, no per-client vector
+    assert set(workflow.held) == {"sums", "sent"}  # a running sum, no per-client vector
+    assert len(workflow.held["sums"]) == 1
 
 
 def test_dropouts_after_sharing_up_to_the_threshold_still_give_the_exact_sum() -> None:
@@ -272,6 +278,59 @@ def test_a_client_masks_a_round_once() -> None:
         client.handle(message)
 
 
+# --- secure and robust: SecAgg+ inside groups, a robust rule across the group sums --------
+
+
+class Small(Client):
+    """Honest: a small delta around 0.05. Client 0 pushes every coordinate up by 1000."""
+
+    def __init__(self, cid: int) -> None:
+        noise = np.random.default_rng(cid).normal(0, 0.01, 1000)
+        self.delta = (np.full(1000, 1000.0) if cid == 0 else 0.05 + noise).astype(np.float32)
+
+    def fit(self, weights: Weights, config: Config) -> FitResult:
+        return FitResult({"w": weights["w"] + self.delta, "step": weights["step"]}, 5, {})
+
+
+def secure_run(strategy: Any, groups: int) -> np.ndarray:
+    app = secured(App(Small, INITIAL), Settings(groups=groups), strategy)
+    history = fedge.simulate(
+        app.client_fn,
+        15,
+        1,
+        initial_weights=INITIAL,
+        workflow=app.workflow,
+        strategy=strategy,
+        max_round_retries=0,
+    )
+    assert history.rounds[0].participants == list(range(15))
+    assert history.weights is not None
+    return np.asarray(history.weights["w"], np.float64)
+
+
+def test_a_median_across_group_sums_resists_a_poisoned_client_that_moves_the_mean() -> None:
+    honest = float(np.mean([Small(c).delta for c in range(1, 15)]))
+    # the attacker's input is clipped to +1 per coordinate by the quantization range
+    plain = secure_run(FedAvg(clients_per_round=15), groups=1)
+    robust = secure_run(FedMedian(clients_per_round=15), groups=5)
+    assert float(np.mean(plain)) - honest == pytest.approx((1.0 - honest) / 15, abs=2e-3)
+    assert abs(float(np.mean(robust)) - honest) < 0.005  # the poisoned group is outvoted
+
+
+def test_a_group_that_cannot_be_unmasked_is_named() -> None:
+    app = secured(App(Adds, INITIAL), Settings(groups=4), FedMedian())
+    with pytest.raises(fedge.QuorumError, match=r"cannot form 4 groups of at least 3"):
+        fedge.simulate(
+            app.client_fn,
+            10,
+            1,
+            initial_weights=INITIAL,
+            workflow=app.workflow,
+            strategy=FedMedian(),
+            max_round_retries=0,
+        )
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 
@@ -281,9 +340,17 @@ def test_a_client_masks_a_round_once() -> None:
 )
 def test_strategies_that_need_individual_updates_are_refused(strategy: Any) -> None:
     with pytest.raises(
-        ConfigError, match=r"secure_aggregation: cannot run with .*sees only the sum"
+        ConfigError, match=r"secure_aggregation: cannot run with .*sees only (the )?sums? of"
     ):
         check(strategy)
+
+
+def test_a_robust_rule_runs_across_groups_only() -> None:
+    with pytest.raises(ConfigError, match=r"for a robust rule set secure_aggregation.groups > 1"):
+        check(FedMedian())
+    check(FedMedian(), groups=3)
+    with pytest.raises(ConfigError, match=r"server-side wrappers"):
+        check(ClipUpdates(FedAvg(), max_norm=1.0), groups=3)
 
 
 def test_an_app_with_its_own_workflow_is_refused() -> None:
