@@ -129,7 +129,7 @@ class SecureAggregationSection(_Section):
     """Shares that rebuild a secret: floor(threshold * neighbours) + 1, a majority at least."""
     clipping_range: Annotated[float, Positive] = 1.0
     """Each coordinate of an update delta is clipped to [-range, range], then quantized."""
-    bits: Annotated[int, msgspec.Meta(ge=1, le=32)] = 16
+    bits: Annotated[int, msgspec.Meta(ge=1, le=24)] = 16
     """Quantization levels per coordinate: 2^bits."""
     groups: Annotated[int, msgspec.Meta(ge=1)] = 1
     """Groups that each run SecAgg+; > 1 lets a robust strategy run across group sums."""

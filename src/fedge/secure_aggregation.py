@@ -7,12 +7,15 @@ Four stages of the fleet's own task kinds (`fedge.security.secagg` has the crypt
 2. ``secagg.shares`` — each client gets its neighbours' public keys (a random k-regular
    graph), Shamir-shares its self-mask seed and its mask key among them, and sends each
    pair of shares sealed for its neighbour (AES-GCM under their agreed key).
-3. ``secagg.masked`` — each client gets the global model and the sealed shares addressed
-   to it, trains, quantizes its update delta and sends it masked. The server folds each
-   masked vector into a running sum at once: it never holds an individual update.
-4. ``secagg.unmask`` — each client that sent its input is told which neighbours did; it
-   returns its share of each survivor's self-mask seed and of each dropped neighbour's
-   mask key. The server rebuilds those, removes the masks, and has the sum.
+3. ``secagg.masked`` — each client gets the global model and the mask keys of the
+   neighbours that shared, trains, quantizes its update delta and sends it masked. The
+   server folds each masked vector into a running sum at once: it never holds an
+   individual update.
+4. ``secagg.unmask`` — each client that sent its input gets the sealed shares addressed
+   to it and is told which neighbours sent theirs; it returns its share of each
+   survivor's self-mask seed and of each dropped neighbour's mask key (a zero row for
+   shares that do not open, which names their sender). The server rebuilds those secrets,
+   removes the masks, and has the sum.
 
 Clients weigh equally: an example count would have to travel in the clear or be
 trusted unseen. Semi-honest server model, as in Bell et al. and Flower: a server that
@@ -27,6 +30,7 @@ survives a new client object per task; a process masks and unmasks a label once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -45,12 +49,14 @@ from fedge.strategy.base import Strategy, StrategyWrapper
 from fedge.weights import Array, Spec, TensorSpec, Weights
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     from fedge.coordinator import Round
 
 log = logging.getLogger(__name__)
 
 KEYS, SHARES, MASKED, UNMASK = "secagg.keys", "secagg.shares", "secagg.masked", "secagg.unmask"
-U8, I64, U64 = np.dtype(np.uint8), np.dtype(np.int64), np.dtype(np.uint64)
+U8, U32 = np.dtype(np.uint8), np.dtype(np.uint32)
 NO_PEER = -1
 """Padding in a client's peer list: every list has the graph's degree k."""
 
@@ -66,7 +72,8 @@ class Settings:
     clipping_range: float = 1.0
     """Each coordinate of an update delta is clipped to [-range, range] before quantizing."""
     bits: int = 16
-    """Quantization levels per coordinate: 2^bits (sums live in the ring of 2^64)."""
+    """Quantization levels per coordinate: 2^bits (sums live in the ring of 2^32, so a
+    group holds at most 2^(32 - bits) - 1 clients)."""
     groups: int = 1
     """Groups that each run SecAgg+; > 1 lets a robust strategy run across group means."""
 
@@ -119,7 +126,7 @@ def secured(app: App, settings: Settings, strategy: Strategy | None) -> App:
 PAYLOAD = {
     KEYS: (),
     SHARES: ("peers", "c_pk"),
-    MASKED: ("peers", "c_pk", "s_pk", "sealed"),
+    MASKED: ("peers", "s_pk"),
     UNMASK: ("peers", "c_pk", "sealed", "survived"),
 }
 """The arrays each stage's task brings."""
@@ -164,10 +171,10 @@ class SecAggClient(ClientWrapper):
             raise secagg.SecAggError(f"only {len(present)} neighbours, the threshold is {needed}")
         b_shares = secagg.split(self._key(label, "b"), needed, len(present))
         s_shares = secagg.split(self._key(label, "s"), needed, len(present))
-        c_sk = secagg.private_key(self._key(label, "c"))
+        c_seed = self._key(label, "c")
         sealed = np.zeros((len(peers), secagg.SEALED), np.uint8)
         for j, b_share, s_share in zip(present, b_shares, s_shares, strict=True):
-            key = secagg.agree(c_sk, c_pks[j].tobytes(), label)
+            key = _agreed(c_seed, c_pks[j].tobytes(), label)
             sealed[j] = _u8(secagg.seal(key, self.cid, int(peers[j]), b_share, s_share))
         return Reply({"sealed": sealed})
 
@@ -181,25 +188,17 @@ class SecAggClient(ClientWrapper):
             raise secagg.SecAggError(
                 f"only {len(present)} neighbours are left, below the threshold"
             )
-        c_sk = secagg.private_key(self._key(label, "c"))
-        rejected = np.zeros(len(peers), np.uint8)
-        for j in present:  # shares this client must be able to give back in stage 4
-            try:
-                key = secagg.agree(c_sk, payload["c_pk"][j].tobytes(), label)
-                secagg.unseal(key, payload["sealed"][j].tobytes(), int(peers[j]), self.cid)
-            except secagg.SecAggError:
-                rejected[j] = 1
         result = self.inner.handle(Message(FIT, config, message.weights))
         if not isinstance(result, FitResult):
             raise TypeError(f"fit returned {type(result).__name__}, not FitResult")
         delta = flat_delta(result.weights, message.weights)
         masked = quantized(delta, config)
         secagg.fold(masked, secagg.mask(self._key(label, "b"), masked.size))
-        s_sk = secagg.private_key(self._key(label, "s"))
+        s_seed = self._key(label, "s")
         for j in present:
-            pair = secagg.mask(secagg.agree(s_sk, payload["s_pk"][j].tobytes(), label), masked.size)
+            pair = secagg.mask(_agreed(s_seed, payload["s_pk"][j].tobytes(), label), masked.size)
             secagg.fold(masked, pair, 1 if self.cid < int(peers[j]) else -1)
-        return Reply({"masked": masked, "rejected": rejected})
+        return Reply({"masked": masked})
 
     def _unmask(self, message: Message, label: str) -> Reply:
         payload = message.payload
@@ -208,18 +207,31 @@ class SecAggClient(ClientWrapper):
         needed = int(message.config["secagg_threshold"])
         if int(survived[present].sum()) + 1 < needed:  # itself, and those that sent input
             raise secagg.SecAggError("too few clients sent their input to unmask any")
-        c_sk = secagg.private_key(self._key(label, "c"))
+        c_seed = self._key(label, "c")
         shares = np.zeros((len(peers), secagg.SHARE), np.uint8)
         for j in present:
             try:
-                key = secagg.agree(c_sk, payload["c_pk"][j].tobytes(), label)
+                key = _agreed(c_seed, payload["c_pk"][j].tobytes(), label)
                 b_share, s_share = secagg.unseal(
                     key, payload["sealed"][j].tobytes(), int(peers[j]), self.cid
                 )
             except secagg.SecAggError:
-                continue  # a zero row: no share from this neighbour
+                continue  # a zero row: this neighbour's shares do not open
             shares[j] = _u8(b_share if survived[j] else s_share)
         return Reply({"shares": shares})
+
+
+@functools.lru_cache(maxsize=16384)
+def _agreed(seed: bytes, public: bytes, label: str) -> bytes:
+    """The key agreed with a peer, kept a while: the shares stage and the unmask stage of
+    a round agree the same keys (an X25519 exchange costs ~50 µs; a simulation holds
+    every client's)."""
+    return secagg.agree(_private(seed), public, label)
+
+
+@functools.lru_cache(maxsize=1024)
+def _private(seed: bytes) -> X25519PrivateKey:
+    return secagg.private_key(seed)
 
 
 def quantized(delta: npt.NDArray[np.float64], config: Mapping[str, Any]) -> secagg.Ring:
@@ -286,6 +298,13 @@ class SecureRound:
         available = rnd.wait_available(max(strategy.min_available_clients, strategy.min_results, 3))
         cids = rnd.sample(available, strategy.num_fit_clients(len(available)))
         rnd.select(cids)
+        largest = -(-len(cids) // settings.groups)
+        if largest * ((1 << settings.bits) - 1) >= 1 << secagg.RING_BITS:
+            record.reason = (
+                f"secure aggregation: a group of {largest} clients could overflow the ring of "
+                f"2^{secagg.RING_BITS} with {settings.bits}-bit inputs: lower bits or add groups"
+            )
+            return None
         if len(cids) < 3 * settings.groups:
             record.reason = (
                 f"secure aggregation: {len(cids)} clients cannot form {settings.groups} "
@@ -321,21 +340,16 @@ class SecureRound:
             session.sealed[cid] = (session.row(cid, session.keys), reply["sealed"])
 
         size = sum(int(np.asarray(rnd.weights[n]).size) for n in float_names(rnd.weights))
-        totals = [np.zeros(size, np.uint64) for _ in groups]
+        totals = [np.zeros(size, np.uint32) for _ in groups]
         group_of = {cid: g for g, members in enumerate(groups) for cid in members}
         sent: list[int] = []
-        spec = {"masked": TensorSpec(U64, (size,)), "rejected": TensorSpec(U8, (width,))}
+        spec = {"masked": TensorSpec(U32, (size,))}
         fit_base = rnd.fit_config()
         stage = _stage(rnd, MASKED, list(session.sealed), lambda c: {**fit_base, **config(c)},
                        spec, session.to_mask, model=True)  # fmt: skip
         for cid, reply in stage:
-            secagg.fold(totals[group_of[cid]], reply["masked"].view(np.uint64))
+            secagg.fold(totals[group_of[cid]], reply["masked"].view(np.uint32))
             sent.append(cid)
-            row = session.row(cid, session.sealed)
-            for j in np.flatnonzero(reply["rejected"]):
-                record.failures.setdefault(
-                    row[j], f"client {cid} could not open the shares it sent"
-                )
         self.held = {"sums": totals, "sent": sorted(sent)}
         if len(sent) < strategy.min_results:
             record.reason = (
@@ -349,8 +363,13 @@ class SecureRound:
             rnd, UNMASK, sent, config, spec, lambda c: session.to_unmask(c, sent)
         ):
             for slot, peer in enumerate(session.row(cid, session.sealed)):
-                if peer != NO_PEER and reply["shares"][slot].any():
+                if peer == NO_PEER:
+                    continue
+                if reply["shares"][slot].any():
                     session.given[peer].append(reply["shares"][slot].tobytes())
+                else:
+                    problem = f"client {cid} could not open the shares it sent"
+                    record.failures.setdefault(peer, problem)
 
         aggregator = strategy.aggregator(rnd.context)
         for g, (members, total) in enumerate(zip(groups, totals, strict=True)):
@@ -416,12 +435,7 @@ class _Session:
 
     def to_mask(self, cid: int) -> Weights:
         row = self.row(cid, self.sealed)
-        return {
-            "peers": np.array(row, np.int64),
-            "c_pk": self.keys_of(row, "c_pk"),
-            "s_pk": self.keys_of(row, "s_pk"),
-            "sealed": self.addressed(cid, row),
-        }
+        return {"peers": np.array(row, np.int64), "s_pk": self.keys_of(row, "s_pk")}
 
     def to_unmask(self, cid: int, sent: list[int]) -> Weights:
         row = self.row(cid, self.sealed)
