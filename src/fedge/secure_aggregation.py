@@ -46,6 +46,7 @@ from fedge.client import FIT, Client, ClientWrapper, FitResult, Message, Reply, 
 from fedge.errors import ConfigError
 from fedge.security import secagg
 from fedge.strategy.base import Strategy, StrategyWrapper
+from fedge.strategy.dp import CLIENT_CLIP, DifferentialPrivacy
 from fedge.weights import Array, Spec, TensorSpec, Weights
 
 if TYPE_CHECKING:
@@ -87,12 +88,20 @@ class Settings:
 
 def check(strategy: Strategy, groups: int = 1) -> None:
     """Refuse strategies that need individual updates (unless there are groups, whose
-    means they get instead) or that change how updates are summed (wrappers)."""
+    means they get instead) or that change how updates are summed (wrappers), but for
+    differential privacy with client-side clipping, whose noise goes on the sum."""
+    if isinstance(strategy, DifferentialPrivacy) and strategy.clipping == "client":
+        if groups > 1:
+            raise ConfigError(
+                "secure_aggregation: differential privacy noises the sum of all clients; "
+                "it cannot run across groups (set groups = 1)"
+            )
+        strategy = strategy.inner
     if strategy.asynchronous or isinstance(strategy, StrategyWrapper):
         raise ConfigError(
             f"secure_aggregation: cannot run with {strategy.name}: the server sees only sums "
             "of masked updates, which asynchronous strategies and server-side wrappers "
-            "cannot work on (clip on the nodes with ClipClient instead)"
+            "cannot work on (for differential privacy set clipping = 'client')"
         )
     if groups == 1 and type(strategy).aggregator is not Strategy.aggregator:
         raise ConfigError(
@@ -192,6 +201,9 @@ class SecAggClient(ClientWrapper):
         if not isinstance(result, FitResult):
             raise TypeError(f"fit returned {type(result).__name__}, not FitResult")
         delta = flat_delta(result.weights, message.weights)
+        if CLIENT_CLIP in config:  # differential privacy: the server cannot clip a masked input
+            norm, bound = float(np.linalg.norm(delta)), float(config[CLIENT_CLIP])
+            delta *= min(1.0, bound / norm) if norm > 0 else 1.0
         masked = quantized(delta, config)
         secagg.fold(masked, secagg.mask(self._key(label, "b"), masked.size))
         s_seed = self._key(label, "s")
@@ -392,6 +404,11 @@ class SecureRound:
                 record.reason = f"secure aggregation{where}: {exc}"
                 return None
             mean = secagg.dequantize(total, len(inputs), settings.clipping_range, settings.bits)
+            if isinstance(strategy, DifferentialPrivacy):  # one group: noise on the sum
+                record.participants = sorted(sent)
+                return _apply_mean(
+                    rnd.weights, strategy.noised_mean(mean * len(inputs), rnd.context)
+                )
             aggregator.add(_apply_mean(rnd.weights, mean), len(inputs), g)
         record.participants = sorted(sent)
         try:

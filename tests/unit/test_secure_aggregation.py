@@ -15,6 +15,7 @@ from fedge.client import Client, ClientWrapper, Config, FitResult, Message, Repl
 from fedge.config import parse_config
 from fedge.coordinator import Outcome
 from fedge.errors import ConfigError
+from fedge.privacy import accounting
 from fedge.secure_aggregation import (
     MASKED,
     SHARES,
@@ -29,7 +30,7 @@ from fedge.secure_aggregation import (
 )
 from fedge.security import secagg
 from fedge.sim import LocalFleet
-from fedge.strategy import ClipUpdates, FedAvg, FedMedian, Krum
+from fedge.strategy import ClipUpdates, DifferentialPrivacy, FedAvg, FedMedian, Krum
 from fedge.weights import Weights
 
 INITIAL: Weights = {"w": np.zeros(1000, np.float32), "step": np.array(0, np.int64)}
@@ -332,6 +333,57 @@ def test_a_group_that_cannot_be_unmasked_is_named() -> None:
             workflow=app.workflow,
             strategy=FedMedian(),
             max_round_retries=0,
+        )
+
+
+# --- differential privacy on the secure sum: clients clip, the server noises the sum -------
+
+
+def dp_run(**dp: Any) -> fedge.History:
+    strategy = DifferentialPrivacy(FedAvg(clients_per_round=10), clipping="client", **dp)
+    app = secured(App(Adds, INITIAL), Settings(), strategy)
+    return fedge.simulate(
+        app.client_fn,
+        10,
+        1,
+        initial_weights=INITIAL,
+        workflow=app.workflow,
+        strategy=strategy,
+        max_round_retries=0,
+    )
+
+
+def test_clients_clip_and_the_server_noises_the_secure_sum_with_epsilon_accounted() -> None:
+    # no noise, a norm above every delta: the secure mean itself
+    loose = dp_run(noise_multiplier=0.0, clip_norm=1e6)
+    secure, _ = run()
+    assert loose.weights is not None and secure.weights is not None
+    np.testing.assert_allclose(loose.weights["w"], secure.weights["w"], rtol=0, atol=1e-6)
+    # each client's delta (norm ~9.5) clipped to 0.1 on the device: so is their mean
+    tight = dp_run(noise_multiplier=0.0, clip_norm=0.1)
+    assert tight.weights is not None
+    assert float(np.linalg.norm(tight.weights["w"])) < 0.1 + 1e-3
+    noised = dp_run(noise_multiplier=1.0, clip_norm=0.1)
+    assert noised.weights is not None
+    assert float(np.std(noised.weights["w"] - tight.weights["w"])) == pytest.approx(0.01, rel=0.1)
+    assert noised.rounds[0].strategy_metrics["epsilon"] == accounting.epsilon(
+        1.0, 1e-5, "rdp", ((1.0, 1),)
+    )
+
+
+def test_privacy_under_secure_aggregation_needs_client_clipping() -> None:
+    server_side = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clip_norm=1.0)
+    with pytest.raises(ConfigError, match=r"for differential privacy set clipping = 'client'"):
+        check(server_side)
+    client_side = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=1.0, clip_norm=1.0, clipping="client"
+    )
+    check(client_side)
+    with pytest.raises(ConfigError, match=r"cannot run across groups"):
+        check(client_side, groups=3)
+    with pytest.raises(ConfigError, match=r"clipping must be 'server' with adaptive = true"):
+        DifferentialPrivacy(
+            FedAvg(), noise_multiplier=1.0, clip_norm=1.0, adaptive=True, clipping="client"
         )
 
 

@@ -32,8 +32,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedge.weights import Array
-
 KEY = 32
 """Bytes of a public key, a seed, and a secret."""
 PRIME = (1 << 521) - 1
@@ -184,7 +182,7 @@ def fold(total: Ring, values: Ring, sign: int = 1) -> None:
     (np.add if sign > 0 else np.subtract)(total, values, out=total)
 
 
-def dequantize(total: Ring, count: int, clip: float, bits: int) -> Array:
+def dequantize(total: Ring, count: int, clip: float, bits: int) -> npt.NDArray[np.float64]:
     """The mean of `count` quantized vectors from their sum."""
     levels = float((1 << bits) - 1)
     return total.astype(np.float64) / count * (2 * clip / levels) - clip

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fedge.aggregate import Aggregator
 from fedge.errors import ConfigError
@@ -38,6 +40,8 @@ from fedge.strategy.clip import delta_norm
 from fedge.weights import Array, Weights, blocks
 
 CLIP_NORM, RATES = "dp.clip_norm", "dp.rates"
+CLIENT_CLIP = "dp_clip_norm"
+"""The fit config key that tells clients to clip their own delta to this L2 norm."""
 WHERE = "strategy.wrap differential_privacy"
 
 
@@ -55,6 +59,7 @@ class DifferentialPrivacy(StrategyWrapper):
         target_quantile: float = 0.5,
         clip_learning_rate: float = 0.2,
         clipped_count_stddev: float | None = None,
+        clipping: str = "server",
     ) -> None:
         super().__init__(inner)
         if isinstance(inner, StrategyWrapper) or type(inner).aggregator is not Strategy.aggregator:
@@ -79,6 +84,14 @@ class DifferentialPrivacy(StrategyWrapper):
         sb = clipped_count_stddev
         ok = sb is None or (_number(sb) and 2 * sb > z)
         _need("clipped_count_stddev", sb, ok, f"a number > noise_multiplier / 2 = {z / 2:g}")
+        _need("clipping", clipping, clipping in ("server", "client"), "'server' or 'client'")
+        ok = not (adaptive and clipping == "client")
+        _need(
+            "clipping",
+            clipping,
+            ok,
+            "'server' with adaptive = true (the server counts the updates its norm clips)",
+        )
         accounting.check_installed()
         self.noise_multiplier, self.clip_norm, self.delta = float(z), float(clip_norm), float(delta)
         self.accountant: accounting.Kind = accountant  # type: ignore[assignment]
@@ -86,6 +99,7 @@ class DifferentialPrivacy(StrategyWrapper):
         self.adaptive, self.target_quantile = adaptive, float(target_quantile)
         self.clip_learning_rate = float(clip_learning_rate)
         self.clipped_count_stddev = clipped_count_stddev
+        self.clipping = clipping
         self._sums: dict[tuple[int, int], NoisedSum] = {}
 
     def count_stddev(self, selected: int) -> float:
@@ -100,6 +114,19 @@ class DifferentialPrivacy(StrategyWrapper):
         if not self.adaptive or z == 0:
             return z
         return float((z**-2 - (2 * self.count_stddev(selected)) ** -2) ** -0.5)
+
+    def fit_config(self, server_round: int) -> dict[str, Any]:
+        """With client-side clipping the clients are told the norm (under secure
+        aggregation only they can apply it; the server clips whatever it sees too)."""
+        config = self.inner.fit_config(server_round)
+        return {**config, CLIENT_CLIP: self.clip_norm} if self.clipping == "client" else config
+
+    def noised_mean(self, delta_sum: npt.NDArray[np.float64], ctx: RoundContext) -> Array:
+        """The mean the clients sampled released: ``(sum + N(0, (z C)^2)) / selected``,
+        for a sum of clipped deltas the server never saw apart (secure aggregation)."""
+        stddev = self.noise_multiplier * self.clip_norm
+        noised = delta_sum + ctx.rng.normal(0.0, stddev, delta_sum.shape) if stddev else delta_sum
+        return np.divide(noised, max(ctx.selected, 1))
 
     def init_state(self, weights: Weights) -> State:
         state = dict(self.inner.init_state(weights))
