@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fedge
 from fedge.adapters.torch import TorchClient, get_weights, set_weights, to_onnx
 from fedge.datasets import dirichlet, load_mnist1d
+from fedge.privacy.dp_sgd import DPSGD
 
 
 class Net(nn.Module):
@@ -50,8 +51,16 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def create_app(
-    num_clients: int, seed: int, alpha: float = 1.0, epochs: int = 2, batch_size: int = 32
+    num_clients: int,
+    seed: int,
+    alpha: float = 1.0,
+    epochs: int = 2,
+    batch_size: int = 32,
+    dp_sgd: dict[str, float] | None = None,
 ) -> fedge.App:
+    """`dp_sgd` (e.g. ``{ noise_multiplier = 1.0, max_grad_norm = 1.0 }``) trains every
+    client with local DP-SGD (needs ``fedge[dp-sgd]``)."""
+    private = DPSGD(**dp_sgd) if dp_sgd is not None else None
     torch.set_num_threads(1)  # many small clients: parallelism comes from processes
     x_train, y_train, x_test, y_test = _data()
     parts = dirichlet(y_train.numpy(), num_clients, alpha, seed, min_size=batch_size)
@@ -61,7 +70,7 @@ def create_app(
         train = DataLoader(
             TensorDataset(x_train[idx], y_train[idx]), batch_size=batch_size, shuffle=True
         )
-        return TorchClient(Net(), train, epochs=epochs)
+        return TorchClient(Net(), train, epochs=epochs, dp_sgd=private)
 
     def evaluate_fn(weights: fedge.Weights) -> dict[str, float]:
         model = Net()

@@ -4,6 +4,7 @@ scikit-learn linear models, each turned into Weights and trained the way fedge e
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,9 @@ from torch import nn  # noqa: E402
 
 from fedge.adapters import sklearn as sk  # noqa: E402
 from fedge.adapters import torch as ta  # noqa: E402
+from fedge.errors import ConfigError  # noqa: E402
+from fedge.privacy import accounting  # noqa: E402
+from fedge.privacy.dp_sgd import DPSGD  # noqa: E402
 
 
 def config(**settings: object) -> dict[str, object]:
@@ -323,3 +327,52 @@ def test_sklearn_sgd_continues_training_from_set_weights() -> None:
     model.partial_fit(x, y)
     assert (model.predict(x) == y).mean() >= 0.7
     assert sk.get_weights(model)["coef_"].any()
+
+
+# --- local DP-SGD (Opacus) ---------------------------------------------------------------
+
+
+def dp_client(z: float, clip: float, **kwargs: Any) -> ta.TorchClient:
+    x, y = separable(64, seed=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    torch.manual_seed(0)
+    return ta.TorchClient(nn.Linear(4, 2), loader, dp_sgd=DPSGD(z, clip), **kwargs)
+
+
+def test_dp_sgd_reports_the_epsilon_of_its_steps_and_keeps_the_models_names() -> None:
+    client = dp_client(1.0, 1.0, epochs=2)
+    start = client.get_weights({})
+    result = client.fit(start, config(lr=0.1))
+    assert set(result.weights) == {"weight", "bias"}  # no Opacus wrapper left behind
+    # 2 epochs of 8 Poisson batches at rate 1/8: 16 sampled Gaussian steps
+    want = accounting.epsilon(1.0, 1e-5, "rdp", ((1 / 8, 16),))
+    assert result.metrics["dp_sgd_epsilon"] == want
+    again = client.fit(start, config(lr=0.1))  # hooks removed: a second fit is the same
+    assert again.weights["weight"].tobytes() == result.weights["weight"].tobytes()
+    other = client.fit(start, config(lr=0.1, seed=5))
+    assert other.weights["weight"].tobytes() != result.weights["weight"].tobytes()
+
+
+def test_dp_sgd_clips_each_examples_gradient() -> None:
+    # one step, no noise: the update is lr times a mean of gradients of norm <= clip
+    client = dp_client(0.0, 0.01, epochs=1)
+    start = client.get_weights({})
+    result = client.fit(start, config(lr=1.0, work_fraction=1 / 8))
+    plain = ta.TorchClient(nn.Linear(4, 2), client.train_data).fit(
+        start, config(lr=1.0, work_fraction=1 / 8)
+    )
+    moved = distance(result.weights, start, ["weight", "bias"])
+    assert 0 < moved <= 0.01 * 3  # a Poisson batch may hold more than its expected 8
+    assert distance(plain.weights, start, ["weight", "bias"]) > 10 * moved
+
+
+def test_dp_sgd_refuses_a_proximal_term_and_bad_settings() -> None:
+    client = dp_client(1.0, 1.0)
+    with pytest.raises(ValueError, match=r"proximal_mu must be 0 with dp_sgd, got 0\.1"):
+        client.fit(client.get_weights({}), config(proximal_mu=0.1))
+    with pytest.raises(ConfigError, match=r"dp_sgd.max_grad_norm must be a number > 0, got 0"):
+        DPSGD(1.0, 0)
+    with pytest.raises(ConfigError, match=r"train_data must be a torch DataLoader, got list"):
+        x, y = separable(16, seed=0)
+        listed = ta.TorchClient(nn.Linear(4, 2), batches(x, y, 8), dp_sgd=DPSGD(1.0, 1.0))
+        listed.fit(listed.get_weights({}), config())

@@ -2,8 +2,9 @@
 
 `TorchClient` trains with the loop most users would write, and applies the FedProx
 proximal term ``mu/2 * ||w - w_global||^2`` when ``config["proximal_mu"] > 0``.
-Override `train_step` / `eval_step` for a custom loss or model output. `to_onnx` is
-the module's inference graph for `fedge export`.
+With ``dp_sgd`` it trains with local DP-SGD (`fedge.privacy.dp_sgd`, Opacus). Override
+`train_step` / `eval_step` for a custom loss or model output. `to_onnx` is the module's
+inference graph for `fedge export`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from fedge.adapters import ONNX_INPUT, ONNX_OPSET
 from fedge.client import Client, Config, EvaluateResult, FitResult
 from fedge.errors import WeightsError
+from fedge.privacy.dp_sgd import DPSGD
 from fedge.weights import Weights
 
 if TYPE_CHECKING:
@@ -133,9 +135,10 @@ class TorchClient(Client):
         epochs: int = 1,
         loss_fn: nn.Module | None = None,
         optimizer: OptimizerFn = sgd,
+        dp_sgd: DPSGD | None = None,
     ) -> None:
         self.model, self.train_data, self.test_data = model, train_data, test_data
-        self.epochs, self.optimizer = epochs, optimizer
+        self.epochs, self.optimizer, self.dp_sgd = epochs, optimizer, dp_sgd
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
 
     def get_weights(self, config: Config) -> Weights:
@@ -156,24 +159,44 @@ class TorchClient(Client):
 
     def fit(self, weights: Weights, config: Config) -> FitResult:
         set_weights(self.model, weights)
-        torch.manual_seed(int(config["seed"]))
+        seed = int(config["seed"])
+        torch.manual_seed(seed)
         mu = float(config.get("proximal_mu", 0.0))
-        anchor = [p.detach().clone() for p in self.model.parameters()] if mu > 0 else []
         optimizer = self.optimizer(self.model.parameters(), config)
+        data, cleanup = self.train_data, None
+        if self.dp_sgd is not None:
+            if mu > 0:
+                raise ValueError(
+                    f"DP-SGD clips per-example gradients and the FedProx term is not per "
+                    f"example: proximal_mu must be 0 with dp_sgd, got {mu}"
+                )
+            data, optimizer, cleanup = self.dp_sgd.attach(self.model, optimizer, data, seed)
+        try:
+            total_loss, seen, steps = self._train(data, optimizer, config, mu)
+        finally:
+            if cleanup is not None:
+                cleanup()
+        metrics = {"train_loss": total_loss / max(seen, 1)}
+        if self.dp_sgd is not None:
+            metrics["dp_sgd_epsilon"] = self.dp_sgd.epsilon(data.sample_rate, steps)
+        return FitResult(get_weights(self.model), _num_examples(self.train_data), metrics)
+
+    def _train(
+        self, data: Data, optimizer: torch.optim.Optimizer, config: Config, mu: float
+    ) -> tuple[float, int, int]:
+        """The local epochs: (summed loss, examples seen, steps taken)."""
+        anchor = [p.detach().clone() for p in self.model.parameters()] if mu > 0 else []
         epochs = int(config.get("local_epochs", self.epochs))
         fraction = float(config.get("work_fraction", 1.0))
-        steps_left = max(1, math.ceil(epochs * len(self.train_data) * fraction))
+        budget = max(1, math.ceil(epochs * len(data) * fraction))
         deadline = float(config.get("deadline", math.inf))
         self.model.train()
-        total_loss, seen = 0.0, 0
+        total_loss, seen, steps = 0.0, 0, 0
         for _ in range(epochs):
-            if steps_left == 0:
-                break
-            for batch in self.train_data:
-                if steps_left == 0 or time.time() >= deadline:
-                    steps_left = 0
-                    break
-                steps_left -= 1
+            for batch in data:
+                if steps == budget or time.time() >= deadline:
+                    return total_loss, seen, steps
+                steps += 1
                 optimizer.zero_grad()
                 loss, n = self.train_step(batch)
                 total_loss, seen = total_loss + loss.item() * n, seen + n
@@ -181,11 +204,7 @@ class TorchClient(Client):
                     loss = loss + mu / 2 * _distance2(self.model.parameters(), anchor)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
-        return FitResult(
-            get_weights(self.model),
-            _num_examples(self.train_data),
-            {"train_loss": total_loss / max(seen, 1)},
-        )
+        return total_loss, seen, steps
 
     @torch.no_grad()
     def evaluate(self, weights: Weights, config: Config) -> EvaluateResult:
