@@ -367,6 +367,11 @@ class Node:
                 log.warning(
                     "upload of %s refused: %s %s", pending.header.task_id, exc.code, exc.message
                 )
+                if exc.code == Code.INVALID_ARGUMENT and not pending.header.error:
+                    # a final answer about this result: say so, and the server records the
+                    # reason now rather than waiting for the round's deadline
+                    reason = f"the server refused its result: {exc.message}"
+                    self._deliver(Pending(UploadHeader(pending.header.task_id, error=reason)))
                 return False
             if ack.accepted:
                 return True
