@@ -148,12 +148,16 @@ class Load:
         self.log.close()
         result: dict[str, Any] = json.loads(self.out.read_text())
         result["server_cpu_pct"] = 100 * server_cpu / wall
+        result["server_cpu_per_request"] = server_cpu / max(1, result["requests"])
         result["locust_cpu_pct"] = 100 * locust_cpu / wall
         return result
 
 
-def bare_rate(session: Any, feeds: dict[str, np.ndarray], threads: int, seconds: float) -> float:
-    """Runs per second of `session` in `threads` threads on the server's CPU."""
+def bare_rate(
+    session: Any, feeds: dict[str, np.ndarray], threads: int, seconds: float
+) -> tuple[float, float]:
+    """Runs per second of `session` in `threads` threads on the server's CPU, and the
+    CPU seconds one run takes."""
     counts = [0] * threads
     stop = time.perf_counter() + seconds
 
@@ -168,12 +172,14 @@ def bare_rate(session: Any, feeds: dict[str, np.ndarray], threads: int, seconds:
     if PINNED:
         os.sched_setaffinity(0, SERVER_CPUS)  # the threads started now inherit it
     workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    cpu = time.process_time()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
+    cpu = time.process_time() - cpu
     os.sched_setaffinity(0, mine)
-    return sum(counts) / seconds
+    return sum(counts) / seconds, cpu / sum(counts)
 
 
 def binary_request(model: ServedModel, x: np.ndarray) -> tuple[bytes, int]:
@@ -218,7 +224,11 @@ def main() -> None:
         ("mnist1d", mnist1d.create_app(num_clients=4, seed=0), mnist1d._data()[2].numpy()),
     ]
     rows: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {"request": "KServe v2 binary tensors", "pinned": PINNED}
+    extra: dict[str, Any] = {
+        "request": "KServe v2 binary tensors",
+        "pinned": PINNED,
+        "load_average_before": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="fedge-serve-bench-") as name:
         tmp = Path(name)
         init_ca(tmp / "pki")
@@ -238,7 +248,7 @@ def main() -> None:
                     headers = {"Inference-Header-Content-Length": str(header)}
                     server.post(f"/v2/models/{model}/infer", body, headers)  # it answers
                     for users in USERS:
-                        bare = bare_rate(
+                        bare, bare_cpu = bare_rate(
                             served.session, {served.inputs[0].name: x}, users, args.bare_seconds
                         )
                         run = Load(server, tmp / "body.bin", header, users, args.seconds, tmp)
@@ -254,6 +264,8 @@ def main() -> None:
                                 "p99 ms": percentile(got["latencies_ms"], 99),
                                 "bare req/s": bare,
                                 "server/bare": rate / bare,
+                                "server CPU µs/req": got["server_cpu_per_request"] * 1e6,
+                                "bare CPU µs/run": bare_cpu * 1e6,
                                 "server CPU %": got["server_cpu_pct"],
                                 "locust CPU %": got["locust_cpu_pct"],
                                 "failed": got["failures"],
