@@ -10,6 +10,11 @@ Fairness on a small machine: the server is pinned to CPU 0 with one ONNX Runtime
 locust to CPU 1. The bare loop runs the same session (`ServedModel.load`, the server's
 options) pinned to CPU 0 too, in as many threads as locust has users, so both get one core.
 
+On a shared machine the rates swing with what else runs, and at high rates locust's
+core is the limit, not the server's; so the CPU the server spends per request is
+reported too, against one bare run's: their ratio ("CPU ratio") is server/bare when the
+server has its core to itself and a client costs it nothing but the requests.
+
 Then, for digits: 10 hot swaps (publish a version, move the tag, ask the server to check)
 while 8 users keep asking, counting failed requests; and the server's memory.
 
@@ -266,6 +271,7 @@ def main() -> None:
                                 "server/bare": rate / bare,
                                 "server CPU µs/req": got["server_cpu_per_request"] * 1e6,
                                 "bare CPU µs/run": bare_cpu * 1e6,
+                                "CPU ratio": bare_cpu / got["server_cpu_per_request"],
                                 "server CPU %": got["server_cpu_pct"],
                                 "locust CPU %": got["locust_cpu_pct"],
                                 "failed": got["failures"],
