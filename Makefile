@@ -54,6 +54,9 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/export_bench.py
 	$(BIN)/python benchmarks/store_bench.py
 	$(BIN)/python benchmarks/fedbuff_fleet_bench.py
+	$(BIN)/python benchmarks/serve_bench.py
+	$(BIN)/python benchmarks/privacy_bench.py
+	$(BIN)/python benchmarks/secagg_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,16 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def example(name: str) -> ModuleType:
+    """The app module of ``examples/NAME`` (the examples are not an installed package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / name / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def machine() -> dict[str, Any]:
@@ -44,7 +57,8 @@ def report(name: str, title: str, rows: list[dict[str, Any]], **extra: Any) -> N
         table.add_column(key, justify="right")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row.values()))
-    Console().print(table)
+    # into a pipe or a log: wide enough that no column is cut to 'req…'
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(

@@ -11,14 +11,12 @@ Usage: python benchmarks/export_bench.py
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -32,17 +30,7 @@ from fedge.serve.export import export_onnx
 from fedge.weights import to_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / name / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from common import example, report
 
 
 def median_s(fn: Callable[[], Any], repeat: int) -> float:

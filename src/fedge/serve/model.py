@@ -4,6 +4,7 @@ shape and dtype instead of an ONNX Runtime stack trace."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -91,6 +92,8 @@ class ServedModel:
     providers: tuple[str, ...] = ()
     loaded_at: float = 0.0
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
+    row_seconds: float = field(default=1.0, repr=False)
+    """What one example took in the last run: the server runs cheap requests inline."""
 
     @classmethod
     def load(
@@ -99,8 +102,6 @@ class ServedModel:
     ) -> ServedModel:  # fmt: skip
         """Open `path` with the best execution provider installed (OpenVINO, else CPU)
         and run it once on zeros, so the first request does not pay for the warm-up."""
-        import time
-
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -145,7 +146,19 @@ class ServedModel:
             )
         for name, array in feeds.items():
             self.spec(name, "request").check(array, "request")
-        return list(self.session.run(None, feeds))
+        started = time.perf_counter()
+        results = list(self.session.run(None, feeds))
+        self.row_seconds = (time.perf_counter() - started) / rows(feeds)
+        return results
+
+    def expected_seconds(self, feeds: dict[str, np.ndarray]) -> float:
+        """How long running `feeds` should take, from the last run."""
+        return self.row_seconds * rows(feeds)
+
+
+def rows(feeds: dict[str, np.ndarray]) -> int:
+    """The batch size: the longest first dimension among the inputs."""
+    return max([len(array) for array in feeds.values() if array.ndim] + [1])
 
 
 def as_array(data: Any, spec: TensorSpec, shape: list[int] | None, where: str) -> np.ndarray:

@@ -87,9 +87,10 @@ class InferenceServer:
             host=settings.host,
             port=settings.port,
             http="httptools",
-            loop="asyncio",
+            loop="auto",  # uvloop (the serve extra) when installed, else asyncio
             lifespan="off",
             access_log=False,
+            proxy_headers=False,  # X-Forwarded-For would only name clients in access logs
             log_level="warning",
             timeout_graceful_shutdown=5,
         )
