@@ -10,7 +10,7 @@ SYSTEM := $(VENV)/.system
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd,deploy]"
 	touch $@
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
@@ -32,8 +32,8 @@ test: $(STAMP) $(SYSTEM) lint bytecode
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check --no-cache src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check --no-cache src tests benchmarks examples deploy
+	$(BIN)/ruff format --check src tests benchmarks examples deploy
 	$(BIN)/mypy
 
 bench: $(STAMP) bytecode

@@ -372,6 +372,13 @@ def server(
     node_cert_days: Annotated[
         int, typer.Option(min=1, help="Lifetime of the node certificates it issues.")
     ] = 30,
+    health_address: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT for plaintext gRPC health (grpc.health.v1) alone, e.g. for "
+            "Kubernetes gRPC probes, which speak no TLS."
+        ),
+    ] = "",
     tpm_policy: Annotated[
         Path | None,
         typer.Option(
@@ -442,7 +449,12 @@ def server(
             ek_issuers=None if tpm_ek_ca is None else EkIssuers(tpm_ek_ca),
         )
     grpc_transport = GrpcTransport(
-        address, certs, insecure, enrollment=enrollment, enroll_address=enroll_address
+        address,
+        certs,
+        insecure,
+        enrollment=enrollment,
+        enroll_address=enroll_address,
+        health_address=health_address,
     )
     serving: GrpcTransport | MqttTransport = grpc_transport
     if transport == Transport.mqtt:

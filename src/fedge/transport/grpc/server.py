@@ -1,5 +1,6 @@
 """The gRPC transport's server side: a grpc.aio server with mutual TLS (plaintext only on
-loopback), the Fleet, Control and standard health services."""
+loopback), the Fleet, Control and standard health services; optionally a second,
+plaintext listener with the health service alone, for probes that speak no TLS."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class GrpcTransport:
         *,
         enrollment: Enrollment | None = None,
         enroll_address: str = "",
+        health_address: str = "",
     ) -> None:
         if insecure:
             require_loopback(address)
@@ -69,14 +71,19 @@ class GrpcTransport:
             raise FedgeError("--certs is required (or --insecure on loopback)")
         self.address, self.certs, self.insecure = address, certs, insecure
         self.enrollment, self.enroll_address = enrollment, enroll_address
+        self.health_address = health_address
         self.port = 0
+        self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._enroll_server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self.tls: ReloadingCredentials | None = None
         self.enroll_tls: ReloadingCredentials | None = None
         self._health = health.aio.HealthServicer()
 
     async def start(self, service: FleetService, control: Aggregator) -> None:
+        if self.health_address:  # bound first: a bad address fails before anything listens
+            self._health_server = self._health_listener()
         limit = raise_fd_limit()
         kept = FDS_KEPT + (ENROLL_CONNECTIONS if self.enroll_address else 0)
         connections = ("grpc.max_allowed_incoming_connections", max(64, limit - kept))
@@ -109,7 +116,23 @@ class GrpcTransport:
             self._enroll_server = await start_listener(
                 self.enroll_address, self.enroll_tls, self.enrollment
             )
+        if self._health_server is not None:
+            await self._health_server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def _health_listener(self) -> grpc.aio.Server:
+        """grpc.health.v1 alone, in plaintext: the kubelet's gRPC probe has no TLS, and
+        the mTLS port asks every client for a certificate. It tells only SERVING or
+        NOT_SERVING, so it may listen beyond loopback; nothing else is served there."""
+        server = grpc.aio.server(options=[("grpc.max_allowed_incoming_connections", 16)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            self.health_port = server.add_insecure_port(self.health_address)
+        except RuntimeError:  # grpcio raises on an address it cannot resolve or bind
+            self.health_port = 0
+        if not self.health_port:
+            raise FedgeError(f"cannot listen on --health-address {self.health_address}")
+        return server
 
     def reload_certificates(self) -> None:
         """Read the server's certificate files again before the next handshake (SIGHUP)."""
@@ -123,6 +146,8 @@ class GrpcTransport:
             await self._server.stop(grace=grace)
         if self._enroll_server is not None:
             await self._enroll_server.stop(grace=grace)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
 
 
 class _Handlers:
