@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM := $(VENV)/.system
 
-.PHONY: demo test lint bench clean bytecode
+.PHONY: demo test lint bench clean bytecode images test-images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,16 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/privacy_bench.py
 	$(BIN)/python benchmarks/secagg_bench.py
+
+# Container images with Podman (deploy/Containerfile; scripts/images.sh installs podman and
+# mmdebstrap if missing and makes the Debian base image). Minutes: not part of `make test`.
+images:
+	scripts/images.sh
+
+# A server, two node containers and a serve container from those images train and answer;
+# prints the images' sizes (benchmarks/results/containers.json).
+test-images: $(STAMP) images
+	$(BIN)/python benchmarks/container_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
