@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM := $(VENV)/.system
+# Flower, for the side-by-side benchmarks only: its own venv, never fedge's (not a dependency).
+FLOWER_VENV ?= /work/flower-venv
+export FLOWER_VENV
 
-.PHONY: demo test lint bench clean bytecode
+.PHONY: demo test lint bench clean bytecode flower-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +60,13 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/privacy_bench.py
 	$(BIN)/python benchmarks/secagg_bench.py
+# against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
+	$(BIN)/python benchmarks/secagg_flower_bench.py
+
+# Flower 1.42 (Ray simulation) in its own venv for the *_flower_bench / flower_* benchmarks.
+flower-venv:
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet "flwr[simulation]==1.42.0" scikit-learn numpy
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

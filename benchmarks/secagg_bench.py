@@ -58,7 +58,10 @@ class DropsAtMasking(ClientWrapper):
         return self.inner.handle(message)
 
 
-def one_round(clients: int, params: int, dropped: set[int], secure: bool, busy: float) -> float:
+def one_round(
+    clients: int, params: int, dropped: set[int], secure: bool, busy: float
+) -> tuple[float, Weights]:
+    """Wall time of one simulated round and the global model after it."""
     initial = {"w": np.zeros(params, np.float32)}
     strategy = FedAvg(clients_per_round=clients)
 
@@ -83,7 +86,8 @@ def one_round(clients: int, params: int, dropped: set[int], secure: bool, busy: 
     )  # fmt: skip
     elapsed = time.perf_counter() - started
     assert history.rounds[-1].status == "ok", history.rounds[-1].reason
-    return elapsed
+    assert history.weights is not None
+    return elapsed, history.weights
 
 
 def main() -> None:
@@ -100,7 +104,7 @@ def main() -> None:
     for _ in range(args.repeats + 1):  # the first of each is a warm-up
         for kind in times:
             times[kind].append(
-                one_round(args.clients, args.params, dropped, kind == "secure", busy)
+                one_round(args.clients, args.params, dropped, kind == "secure", busy)[0]
             )
     plain, secure = (statistics.median(t[1:]) for t in times.values())
     rows: list[dict[str, Any]] = [
