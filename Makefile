@@ -62,6 +62,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/secagg_bench.py
 # against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
 	$(BIN)/python benchmarks/secagg_flower_bench.py
+	$(BIN)/python benchmarks/flower_sim_bench.py
 
 # Flower 1.42 (Ray simulation) in its own venv for the *_flower_bench / flower_* benchmarks.
 flower-venv:
