@@ -7,9 +7,11 @@ evaluating on a held-out 20%). fedge: the whole `fedge sim` command per backend.
 per-client seeds and SGD steps), the whole command with the Flower venv's python, its
 simulation engine on the Ray backend — with Flower's default 2 CPUs per client actor (one
 actor on this machine) and with 1 (two actors). End to end = the command's wall time
-(interpreter start, imports, Ray's start, the rounds), median of --repeats. The final
-accuracy and loss are the server's evaluation after round 5: the same model on both
-sides gives the same numbers.
+(interpreter start, imports, Ray's start, the rounds), median of --repeats; `run s` is
+the run inside it: `fedge.simulate` (the backend's start, the rounds, its stop) and
+Flower's `run_simulation` (the same, its apps' loading too). The final accuracy and loss
+are the server's evaluation after round 5: the same model on both sides gives the same
+numbers.
 
 Backends: --backends inprocess,process (default); a backend may name the fedge sources to
 run it from, e.g. `ray:/work/wt-ray/src` (put first on PYTHONPATH).
@@ -21,6 +23,7 @@ Usage: python benchmarks/flower_sim_bench.py [--repeats 3] [--backends inprocess
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +41,38 @@ from common import ROOT, flower_python, report, run_flower
 CONFIG = "examples/digits/fedge.toml"
 
 
-def fedge_sim(backend: str, src: str | None, repeats: int) -> dict[str, Any]:
-    """`fedge sim` on the digits job with this backend: median wall time, final metrics."""
+Run = tuple[float, float, float, float]
+"""One run: end-to-end seconds, the run's own seconds, final accuracy, final loss."""
+
+
+def fedge_sim(backend: str, src: str | None) -> Run:
+    """One `fedge sim` of the digits job with this backend."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    times, final = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
-        for _ in range(repeats):
-            started = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "-m", "fedge", "sim", "--config", CONFIG, "--backend", backend,
-                 "-q", "--out", str(out)],
-                cwd=ROOT, env=env, capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            times.append(time.perf_counter() - started)
-            if done.returncode != 0:
-                raise RuntimeError(f"fedge sim --backend {backend} failed:\n{done.stderr[-3000:]}")
-            final = json.loads(out.read_text())["rounds"][-1]["metrics"]
-    return {"seconds": statistics.median(times), "accuracy": final["accuracy"],
-            "loss": final["loss"]}  # fmt: skip
-
-
-def flower_sim(python: Path, cpus: str, repeats: int) -> dict[str, Any]:
-    """Flower's run of the digits job: median end-to-end time (and of `run_simulation`
-    alone), final metrics."""
-    args = [] if cpus == "default" else ["--num-cpus", cpus]
-    times, inner, final = [], [], {}
-    for _ in range(repeats):
         started = time.perf_counter()
-        result = run_flower(python, "digits.py", args)
-        times.append(time.perf_counter() - started)
-        inner.append(result["simulation_seconds"])
-        final = result["final"]
-    return {"seconds": statistics.median(times), "simulation": statistics.median(inner),
-            "accuracy": final["accuracy"], "loss": final["loss"]}  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "fedge", "sim", "--config", CONFIG, "--backend", backend,
+             "-q", "--out", str(out)],
+            cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"fedge sim --backend {backend} failed:\n{done.stderr[-3000:]}")
+        history = json.loads(out.read_text())
+    final = history["rounds"][-1]["metrics"]
+    return seconds, history["wall_time"], final["accuracy"], final["loss"]
+
+
+def flower_sim(python: Path, cpus: str) -> Run:
+    """One Flower run of the digits job (`cpus` per client actor, or Flower's default)."""
+    started = time.perf_counter()
+    result = run_flower(python, "digits.py", [] if cpus == "default" else ["--num-cpus", cpus])
+    seconds = time.perf_counter() - started
+    final = result["final"]
+    return seconds, result["simulation_seconds"], final["accuracy"], final["loss"]
 
 
 def main() -> None:
@@ -86,30 +86,41 @@ def main() -> None:
     )
     parser.add_argument("--flower-python", type=Path, default=None)
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
+    jobs: dict[tuple[str, str], Callable[[], Run]] = {}
     for spec in filter(None, args.backends.split(",")):
         backend, _, src = spec.partition(":")
-        got = fedge_sim(backend, src or None, args.repeats)
-        rows.append({"system": "fedge sim", "backend": backend + (" (" + src + ")" if src else ""),
-                     "end to end s": got["seconds"], "run s": "-",
-                     "final accuracy": got["accuracy"], "final loss": got["loss"]})  # fmt: skip
+        name = backend + (f" ({src})" if src else "")
+        jobs["fedge sim", name] = functools.partial(fedge_sim, backend, src or None)
     python = flower_python(args.flower_python)
     for cpus in filter(None, args.flower_cpus.split(",")) if python else []:
         assert python is not None
-        got = flower_sim(python, cpus, args.repeats)
         actors = "default: 2 CPUs" if cpus == "default" else f"{cpus} CPU" + "s" * (cpus != "1")
-        rows.append({"system": "Flower 1.42", "backend": f"ray ({actors} per client)",
-                     "end to end s": got["seconds"], "run s": got["simulation"],
-                     "final accuracy": got["accuracy"], "final loss": got["loss"]})  # fmt: skip
+        jobs["Flower 1.42", f"ray ({actors} per client)"] = functools.partial(
+            flower_sim, python, cpus
+        )
+    runs: dict[tuple[str, str], list[Run]] = {key: [] for key in jobs}
+    for _ in range(args.repeats):  # interleaved: the machine's noise hits every job alike
+        for key, job in jobs.items():
+            runs[key].append(job())
+    rows: list[dict[str, Any]] = []
+    for (system, backend), done in runs.items():
+        rows.append({
+            "system": system, "backend": backend,
+            "end to end s": statistics.median(r[0] for r in done),
+            "run s": statistics.median(r[1] for r in done),
+            "final accuracy": done[-1][2], "final loss": done[-1][3],
+        })  # fmt: skip
     first = rows[0]
     for row in rows:
         row["vs first"] = row["end to end s"] / first["end to end s"]
         row["|Δ loss| vs first"] = abs(row["final loss"] - first["final loss"])
     report(
-        "flower_sim" if python else "flower_sim_fedge_only",  # keep Flower's numbers
+        # a run without Flower keeps the last one with it
+        "flower_sim" if any(r["system"] != "fedge sim" for r in rows) else "flower_sim_fedge_only",
         f"Digits job (10 clients × 5 rounds) end to end: fedge vs Flower "
-        f"(median of {args.repeats})",
+        f"(median of {args.repeats}, interleaved)",
         rows,
+        load_average=os.getloadavg(),
     )
 
 

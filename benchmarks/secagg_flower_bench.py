@@ -24,6 +24,7 @@ Usage: python benchmarks/secagg_flower_bench.py [--clients 100] [--params 100000
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -124,6 +125,7 @@ def main() -> None:
             "clipping_range": Settings().clipping_range,
             "dropped": sorted(dropped),
         },
+        load_average=os.getloadavg(),
     )
 
 
