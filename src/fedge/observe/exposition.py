@@ -6,7 +6,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Info, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import start_http_server
 
 from fedge import __version__
@@ -21,6 +27,7 @@ DEFAULT_HOST = "127.0.0.1"
 def new_registry(role: str) -> CollectorRegistry:
     """A registry with ``process_*`` (CPU seconds, resident memory, file descriptors),
     ``python_info`` and ``fedge_build_info{version, role}``."""
+    disable_created_metrics()  # a `_created` series beside every counter: twice the series
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
