@@ -13,7 +13,6 @@ one of a few values the server chooses (never a string a node sent). A node's ow
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -63,7 +62,6 @@ class FleetMetrics(Collector):
         self.aggregator = aggregator
         self.state_dir = aggregator.settings.state_dir
         self._started = time.time()
-        self._lock = threading.Lock()
         self._heard: dict[str, float] = {}
         """When each node was last heard of, from the state database and node events."""
         for row in aggregator.runs.store.nodes():
@@ -145,8 +143,7 @@ class FleetMetrics(Collector):
             self.results.labels(kind, "failed" if fields.get("failed") else "ok").inc()
         elif name.startswith("node.") and name[5:] in NODE_EVENTS:
             self.node_events.labels(name[5:]).inc()
-            with self._lock:
-                self._heard[fields["node"]] = event.time
+            self._heard[fields["node"]] = event.time
 
     def _round(self, record: RoundRecord) -> None:
         self.rounds.labels(record.status).inc()
@@ -235,22 +232,31 @@ class FleetMetrics(Collector):
 
     def _nodes(self, now: float) -> Iterator[Metric]:
         sessions = self.aggregator.service.sessions
-        window = sessions.window
+        live_since = now - sessions.window
         current = list(sessions.by_node.values())  # copied at once: the loop changes it
         known = list(sessions.bound)
-        counts = dict.fromkeys(NODE_STATES, 0)
-        with self._lock:
-            heard = dict(self._heard)
+        seen: dict[str, float] = {}
+        joining = connected = 0
         for session in current:
             if not session.streaming:
-                counts["joining"] += 1
-            elif now - session.last_seen <= window:
-                counts["connected"] += 1
-            else:
-                counts["silent"] += 1
-            heard[session.node_id] = max(heard.get(session.node_id, 0.0), session.last_seen)
-        online = {s.node_id for s in current}
-        counts["offline"] = sum(node not in online for node in known)
+                joining += 1
+            elif session.last_seen >= live_since:
+                connected += 1
+            seen[session.node_id] = session.last_seen
+        heard, started = self._heard, self._started  # get() needs no lock under the GIL
+        oldest, offline = now, 0
+        for node in known:
+            last = seen.get(node)
+            if last is None:
+                offline += 1
+                last = heard.get(node, started)
+            oldest = min(oldest, last)
+        counts = {
+            "connected": connected,
+            "silent": len(current) - joining - connected,
+            "joining": joining,
+            "offline": offline,
+        }
         yield _gauge(
             "fedge_server_connected_nodes",
             "Nodes with an open task stream.",
@@ -260,15 +266,11 @@ class FleetMetrics(Collector):
         for state in NODE_STATES:
             nodes.add_metric([state], counts[state])
         yield nodes
-        silences = [now - heard.get(node, self._started) for node in known]
-        for session in current:
-            if session.node_id not in sessions.bound:
-                silences.append(now - session.last_seen)
         yield _gauge(
             "fedge_server_node_silence_seconds_max",
-            "Seconds since the least recently heard known node was heard from (nodes never "
-            "heard of count from the server's start).",
-            max([0.0, *silences]),
+            "Seconds since the least recently heard node bound to a client id was heard "
+            "from (nodes never heard of count from the server's start).",
+            now - oldest,
         )
 
     def _disk(self) -> Iterator[Metric]:
