@@ -12,13 +12,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_for, write_config
+from conftest import ROOT, attacker, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedge.launch import Launcher, free_port
 from fedge.messages import PROTOCOL, Capabilities, Code, UploadHeader
 from fedge.node.link import LinkError
-from fedge.transport.grpc.link import GrpcLink
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +65,14 @@ def scraped(port: int) -> Samples | None:
         return None
 
 
-def test_server_and_node_metrics_count_what_happened(tmp_path: Path) -> None:
+def test_server_and_node_metrics_count_what_happened(tmp_path: Path, transport: str) -> None:
     # round 3 sleeps in fit, so the run is still there to scrape after two full rounds
     config = write_config(
         tmp_path / "app", num_clients=3, rounds=3, fit_delay=60.0, slow_round=3,
         fraction_evaluate=0.0,
     )  # fmt: skip
     server_port, node_port = free_port(), free_port()
-    with Launcher(tmp_path, config, insecure=True) as fleet:
+    with Launcher(tmp_path, config, transport=transport) as fleet:
         fleet.server("--wait-for", "2", "--metrics-port", str(server_port))
         fleet.node(0, "--metrics-port", str(node_port))
         fleet.node(1)
@@ -87,7 +86,7 @@ def test_server_and_node_metrics_count_what_happened(tmp_path: Path) -> None:
             "two finished rounds in the server's metrics",
         )
         # a node that joined but uploads for a task that does not exist: refused, counted
-        link = GrpcLink(fleet.address, "intruder", None, insecure=True)
+        link = attacker(fleet, transport, "intruder")
         joined = link.join(2, Capabilities(), PROTOCOL)
         with pytest.raises(LinkError) as refused:
             link.upload(UploadHeader("no-such-task", token=joined.token, num_examples=1), [])
