@@ -72,8 +72,9 @@ def test_server_and_node_metrics_count_what_happened(tmp_path: Path, transport: 
         fraction_evaluate=0.0,
     )  # fmt: skip
     server_port, node_port = free_port(), free_port()
+    options = ("--wait-for", "2", "--metrics-port", str(server_port))
     with Launcher(tmp_path, config, transport=transport) as fleet:
-        fleet.server("--wait-for", "2", "--metrics-port", str(server_port))
+        first = fleet.server(*options)
         fleet.node(0, "--metrics-port", str(node_port))
         fleet.node(1)
         two_rounds = wait_for(
@@ -94,6 +95,23 @@ def test_server_and_node_metrics_count_what_happened(tmp_path: Path, transport: 
         server_text, server = scrape(server_port)
         node_text, node = scrape(node_port)
         link.close()
+        # the server restarts (and resumes round 3): the node's session is a reconnect
+        first.terminate()
+        assert first.wait(timeout=30) == 0, fleet.log("server")
+        fleet.server(*options, name="server-2")
+        wait_for(
+            lambda: (s := scraped(server_port)) and value(s, "fedge_server_connected_nodes") == 2,
+            "both nodes to join the restarted server",
+        )
+        again = wait_for(
+            lambda: (
+                (s := scraped(node_port))
+                and value(s, "fedge_node_connected") == 1
+                and value(s, "fedge_node_joins_total") >= 2
+                and s
+            ),
+            "the node to count its new session",
+        )
 
     assert value(server, "fedge_server_rounds_total", status="failed") == 0
     assert value(server, "fedge_server_round_duration_seconds_count", status="ok") == 2
@@ -132,6 +150,11 @@ def test_server_and_node_metrics_count_what_happened(tmp_path: Path, transport: 
     assert value(node, "fedge_node_joins_total") == 1
     assert value(node, "fedge_node_reconnects_total") == 0
     assert value(node, "process_cpu_seconds_total") > 0
+    # (a node may also have joined the old server once more while it was stopping)
+    joins = value(again, "fedge_node_joins_total")
+    assert joins >= 2 and value(again, "fedge_node_reconnects_total") == joins - 1
+    assert value(again, "fedge_node_disconnects_total") == joins - 1
+    assert value(again, "fedge_node_connected") == 1
 
     names = exported(server_text) | exported(node_text)
     for asked in deploy_metric_names():
