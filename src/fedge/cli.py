@@ -313,7 +313,7 @@ ChunkOption = Annotated[
     typer.Option(min=1, max=1024, help="With --transport mqtt: payload chunk size in KiB."),
 ]
 MetricsHostOption = Annotated[
-    str | None, typer.Option(help="Address /metrics listens on [default: 127.0.0.1].")
+    str | None, typer.Option(help="Address /metrics listens on (default 127.0.0.1).")
 ]
 
 
@@ -395,7 +395,9 @@ def server(
     mqtt_chunk_kb: ChunkOption = 256,
     metrics_port: Annotated[
         int | None,
-        typer.Option(min=0, max=65535, help="Serve Prometheus /metrics on this port [metrics]."),
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus /metrics on this port (default: metrics.port)."
+        ),
     ] = None,
     metrics_host: MetricsHostOption = None,
 ) -> None:
