@@ -13,7 +13,7 @@ export FLOWER_VENV
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd,observe]"
 	touch $@
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
@@ -60,6 +60,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/privacy_bench.py
 	$(BIN)/python benchmarks/secagg_bench.py
+	$(BIN)/python benchmarks/metrics_bench.py
 # against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
 	$(BIN)/python benchmarks/secagg_flower_bench.py
 	$(BIN)/python benchmarks/flower_sim_bench.py

@@ -312,6 +312,9 @@ ChunkOption = Annotated[
     int,
     typer.Option(min=1, max=1024, help="With --transport mqtt: payload chunk size in KiB."),
 ]
+MetricsHostOption = Annotated[
+    str | None, typer.Option(help="Address /metrics listens on (default 127.0.0.1).")
+]
 
 
 def _broker_needed(transport: Transport, broker: str) -> None:
@@ -390,6 +393,13 @@ def server(
     broker: BrokerOption = "",
     mqtt_prefix: PrefixOption = "fedge",
     mqtt_chunk_kb: ChunkOption = 256,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus /metrics on this port (default: metrics.port)."
+        ),
+    ] = None,
+    metrics_host: MetricsHostOption = None,
 ) -> None:
     """Run the aggregator for the config's app until the run finishes.
 
@@ -452,6 +462,16 @@ def server(
             broker, grpc_transport, prefix=mqtt_prefix, chunk_size=mqtt_chunk_kb << 10
         )
 
+    port = metrics_port if metrics_port is not None else runs.config.metrics.port
+    scraped = None
+    if port is not None:
+        from fedge.observe.exposition import new_registry, serve_metrics
+        from fedge.observe.fleet import FleetMetrics
+
+        registry = new_registry("server")
+        FleetMetrics(aggregator, registry)
+        scraped = serve_metrics(registry, port, metrics_host or runs.config.metrics.host)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -471,6 +491,8 @@ def server(
             if weights is not None:
                 to_file(weights, model_out)
     finally:
+        if scraped is not None:
+            scraped.shutdown()
         runs.store.close()
 
 
@@ -515,6 +537,13 @@ def node(
         list[Path] | None,
         typer.Option(help="--serve: trusted release public key (release.pub); repeatable."),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus /metrics on this port (and on --serve's)."
+        ),
+    ] = None,
+    metrics_host: MetricsHostOption = None,
 ) -> None:
     """Run an edge node: dial the server (or the broker), train on local data, reconnect
     forever; with --serve, answer inference requests with the newest verified model."""
@@ -558,31 +587,55 @@ def node(
         link = MqttLink(broker, identity, certs, prefix=mqtt_prefix, chunk_size=mqtt_chunk_kb << 10)
     else:
         link = GrpcLink(server, identity, certs, insecure)
+    registry, observer, scraped = None, None, None
+    if metrics_port is not None or serve:  # prometheus-client is loaded only then
+        from fedge.observe.exposition import new_registry, serve_metrics
+        from fedge.observe.node import NodeMetrics
+
+        registry = new_registry("node")
+        observer = NodeMetrics(registry, identity, cid, server)
+        if metrics_port is not None:
+            scraped = serve_metrics(registry, metrics_port, metrics_host or "127.0.0.1")
+    elif metrics_host is not None:
+        raise FedgeError("--metrics-host applies to --metrics-port")
     edge = Node(
         client,
         link,
         NodeSettings(cid=cid, name=identity, cache_dir=cache_dir, labels=labels),
         uplink=uplink,
+        observer=observer,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop())
-    served = _serve_beside(edge, cfg, serve, store, serve_model, serve_tag, release_key or [])
+    served = _serve_beside(
+        edge, cfg, serve, store, serve_model, serve_tag, release_key or [], registry
+    )
     started()
     try:
         edge.run()
     finally:
         if served is not None:
             served.stop()
+        if scraped is not None:
+            scraped.shutdown()
     if edge.stopped_because is not None:
         raise FedgeError(f"node {identity!r} stopped: {edge.stopped_because}")
 
 
 def _serve_beside(
-    edge: Any, cfg: RunConfig, address: str, store: str, model: str, tag: str, keys: list[Path]
+    edge: Any,
+    cfg: RunConfig,
+    address: str,
+    store: str,
+    model: str,
+    tag: str,
+    keys: list[Path],
+    registry: Any = None,
 ) -> Any:
     """The inference server in a thread of the node: it follows `tag` for this device
     (its name and labels select it in a staged rollout), checks the store at once when
-    a task brings a new global model, and the node's heartbeats report what it serves."""
+    a task brings a new global model, and the node's heartbeats report what it serves.
+    Its /metrics has the node's metrics too (`registry`)."""
     if not address:
         return None
     from fedge.serve.follower import ModelFollower
@@ -615,7 +668,7 @@ def _serve_beside(
         report(source.current)
     source.on_swap.append(report)
     edge.on_new_model = source.expect_new
-    server = InferenceServer(source, settings)
+    server = InferenceServer(source, settings, registry=registry)
     server.start()
     return server
 

@@ -197,7 +197,11 @@ class Aggregator(Observer):
         self.runs.on_start(initial_metrics)
 
     def on_round(self, record: RoundRecord, weights: Weights, state: State) -> None:
+        self.runs.last_checkpoint = None
         self.runs.on_round(record, weights, state)
+        if self.runs.last_checkpoint is not None:
+            seconds, size = self.runs.last_checkpoint
+            self.events.emit("checkpoint.written", round=record.round, seconds=seconds, size=size)
         publisher = self.publisher
         if (
             publisher
@@ -220,12 +224,18 @@ class Aggregator(Observer):
     def round_started(self, round: int, selected: int) -> None:
         self.round = round
 
+    def round_finished(self, record: RoundRecord) -> None:
+        """Recorded durably already; observers (metrics) hear of it now."""
+        self.events.emit("round.finished", record=record)
+
     # --- the operator ------------------------------------------------------------------
 
     def authorized(self, identity: str | None) -> bool:
         return identity in self.settings.admins
 
-    def status(self) -> Status:
+    def run_state(self) -> tuple[str, str]:
+        """(state, reason): starting, running, waiting (for clients), paused (disk full),
+        finished, failed or stopped."""
         service, waiting = self.service, self.service.waiting
         state, reason = self.state, self.reason
         if self.runs.paused is not None:
@@ -235,6 +245,11 @@ class Aggregator(Observer):
             reason = f"{waiting.available} of the {waiting.needed} clients needed are available"
         elif service.disk_full is not None:
             reason = service.disk_full
+        return state, reason
+
+    def status(self) -> Status:
+        service, waiting = self.service, self.service.waiting
+        state, reason = self.run_state()
         return Status(
             run_id=self.runs.run_id,
             state=state,
