@@ -262,6 +262,7 @@ class Aggregator(Observer):
                 last_seen=s.last_seen,
                 tasks_done=s.tasks_done,
                 serving=s.serving,
+                version=s.capabilities.fedge_version,
             )
             for s in sorted(self.service.sessions.by_node.values(), key=lambda s: s.cid)
         ]
@@ -290,6 +291,7 @@ class Aggregator(Observer):
                     last_seen=row["last_seen"],
                     tasks_done=row["tasks_done"],
                     labels=row["capabilities"].get("labels", {}),
+                    version=str(row["capabilities"].get("fedge_version", "")),
                 )
             )
         listed = {n.node_id for n in out} | set(current)

@@ -1,0 +1,1 @@
+"""Watching a fleet: Prometheus metrics and the dashboard."""
