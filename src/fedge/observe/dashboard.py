@@ -226,10 +226,13 @@ class Feed:
         self.clients.discard(queue)
 
     def close(self) -> None:
-        """Ends every browser's stream."""
+        """Ends every browser's stream, after what was queued for it."""
         self._closed = True
         for queue in list(self.clients):
-            _drop(queue)
+            try:
+                queue.put_nowait(None)
+            except asyncio.QueueFull:
+                _drop(queue)
         self.clients.clear()
 
     def _broadcast(self, message: bytes) -> None:
@@ -575,6 +578,13 @@ class Dashboard:
         log.warning("dashboard on %s", self.url)
 
     async def stop(self) -> None:
+        """Stop serving; open pages get the run's final state first (finished, failed or
+        stopped, with every round), and keep showing it."""
+        if self.feed.clients:
+            try:
+                await asyncio.wait_for(self.feed.refresh(broadcast=True), 5.0)
+            except Exception:
+                log.exception("dashboard: could not send the final state")
         self.feed.close()
         if self._server is not None:
             self._server.should_exit = True
