@@ -92,6 +92,8 @@ def test_dashboard_follows_a_training_fleet_in_chromium(tmp_path: Path) -> None:
                 page.click("button[type=submit]")
                 page.wait_for_selector("#link.on", timeout=10_000)  # the event stream is open
                 assert token not in page.content()
+                # its policy lets its own stylesheet and script run, and nothing else
+                assert page.locator("header").evaluate("e => getComputedStyle(e).display") == "flex"
 
                 # the page's policy allows no eval: waits poll locators from here
                 wait_for(lambda: _points(page) >= 1, "a first point on the chart")
