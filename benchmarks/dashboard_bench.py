@@ -243,7 +243,8 @@ def refresh_cost(nodes: int, work: Path, rounds: int = 20) -> dict[str, Any]:
             "loop_held_ms_median": statistics.median(stalls) * 1e3,
             "loop_held_ms_max": max(stalls) * 1e3,
             "first_refresh_loop_held_ms": first * 1e3,
-            "sent_kb_per_refresh": sum(sent) / 10 / 1024,
+            "first_data_kb": sum(sent[:5]) / 1024,
+            "sent_kb_per_refresh": sum(sent[5:]) / 10 / 1024,
         }
 
     try:

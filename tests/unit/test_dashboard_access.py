@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,67 @@ def test_the_token_file_is_made_private_once_and_kept(tmp_path: Path) -> None:
     path.write_text("short\n")
     with pytest.raises(FedgeError, match="at least 16 printable ASCII characters, found 5"):
         load_token(path)
+
+
+APP = """
+import numpy as np
+import fedge
+
+def create_app(num_clients, seed):
+    return fedge.App(lambda cid: None, {"w": np.zeros(4, np.float32)})
+"""
+
+
+def _aggregator(tmp_path: Path, nodes: int) -> Any:
+    from fedge.app import load_app
+    from fedge.config import load_config
+    from fedge.fleet.runs import RunService
+    from fedge.fleet.server import Aggregator, ServerSettings
+
+    (tmp_path / "dashapp.py").write_text(APP)
+    (tmp_path / "fedge.toml").write_text(
+        f'[app]\ntarget = "dashapp:create_app"\n[run]\nnum_clients = {nodes}\n'
+    )
+    config = load_config(tmp_path / "fedge.toml")
+    runs = RunService.open(tmp_path / "state", config)
+    app = load_app(config.app.target, config.base_dir, num_clients=nodes, seed=0)
+    return Aggregator(app, runs, ServerSettings(tmp_path / "state"))
+
+
+def test_the_feed_serves_a_bounded_number_of_pages_and_drops_one_that_lags(
+    tmp_path: Path,
+) -> None:
+    from fedge.messages import Capabilities
+    from fedge.observe.dashboard import MAX_CLIENTS, QUEUE, Feed
+
+    aggregator = _aggregator(tmp_path, 3)
+
+    async def main() -> None:
+        sessions = aggregator.service.sessions
+        for cid in range(3):
+            aggregator.runs.store.bind(f"node-{cid}", cid, "ipv4:10.0.0.1:1", {})
+            session = sessions.open(f"node-{cid}", cid, "ipv4:10.0.0.1:1", Capabilities())
+            sessions.stream_opened(session)
+        feed = Feed(aggregator)
+        queues = [await feed.subscribe() for _ in range(MAX_CLIENTS)]
+        assert all(q is not None for q in queues)
+        assert await feed.subscribe() is None  # one page too many
+        first = [queues[0].get_nowait() for _ in range(5)]  # type: ignore[union-attr]
+        assert [m.split(b"\n", 1)[0] for m in first] == [
+            b"event: config", b"event: rounds", b"event: nodes", b"event: events", b"event: run"
+        ]  # fmt: skip
+        assert b'"name":"node-2"' in first[2]
+        for _ in range(QUEUE):  # queues[0] is read, the others are not
+            await feed.refresh(broadcast=True)
+            while not queues[0].empty():  # type: ignore[union-attr]
+                assert queues[0].get_nowait() is not None  # type: ignore[union-attr]
+        assert len(feed.clients) == 1 and queues[0] in feed.clients
+        assert queues[1].get_nowait() is None  # type: ignore[union-attr]  # dropped: reconnects
+        assert await feed.subscribe() is not None  # room again
+        feed.close()
+        assert queues[0].get_nowait() is None  # type: ignore[union-attr]
+
+    try:
+        asyncio.run(main())
+    finally:
+        aggregator.runs.store.close()

@@ -229,8 +229,7 @@ class Feed:
         """A queue that starts with the whole page, or None if too many watch already."""
         if len(self.clients) >= MAX_CLIENTS or self._closed:
             return None
-        if time.monotonic() - self._refreshed > TICK:
-            await self.refresh()
+        await self._fresh()
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE)
         queue.put_nowait(self.config)
         queue.put_nowait(_event("rounds", {"from": 0, "rounds": self.rounds}))
@@ -274,8 +273,7 @@ class Feed:
 
     async def snapshot(self) -> dict[str, Any]:
         """The whole page as one JSON-ready dict (``GET /api/snapshot``)."""
-        if time.monotonic() - self._refreshed > TICK:
-            await self.refresh()
+        await self._fresh()
         return {
             "config": msgspec.json.decode(self.config.split(b"data: ", 1)[1]),
             "run": self.run,
@@ -283,6 +281,14 @@ class Feed:
             "nodes": self.nodes,
             "events": list(self.events),
         }
+
+    async def _fresh(self) -> None:
+        """Refresh if the parts are older than a tick; a failure keeps the last ones."""
+        if time.monotonic() - self._refreshed > TICK:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("dashboard: could not refresh")
 
     async def refresh(self, broadcast: bool = False) -> None:
         async with self._lock:
