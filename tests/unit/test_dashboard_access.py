@@ -85,7 +85,7 @@ def create_app(num_clients, seed):
 """
 
 
-def _aggregator(tmp_path: Path, nodes: int) -> Any:
+def _aggregator(tmp_path: Path, nodes: int, strategy: str = "") -> Any:
     from fedge.app import load_app
     from fedge.config import load_config
     from fedge.fleet.runs import RunService
@@ -93,7 +93,7 @@ def _aggregator(tmp_path: Path, nodes: int) -> Any:
 
     (tmp_path / "dashapp.py").write_text(APP)
     (tmp_path / "fedge.toml").write_text(
-        f'[app]\ntarget = "dashapp:create_app"\n[run]\nnum_clients = {nodes}\n'
+        f'[app]\ntarget = "dashapp:create_app"\n[run]\nnum_clients = {nodes}\n{strategy}'
     )
     config = load_config(tmp_path / "fedge.toml")
     runs = RunService.open(tmp_path / "state", config)
@@ -138,3 +138,51 @@ def test_the_feed_serves_a_bounded_number_of_pages_and_drops_one_that_lags(
         asyncio.run(main())
     finally:
         aggregator.runs.store.close()
+
+
+def test_the_page_data_counts_failures_per_node_and_shows_epsilon(tmp_path: Path) -> None:
+    from fedge.history import RoundRecord
+    from fedge.observe.dashboard import Feed
+
+    dp = (
+        '[strategy]\nname = "fedavg"\nwrap = [{ name = "differential_privacy", '
+        "noise_multiplier = 1.0, clip_norm = 0.5, epsilon_budget = 8.0 }]\n"
+    )
+    aggregator = _aggregator(tmp_path, 3, dp)
+    store, run_id = aggregator.runs.store, aggregator.runs.run_id
+    for cid in range(3):
+        store.bind(f"node-{cid}", cid, "ipv4:10.0.0.1:1", {"fedge_version": "9.9"})
+    store.record_round(
+        run_id,
+        RoundRecord(1, attempt=0, status="failed", reason="only 1 of the 2 results needed",
+                    selected=[0, 1], failures={1: "fit raised ValueError: boom"}),
+    )  # fmt: skip
+    store.record_round(
+        run_id,
+        RoundRecord(1, attempt=1, selected=[0, 1, 2], participants=[0, 2],
+                    failures={1: "x" * 1000}, metrics={"accuracy": 0.5},
+                    strategy_metrics={"epsilon": 1.25}),
+    )  # fmt: skip
+
+    async def main() -> dict[str, Any]:
+        return await Feed(aggregator).snapshot()
+
+    try:
+        page = asyncio.run(main())
+    finally:
+        store.close()
+    first, second = page["rounds"]
+    assert (first["status"], first["reason"]) == ("failed", "only 1 of the 2 results needed")
+    assert first["failures"] == [[1, "fit raised ValueError: boom"]]
+    assert second["participants"] == 2 and second["selected"] == 3
+    assert len(second["failures"][0][1]) == 300  # a node's text is cut
+    nodes = {n["name"]: n for n in page["nodes"]}
+    assert [nodes[f"node-{c}"]["failures"] for c in range(3)] == [0, 2, 0]
+    assert nodes["node-1"]["version"] == "9.9" and not nodes["node-1"]["connected"]
+    run = page["run"]
+    assert run["private"] and run["epsilon"] == 1.25 and run["epsilon_budget"] == 8.0
+    assert (
+        run["rounds_done"] == 1
+        and run["total_rounds"] == page["config"]["settings"]["run"]["rounds"]
+    )
+    assert page["config"]["strategy"].startswith("DifferentialPrivacy")
