@@ -525,13 +525,20 @@ def _dashboard(
     """The server's dashboard (not started yet), with its token from the option, the
     file, or a new one in the state directory; plaintext only on loopback."""
     try:
-        from fedge.observe.dashboard import TOKEN_FILE, Dashboard, check_token, load_token
+        from fedge.observe.dashboard import (
+            TOKEN_FILE,
+            Dashboard,
+            check_token,
+            load_token,
+            parse_address,
+        )
     except ImportError as exc:
         raise FedgeError(
             f"--dashboard needs the dashboard extra (pip install 'fedge[dashboard]'): {exc}"
         ) from None
     from fedge.transport.grpc.tls import require_loopback
 
+    parse_address(address)  # a bad address is an error before a token file is made
     if token and token_file is not None:
         raise FedgeError("give the dashboard token once: --dashboard-token or its file")
     if certs is None:
@@ -543,7 +550,7 @@ def _dashboard(
                 "allowed only on a loopback address; give --certs to serve it over HTTPS"
             ) from None
     if token:
-        token = check_token(token, "--dashboard-token")
+        token = check_token(token, "--dashboard-token (or FEDGE_DASHBOARD_TOKEN)")
     else:
         token = load_token(token_file or state_dir / TOKEN_FILE)
     return Dashboard(aggregator, address, token, certs)

@@ -536,7 +536,7 @@ class Dashboard:
     def __init__(
         self, aggregator: Aggregator, address: str, token: str, certs: Path | None = None
     ) -> None:
-        self.host, self.port = _split(address)
+        self.host, self.port = parse_address(address)
         self.feed = Feed(aggregator)
         refusal = aggregator.revocations.refusal if certs is not None else None
         self.access = Access(token, tuple(aggregator.settings.admins), refusal)
@@ -616,7 +616,7 @@ class Dashboard:
                 await task
 
 
-def _split(address: str) -> tuple[str, int]:
+def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise FedgeError(f"--dashboard must be HOST:PORT, got {address!r}")
