@@ -47,10 +47,6 @@ def test_dashboard_follows_a_training_fleet_in_chromium(tmp_path: Path) -> None:
         server = fleet.server("--wait-for", "2", "--dashboard", f"127.0.0.1:{port}")
         fleet.node(0)
         fleet.node(1)
-        token_file = fleet.state_dir / "dashboard.token"
-        wait_for(lambda: token_file.exists(), "the dashboard's token file")
-        token = token_file.read_text().strip()
-        assert token_file.stat().st_mode & 0o777 == 0o600
 
         def get(path: str, context: ssl.SSLContext, **headers: str) -> httpx.Response | None:
             try:
@@ -60,6 +56,9 @@ def test_dashboard_follows_a_training_fleet_in_chromium(tmp_path: Path) -> None:
 
         plain = _tls(fleet)
         wait_for(lambda: get("/", plain), "the dashboard to listen")
+        token_file = fleet.state_dir / "dashboard.token"  # made before it listens
+        token = token_file.read_text().strip()
+        assert token_file.stat().st_mode & 0o777 == 0o600
         # no token, a wrong token, a node's certificate: 401; the token or an admin: 200
         wrong = {"authorization": "Bearer " + "x" * len(token)}
         for path in ("/", "/api/snapshot", "/api/events"):

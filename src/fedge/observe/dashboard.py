@@ -113,17 +113,24 @@ def _pages() -> tuple[bytes, str, list[tuple[bytes, bytes]]]:
 
 
 def load_token(path: Path) -> str:
-    """The token in `path`, made there (random, mode 0600) if the file does not exist."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise FedgeError(f"cannot create the dashboard token file {path}: {exc}") from exc
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        log.warning("dashboard: made a new admin token in %s", path)
+    """The token in `path`, made there (random, mode 0600) if the file does not exist.
+    A new file appears whole (written aside, then linked), so a reader never sees it
+    half written."""
+    if not path.exists():
+        aside = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            os.link(aside, path)
+            log.warning("dashboard: made a new admin token in %s", path)
+        except FileExistsError:  # another process made it first: use that one
+            pass
+        except OSError as exc:
+            raise FedgeError(f"cannot create the dashboard token file {path}: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                aside.unlink()
     try:
         token = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
