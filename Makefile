@@ -13,12 +13,13 @@ export FLOWER_VENV
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd,observe]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,dashboard,privacy,dp-sgd,observe]"
 	touch $@
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
 # Eclipse Mosquitto, the MQTT broker of the MQTT transport's tests and demo; iproute2 and
-# nftables for the fault drills (network namespaces, packet loss).
+# nftables for the fault drills (network namespaces, packet loss); Chromium for the
+# dashboard's browser tests.
 $(SYSTEM): scripts/system-deps.sh | $(STAMP)
 	scripts/system-deps.sh
 	touch $@
@@ -61,6 +62,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/privacy_bench.py
 	$(BIN)/python benchmarks/secagg_bench.py
 	$(BIN)/python benchmarks/metrics_bench.py
+	$(BIN)/python benchmarks/dashboard_bench.py
 # against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
 	$(BIN)/python benchmarks/secagg_flower_bench.py
 	$(BIN)/python benchmarks/flower_sim_bench.py

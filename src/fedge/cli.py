@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from fedge.app import App
     from fedge.config import RunConfig
+    from fedge.fleet.server import Aggregator
+    from fedge.observe.dashboard import Dashboard
     from fedge.transport.grpc.server import GrpcTransport
     from fedge.transport.mqtt.server import MqttTransport
 
@@ -400,6 +402,29 @@ def server(
         ),
     ] = None,
     metrics_host: MetricsHostOption = None,
+    dashboard: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of a read-only web dashboard of the run (HTTPS with --certs; "
+            "plaintext only on loopback)."
+        ),
+    ] = "",
+    dashboard_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File with the dashboard's admin token, made if missing "
+            "[default: STATE_DIR/dashboard.token]."
+        ),
+    ] = None,
+    dashboard_token: Annotated[
+        str,
+        typer.Option(
+            envvar="FEDGE_DASHBOARD_TOKEN",
+            show_default=False,
+            help="The dashboard's admin token itself (prefer the environment variable or "
+            "--dashboard-token-file: a command line is visible to every user).",
+        ),
+    ] = "",
 ) -> None:
     """Run the aggregator for the config's app until the run finishes.
 
@@ -462,6 +487,14 @@ def server(
             broker, grpc_transport, prefix=mqtt_prefix, chunk_size=mqtt_chunk_kb << 10
         )
 
+    board = None
+    if dashboard:
+        board = _dashboard(
+            aggregator, dashboard, dashboard_token, dashboard_token_file, state_dir,
+            None if insecure else certs,
+        )  # fmt: skip
+    elif dashboard_token or dashboard_token_file is not None:
+        raise FedgeError("--dashboard-token and --dashboard-token-file need --dashboard HOST:PORT")
     port = metrics_port if metrics_port is not None else runs.config.metrics.port
     scraped = None
     if port is not None:
@@ -477,7 +510,13 @@ def server(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, aggregator.request_stop, f"signal {sig.name}")
         loop.add_signal_handler(signal.SIGHUP, serving.reload_certificates)
-        await aggregator.serve(serving)
+        if board is not None:
+            await board.start()
+        try:
+            await aggregator.serve(serving)
+        finally:
+            if board is not None:
+                await board.stop()
 
     started()
     try:
@@ -494,6 +533,48 @@ def server(
         if scraped is not None:
             scraped.shutdown()
         runs.store.close()
+
+
+def _dashboard(
+    aggregator: Aggregator,
+    address: str,
+    token: str,
+    token_file: Path | None,
+    state_dir: Path,
+    certs: Path | None,
+) -> Dashboard:
+    """The server's dashboard (not started yet), with its token from the option, the
+    file, or a new one in the state directory; plaintext only on loopback."""
+    try:
+        from fedge.observe.dashboard import (
+            TOKEN_FILE,
+            Dashboard,
+            check_token,
+            load_token,
+            parse_address,
+        )
+    except ImportError as exc:
+        raise FedgeError(
+            f"--dashboard needs the dashboard extra (pip install 'fedge[dashboard]'): {exc}"
+        ) from None
+    from fedge.transport.grpc.tls import require_loopback
+
+    parse_address(address)  # a bad address is an error before a token file is made
+    if token and token_file is not None:
+        raise FedgeError("give the dashboard token once: --dashboard-token or its file")
+    if certs is None:
+        try:
+            require_loopback(address.rpartition(":")[0] + ":0")
+        except FedgeError:
+            raise FedgeError(
+                f"--dashboard {address}: without --certs the dashboard is plaintext HTTP, "
+                "allowed only on a loopback address; give --certs to serve it over HTTPS"
+            ) from None
+    if token:
+        token = check_token(token, "--dashboard-token (or FEDGE_DASHBOARD_TOKEN)")
+    else:
+        token = load_token(token_file or state_dir / TOKEN_FILE)
+    return Dashboard(aggregator, address, token, certs)
 
 
 node_app = typer.Typer(
