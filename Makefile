@@ -4,18 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM := $(VENV)/.system
+# Flower, for the side-by-side benchmarks only: its own venv, never fedge's (not a dependency).
+FLOWER_VENV ?= /work/flower-venv
+export FLOWER_VENV
 
-.PHONY: demo test lint bench clean bytecode images test-images
+.PHONY: demo test lint bench clean bytecode flower-venv images test-images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd,deploy]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,dashboard,privacy,dp-sgd,observe,deploy]"
 	touch $@
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
 # Eclipse Mosquitto, the MQTT broker of the MQTT transport's tests and demo; iproute2 and
-# nftables for the fault drills (network namespaces, packet loss).
+# nftables for the fault drills (network namespaces, packet loss); Chromium for the
+# dashboard's browser tests.
 $(SYSTEM): scripts/system-deps.sh | $(STAMP)
 	scripts/system-deps.sh
 	touch $@
@@ -57,6 +61,16 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/privacy_bench.py
 	$(BIN)/python benchmarks/secagg_bench.py
+	$(BIN)/python benchmarks/metrics_bench.py
+	$(BIN)/python benchmarks/dashboard_bench.py
+# against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
+	$(BIN)/python benchmarks/secagg_flower_bench.py
+	$(BIN)/python benchmarks/flower_sim_bench.py
+
+# Flower 1.42 (Ray simulation) in its own venv for the *_flower_bench / flower_* benchmarks.
+flower-venv:
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet "flwr[simulation]==1.42.0" scikit-learn numpy
 
 # Container images with Podman (deploy/Containerfile; scripts/images.sh installs podman and
 # mmdebstrap if missing and makes the Debian base image). Minutes: not part of `make test`.

@@ -6,7 +6,9 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -71,3 +73,42 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+FLOWER_VENV = Path(os.environ.get("FLOWER_VENV", "/work/flower-venv"))
+"""Where the Flower comparisons look for Flower (never in fedge's venv: Flower is not a
+fedge dependency); `make flower-venv` creates it."""
+
+
+def flower_python(path: Path | None) -> Path | None:
+    """The Flower venv's python (`path`, default FLOWER_VENV's), or None after saying
+    how to create it, so a comparison can still report fedge's side."""
+    python = path or FLOWER_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    print(
+        f"Flower's python {python} is missing, so only fedge's side is measured. "
+        f"Create it with `make flower-venv` (python3 -m venv {FLOWER_VENV} && "
+        f"{FLOWER_VENV}/bin/pip install 'flwr[simulation]==1.42.0' scikit-learn numpy), "
+        "or pass --flower-python.",
+        file=sys.stderr,
+    )
+    return None
+
+
+def run_flower(python: Path, script: str, args: list[str]) -> dict[str, Any]:
+    """Run `benchmarks/flower/SCRIPT` with Flower's python; its JSON result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, log = Path(tmp) / "out.json", Path(tmp) / "flower.log"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        with log.open("w") as sink:
+            done = subprocess.run(
+                [str(python), str(Path(__file__).parent / "flower" / script), *args,
+                 "--out", str(out)],
+                cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT, check=False,
+            )  # fmt: skip
+        if done.returncode != 0 or not out.exists():
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"Flower's {script} failed (exit {done.returncode}):\n{tail}")
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result

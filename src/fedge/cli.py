@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from fedge.app import App
     from fedge.config import RunConfig
+    from fedge.fleet.server import Aggregator
+    from fedge.observe.dashboard import Dashboard
     from fedge.transport.grpc.server import GrpcTransport
     from fedge.transport.mqtt.server import MqttTransport
 
@@ -312,6 +314,9 @@ ChunkOption = Annotated[
     int,
     typer.Option(min=1, max=1024, help="With --transport mqtt: payload chunk size in KiB."),
 ]
+MetricsHostOption = Annotated[
+    str | None, typer.Option(help="Address /metrics listens on (default 127.0.0.1).")
+]
 
 
 def _broker_needed(transport: Transport, broker: str) -> None:
@@ -397,6 +402,36 @@ def server(
     broker: BrokerOption = "",
     mqtt_prefix: PrefixOption = "fedge",
     mqtt_chunk_kb: ChunkOption = 256,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus /metrics on this port (default: metrics.port)."
+        ),
+    ] = None,
+    metrics_host: MetricsHostOption = None,
+    dashboard: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of a read-only web dashboard of the run (HTTPS with --certs; "
+            "plaintext only on loopback)."
+        ),
+    ] = "",
+    dashboard_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File with the dashboard's admin token, made if missing "
+            "[default: STATE_DIR/dashboard.token]."
+        ),
+    ] = None,
+    dashboard_token: Annotated[
+        str,
+        typer.Option(
+            envvar="FEDGE_DASHBOARD_TOKEN",
+            show_default=False,
+            help="The dashboard's admin token itself (prefer the environment variable or "
+            "--dashboard-token-file: a command line is visible to every user).",
+        ),
+    ] = "",
 ) -> None:
     """Run the aggregator for the config's app until the run finishes.
 
@@ -464,12 +499,36 @@ def server(
             broker, grpc_transport, prefix=mqtt_prefix, chunk_size=mqtt_chunk_kb << 10
         )
 
+    board = None
+    if dashboard:
+        board = _dashboard(
+            aggregator, dashboard, dashboard_token, dashboard_token_file, state_dir,
+            None if insecure else certs,
+        )  # fmt: skip
+    elif dashboard_token or dashboard_token_file is not None:
+        raise FedgeError("--dashboard-token and --dashboard-token-file need --dashboard HOST:PORT")
+    port = metrics_port if metrics_port is not None else runs.config.metrics.port
+    scraped = None
+    if port is not None:
+        from fedge.observe.exposition import new_registry, serve_metrics
+        from fedge.observe.fleet import FleetMetrics
+
+        registry = new_registry("server")
+        FleetMetrics(aggregator, registry)
+        scraped = serve_metrics(registry, port, metrics_host or runs.config.metrics.host)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, aggregator.request_stop, f"signal {sig.name}")
         loop.add_signal_handler(signal.SIGHUP, serving.reload_certificates)
-        await aggregator.serve(serving)
+        if board is not None:
+            await board.start()
+        try:
+            await aggregator.serve(serving)
+        finally:
+            if board is not None:
+                await board.stop()
 
     started()
     try:
@@ -483,7 +542,51 @@ def server(
             if weights is not None:
                 to_file(weights, model_out)
     finally:
+        if scraped is not None:
+            scraped.shutdown()
         runs.store.close()
+
+
+def _dashboard(
+    aggregator: Aggregator,
+    address: str,
+    token: str,
+    token_file: Path | None,
+    state_dir: Path,
+    certs: Path | None,
+) -> Dashboard:
+    """The server's dashboard (not started yet), with its token from the option, the
+    file, or a new one in the state directory; plaintext only on loopback."""
+    try:
+        from fedge.observe.dashboard import (
+            TOKEN_FILE,
+            Dashboard,
+            check_token,
+            load_token,
+            parse_address,
+        )
+    except ImportError as exc:
+        raise FedgeError(
+            f"--dashboard needs the dashboard extra (pip install 'fedge[dashboard]'): {exc}"
+        ) from None
+    from fedge.transport.grpc.tls import require_loopback
+
+    parse_address(address)  # a bad address is an error before a token file is made
+    if token and token_file is not None:
+        raise FedgeError("give the dashboard token once: --dashboard-token or its file")
+    if certs is None:
+        try:
+            require_loopback(address.rpartition(":")[0] + ":0")
+        except FedgeError:
+            raise FedgeError(
+                f"--dashboard {address}: without --certs the dashboard is plaintext HTTP, "
+                "allowed only on a loopback address; give --certs to serve it over HTTPS"
+            ) from None
+    if token:
+        token = check_token(token, "--dashboard-token (or FEDGE_DASHBOARD_TOKEN)")
+    else:
+        token = load_token(token_file or state_dir / TOKEN_FILE)
+    return Dashboard(aggregator, address, token, certs)
 
 
 node_app = typer.Typer(
@@ -527,6 +630,13 @@ def node(
         list[Path] | None,
         typer.Option(help="--serve: trusted release public key (release.pub); repeatable."),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus /metrics on this port (and on --serve's)."
+        ),
+    ] = None,
+    metrics_host: MetricsHostOption = None,
 ) -> None:
     """Run an edge node: dial the server (or the broker), train on local data, reconnect
     forever; with --serve, answer inference requests with the newest verified model."""
@@ -570,31 +680,55 @@ def node(
         link = MqttLink(broker, identity, certs, prefix=mqtt_prefix, chunk_size=mqtt_chunk_kb << 10)
     else:
         link = GrpcLink(server, identity, certs, insecure)
+    registry, observer, scraped = None, None, None
+    if metrics_port is not None or serve:  # prometheus-client is loaded only then
+        from fedge.observe.exposition import new_registry, serve_metrics
+        from fedge.observe.node import NodeMetrics
+
+        registry = new_registry("node")
+        observer = NodeMetrics(registry, identity, cid, server)
+        if metrics_port is not None:
+            scraped = serve_metrics(registry, metrics_port, metrics_host or "127.0.0.1")
+    elif metrics_host is not None:
+        raise FedgeError("--metrics-host applies to --metrics-port")
     edge = Node(
         client,
         link,
         NodeSettings(cid=cid, name=identity, cache_dir=cache_dir, labels=labels),
         uplink=uplink,
+        observer=observer,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: edge.stop())
-    served = _serve_beside(edge, cfg, serve, store, serve_model, serve_tag, release_key or [])
+    served = _serve_beside(
+        edge, cfg, serve, store, serve_model, serve_tag, release_key or [], registry
+    )
     started()
     try:
         edge.run()
     finally:
         if served is not None:
             served.stop()
+        if scraped is not None:
+            scraped.shutdown()
     if edge.stopped_because is not None:
         raise FedgeError(f"node {identity!r} stopped: {edge.stopped_because}")
 
 
 def _serve_beside(
-    edge: Any, cfg: RunConfig, address: str, store: str, model: str, tag: str, keys: list[Path]
+    edge: Any,
+    cfg: RunConfig,
+    address: str,
+    store: str,
+    model: str,
+    tag: str,
+    keys: list[Path],
+    registry: Any = None,
 ) -> Any:
     """The inference server in a thread of the node: it follows `tag` for this device
     (its name and labels select it in a staged rollout), checks the store at once when
-    a task brings a new global model, and the node's heartbeats report what it serves."""
+    a task brings a new global model, and the node's heartbeats report what it serves.
+    Its /metrics has the node's metrics too (`registry`)."""
     if not address:
         return None
     from fedge.serve.follower import ModelFollower
@@ -627,7 +761,7 @@ def _serve_beside(
         report(source.current)
     source.on_swap.append(report)
     edge.on_new_model = source.expect_new
-    server = InferenceServer(source, settings)
+    server = InferenceServer(source, settings, registry=registry)
     server.start()
     return server
 

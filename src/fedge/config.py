@@ -155,6 +155,12 @@ class StoreSection(_Section):
             raise ValueError(f"expected file:///path or s3://bucket/prefix, got {self.url!r}")
 
 
+class MetricsSection(_Section):
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    """The server's Prometheus ``/metrics`` port (``fedge server --metrics-port``); none: off."""
+    host: str = "127.0.0.1"
+
+
 class RunConfig(_Section):
     app: AppSection
     run: RunSection = msgspec.field(default_factory=RunSection)
@@ -169,6 +175,8 @@ class RunConfig(_Section):
     )
     store: StoreSection = msgspec.field(default_factory=StoreSection)
     """Where the server publishes models; not a setting of the run (it may change)."""
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    """Where the server serves its metrics; not a setting of the run either."""
     base_dir: Path = msgspec.field(default_factory=lambda: Path("."))
     """Directory of the config file; app modules are imported from here."""
 
@@ -178,7 +186,7 @@ class RunConfig(_Section):
     def settings(self) -> dict[str, Any]:
         """Everything that defines the run, as plain JSON (comments and layout of the
         file do not count): two configs with equal settings are the same run."""
-        fields = [f for f in self.__struct_fields__ if f not in ("base_dir", "store")]
+        fields = [f for f in self.__struct_fields__ if f not in ("base_dir", "store", "metrics")]
         if not self.secure_aggregation.enabled:  # as runs recorded before it existed
             fields.remove("secure_aggregation")
         return {f: msgspec.to_builtins(getattr(self, f)) for f in fields}

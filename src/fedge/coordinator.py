@@ -50,6 +50,9 @@ from fedge.weights import (
 
 log = logging.getLogger(__name__)
 
+NO_RESULT = "no result before the round's deadline"
+"""Why a selected client failed when it did not answer in time (metrics count it apart)."""
+
 EvaluateFn = Callable[[Weights], Mapping[str, float]]
 RoundConfig = Mapping[str, Any] | Callable[[int], Mapping[str, Any]]
 
@@ -410,7 +413,7 @@ class Round:
                 self._fold(ready, aggregator, metrics)
         for task in tasks:
             if task.cid not in record.participants and task.cid not in record.failures:
-                record.failures[task.cid] = "no result before the round's deadline"
+                record.failures[task.cid] = NO_RESULT
         record.fit_metrics = metrics.mean()
         if aggregator.count < strategy.min_results:
             return None
@@ -497,7 +500,7 @@ class Round:
                 found = normalize({"loss": result.loss, **result.metrics}, source=f"client {cid}")
                 metrics.add(found, int(result.num_examples))
         for cid in set(cids) - answered:
-            self.record.evaluate_failures[cid] = "no result before the round's deadline"
+            self.record.evaluate_failures[cid] = NO_RESULT
         return metrics.mean()
 
 

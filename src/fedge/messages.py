@@ -156,6 +156,8 @@ class NodeInfo:
     certificates: Sequence[CertificateInfo] = ()
     serving: str = ""
     """What its inference server serves ("MODEL/VERSION"), from its last heartbeat."""
+    version: str = ""
+    """The fedge version the node announced when it joined."""
 
 
 @dataclass(frozen=True)

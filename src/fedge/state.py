@@ -306,6 +306,17 @@ class StateStore:
         )
         return int(row[0]) if row is not None else 0
 
+    def rounds_after(self, run_id: str, round: int, attempt: int) -> list[RoundRecord]:
+        """The run's attempts recorded after (`round`, `attempt`), in order: what a
+        watcher (the dashboard) has not seen yet, without reading the whole history."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT record_json FROM rounds WHERE run_id = ? AND (round > ? OR"
+                " (round = ? AND attempt > ?)) ORDER BY round, attempt",
+                (run_id, round, round, attempt),
+            ).fetchall()
+        return [RoundRecord.from_dict(json.loads(r["record_json"])) for r in rows]
+
     def history(self, run_id: str) -> History:
         """The run's `History` rebuilt from the database, by round then attempt.
 

@@ -180,6 +180,11 @@ def test_a_node_serves_the_newest_published_model_and_status_shows_it(tmp_path: 
             body = {"inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32",
                                 "data": x.ravel().tolist()}]}  # fmt: skip
             answer = http.post("/v2/models/digits/infer", json=body).json()
+            scraped = http.get("/metrics").text  # the node's metrics beside the server's
+        assert 'fedge_node_info{cid="0",node="node-0"' in scraped, scraped
+        assert 'fedge_node_task_duration_seconds_count{kind="fit",outcome="ok"} 6.0' in scraped
+        assert 'fedge_serve_requests_total{code="200",endpoint="infer"} 1.0' in scraped
+        assert "process_resident_memory_bytes" in scraped
         logits = np.array(answer["outputs"][0]["data"], np.float32).reshape(3, 10)
         np.testing.assert_allclose(logits, softmax_logits(latest_weights(fleet), x), atol=1e-5)
         assert serving.poll() is None, "the node (and its inference server) keeps running"

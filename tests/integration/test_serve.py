@@ -189,6 +189,8 @@ def test_it_answers_kserve_v2_v1_and_prometheus(served: Served) -> None:
     assert 'fedge_serve_requests_total{code="200",endpoint="infer"} 2.0' in metrics
     assert 'fedge_serve_model_info{model="digits",version="v1"} 1.0' in metrics
     assert "fedge_serve_store_up 1.0" in metrics
+    assert 'fedge_build_info{role="serve",version="' in metrics
+    assert "process_resident_memory_bytes" in metrics and "process_cpu_seconds_total" in metrics
 
 
 def test_bad_requests_get_precise_errors_and_the_server_stays_up(served: Served) -> None:

@@ -58,6 +58,12 @@ class ModelStore:
                     old.unlink(missing_ok=True)
         return ref
 
+    @property
+    def latest(self) -> ModelRef | None:
+        """The newest published version."""
+        with self._lock:
+            return next(reversed(self._models.values()))[0] if self._models else None
+
     def inline(self, version: str, limit: int) -> bytes | None:
         """The encoded model when it is kept in memory and at most `limit` bytes, so a
         transport can send it with the task instead of a download."""

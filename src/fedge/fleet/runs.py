@@ -72,6 +72,8 @@ class RunService:
         self.stop_requested = threading.Event()
         self.paused: str | None = None
         """Why the run is paused (a full disk), while it is."""
+        self.last_checkpoint: tuple[float, int] | None = None
+        """Seconds the last checkpoint took to write (durably), and its size in bytes."""
 
     @classmethod
     def open(
@@ -113,6 +115,7 @@ class RunService:
         stored = parse_config(latest["config"], source=f"run {run_id}")
         stored.base_dir = Path(latest["base_dir"] or config.base_dir)
         stored.store = config.store  # where to publish is not a setting of the run
+        stored.metrics = config.metrics
         log.warning("resuming run %s as it was; ignoring the config's changes: %s", run_id, changes)
         return cls(store, state_dir, run_id, stored)
 
@@ -160,7 +163,9 @@ class RunService:
         if record.status == "ok":  # the weights first: a round is never reported without them
             meta = {"run_id": self.run_id, "record": record.to_dict()}
             ckpt = Checkpoint(record.round, weights, state, meta)
-            self._durably(lambda: save_checkpoint(self.checkpoints, ckpt))
+            started = time.perf_counter()
+            path = self._durably(lambda: save_checkpoint(self.checkpoints, ckpt))
+            self.last_checkpoint = (time.perf_counter() - started, path.stat().st_size)
         self._durably(lambda: self.store.record_round(self.run_id, record))
 
     def save_buffer(self, ckpt: Checkpoint) -> None:

@@ -23,7 +23,7 @@ from fedge.config import CompressionSection
 from fedge.coordinator import Task
 from fedge.errors import QuorumError
 from fedge.fleet.board import OpenTask, TaskBoard
-from fedge.fleet.events import Events
+from fedge.fleet.events import Events, Traffic
 from fedge.fleet.models import ModelStore
 from fedge.fleet.sessions import Session, Sessions
 from fedge.fleet.uploads import Chunks, Uploads
@@ -116,6 +116,9 @@ class FleetService:
             compression=settings.compression,
         )
         self.models = ModelStore(settings.work_dir / "models", keep=settings.models_kept)
+        self.traffic = Traffic()
+        """Payload bytes in (uploads) and out (models); a transport that sends a model
+        some other way than `download` (inline with a task, to a broker) adds it."""
         self.stopping = False
         self.waiting: Waiting | None = None
         self.disk_full: str | None = None
@@ -194,7 +197,12 @@ class FleetService:
         self, identity: str, token: str, version: str, offset: int, chunk_size: int
     ) -> Iterator[tuple[int, bytes]]:
         self.sessions.authenticate(_identity(identity), token)
-        return self.models.read(version, offset, chunk_size)
+        return self._counted(self.models.read(version, offset, chunk_size))
+
+    def _counted(self, chunks: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        for offset, data in chunks:
+            self.traffic.add_sent(len(data))
+            yield offset, data
 
     async def query_upload(self, identity: str, token: str, task_id: str) -> tuple[int, bool]:
         """(bytes held, whether the result was accepted already) for a task's upload."""
@@ -205,6 +213,16 @@ class FleetService:
         return await self.uploads.received(task_id), False
 
     async def upload(self, identity: str, header: UploadHeader, chunks: Chunks) -> UploadAck:
+        try:
+            return await self._upload(identity, header, chunks)
+        except FleetError as exc:  # refusals before the payload was looked at count too
+            self.events.emit(
+                "upload.refused", node=identity[:MAX_STRING], code=exc.code.value,
+                reason=exc.message,
+            )  # fmt: skip
+            raise
+
+    async def _upload(self, identity: str, header: UploadHeader, chunks: Chunks) -> UploadAck:
         session = self.sessions.authenticate(_identity(identity), header.token)
         open_task = self._task_of(session, header.task_id)
         source = f"node {session.node_id} (cid {session.cid}), task {header.task_id}"
@@ -232,8 +250,9 @@ class FleetService:
             self.board.accept(open_task, received.result, received.error, received.size)
             session.tasks_done += received.error is None
             self.events.emit(
-                "upload.accepted", node=session.node_id, cid=session.cid, task=header.task_id
-            )
+                "upload.accepted", node=session.node_id, cid=session.cid, task=header.task_id,
+                kind=open_task.task.kind, failed=received.error is not None,
+            )  # fmt: skip
             log.info("accepted: %s", received.error or source)
         return UploadAck(True, received_bytes=received.size)
 
@@ -360,7 +379,9 @@ class FleetService:
                     break
                 if isinstance(step.exception(), StopAsyncIteration):
                     return
-                yield step.result()
+                offset, data = step.result()
+                self.traffic.add_received(len(data))
+                yield offset, data
         finally:
             if step is not None:
                 step.cancel()
@@ -405,9 +426,6 @@ class FleetService:
         return open_task
 
     def _refused(self, session: Session, exc: FleetError) -> None:
-        self.events.emit(
-            "upload.refused", node=session.node_id, code=exc.code.value, reason=exc.message
-        )
         if "disk full" in exc.message:
             if self.disk_full is None:
                 log.warning("%s", exc.message)

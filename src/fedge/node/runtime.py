@@ -39,6 +39,7 @@ from fedge.messages import PROTOCOL, Capabilities, Code, Joined, Keepalive, Task
 from fedge.metrics import normalize
 from fedge.node.cache import Cache, Pending, decode, default_cache_dir
 from fedge.node.link import FATAL_AT_JOIN, RETRYABLE, Backoff, Link, LinkError
+from fedge.node.observer import NodeObserver
 from fedge.security.credentials import validate_name
 from fedge.weights import Weights, from_bytes
 
@@ -71,8 +72,10 @@ class Node:
         settings: NodeSettings,
         *,
         uplink: Throughput | None = None,
+        observer: NodeObserver | None = None,
     ) -> None:
         self.client, self.link, self.settings = client, link, settings
+        self.observer = observer or NodeObserver()
         self.uplink = uplink or Throughput()
         """Measured by every accepted upload; compression in mode "auto" reads it."""
         validate_name(settings.name)  # it names a directory whose stale files are removed
@@ -115,6 +118,8 @@ class Node:
                     break
                 log.info("connection to the server lost: %s %s", exc.code, exc.message)
             finally:
+                if self._connected.is_set():
+                    self.observer.disconnected()
                 self._connected.clear()
                 self.link.close()
             self.stop_event.wait(backoff.next())
@@ -157,6 +162,7 @@ class Node:
         beat = threading.Thread(target=self._heartbeat, args=(joined, interval), daemon=True)
         beat.start()
         self._connected.set()
+        self.observer.joined()
         backoff.reset()
         try:
             for item in stream:
@@ -225,7 +231,7 @@ class Node:
             except Empty:
                 continue
             try:
-                pending = kept or self.cache.save(self._execute(task))
+                pending = kept or self.cache.save(self._timed(task))
             except Exception as exc:  # the model could not be fetched: a re-push runs it again
                 log.warning("task %s: model download failed (%s)", task.task_id, exc)
                 with self._lock:
@@ -239,6 +245,13 @@ class Node:
                 elif kept is None and not self.stop_event.is_set():
                     pending.discard()  # refused for good; one cut by a stop stays on disk
             self.tasks_done += kept is None
+
+    def _timed(self, task: TaskHeader) -> Pending:
+        started = time.monotonic()
+        pending = self._execute(task)
+        ok = not pending.header.error
+        self.observer.task_finished(task.kind, time.monotonic() - started, ok)
+        return pending
 
     def _remember(self, task_id: str, pending: Pending) -> None:
         self._delivered[task_id] = pending
@@ -304,7 +317,7 @@ class Node:
         if cached is not None:
             return cached
         spool = self.cache.spool(ref)
-        started, backoff = time.monotonic(), Backoff()
+        started, backoff, held = time.monotonic(), Backoff(), spool.size
         try:
             while True:
                 joined = self._wait_connected()
@@ -325,6 +338,7 @@ class Node:
         finally:
             spool.close()
         self._last_transfer = time.monotonic() - started
+        self.observer.downloaded(spool.size - held, self._last_transfer)
         return self.cache.keep(ref, spool)
 
     def _wait_connected(self) -> Joined:
@@ -355,9 +369,13 @@ class Node:
                 started = time.monotonic()
                 ack = self.link.upload(header, pending.chunks(offset, self.settings.chunk_size))
                 if ack.accepted:
-                    self.uplink.record(header.size - offset, time.monotonic() - started)
+                    seconds = time.monotonic() - started
+                    self.uplink.record(header.size - offset, seconds)
+                    self.observer.uploaded(header.size - offset, seconds)
             except LinkError as exc:
-                if exc.code in RETRYABLE or exc.code == Code.OUT_OF_RANGE:
+                retry = exc.code in RETRYABLE or exc.code == Code.OUT_OF_RANGE
+                self.observer.upload_failed(exc.code.value, final=not retry)
+                if retry:
                     log.info(
                         "upload of %s interrupted (%s); retrying", pending.header.task_id, exc.code
                     )

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedge import __version__
+from fedge.observe.exposition import new_registry
 from fedge.serve.model import BadInput, ServedModel
 from fedge.serve.protocol import decode_v1, decode_v2, encode_v1, encode_v2
 
@@ -67,10 +68,16 @@ class HttpError(Exception):
 
 
 def create_app(
-    source: Source, name: str, *, store: str = "", max_body: int = DEFAULT_MAX_BODY
+    source: Source,
+    name: str,
+    *,
+    store: str = "",
+    max_body: int = DEFAULT_MAX_BODY,
+    registry: CollectorRegistry | None = None,
 ) -> ASGIApp:
-    """The ASGI app serving `source`'s model as `name`."""
-    metrics = CollectorRegistry()
+    """The ASGI app serving `source`'s model as `name`; its metrics go into `registry`
+    (a node's, beside it), else into one of its own with the process's."""
+    metrics = registry if registry is not None else new_registry("serve")
     requests = Counter(
         "fedge_serve_requests", "Requests by endpoint and status code.",
         ["endpoint", "code"], registry=metrics,

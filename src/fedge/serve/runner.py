@@ -9,11 +9,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedge.errors import FedgeError
 from fedge.serve.app import DEFAULT_MAX_BODY, FixedSource, Source, create_app
 from fedge.serve.follower import ModelFollower
 from fedge.serve.model import ServedModel
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,17 @@ def open_source(settings: ServeSettings) -> Source:
 class InferenceServer:
     """uvicorn serving `source`; `start` runs it in a thread, `run` in the foreground."""
 
-    def __init__(self, source: Source, settings: ServeSettings) -> None:
+    def __init__(
+        self, source: Source, settings: ServeSettings, registry: CollectorRegistry | None = None
+    ) -> None:
+        """`registry`: metrics served on /metrics besides the server's own (a node's)."""
         import uvicorn
 
         self.source = source
-        app = create_app(source, settings.model, store=settings.store, max_body=settings.max_body)
+        app = create_app(
+            source, settings.model, store=settings.store, max_body=settings.max_body,
+            registry=registry,
+        )  # fmt: skip
         config = uvicorn.Config(
             app,
             host=settings.host,

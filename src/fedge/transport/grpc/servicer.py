@@ -163,6 +163,7 @@ class FleetServicer(pb_grpc.FleetServicer):
                         encoded = self._model_message(model.version)
                         if encoded is not None:
                             sent = model.version
+                            self.service.traffic.add_sent(len(encoded))
                             yield encoded  # type: ignore[misc]
                     yield pb.TaskMessage(task=convert.task_to_pb(item))
         finally:

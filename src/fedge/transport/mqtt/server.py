@@ -479,6 +479,7 @@ class Bridge:
         for offset, data in self.service.models.read(ref.version, 0, self.chunk_size):
             topic = topics.chunk(self.prefix, ref.version, offset // self.chunk_size)
             in_flight.append(client.publish(topic, data, 1, True, said))
+            self.service.traffic.add_sent(len(data))  # once: the broker fans it out
             if len(in_flight) > PUBLISH_WINDOW:
                 _wait(in_flight.popleft())
         while in_flight:
