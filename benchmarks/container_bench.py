@@ -201,7 +201,7 @@ def run_all(work: Path, rounds: int) -> dict[str, Any]:
         empty[name] = work / name
     owned(work)
 
-    port, health, http = free_port(), free_port(), free_port()
+    port, health, http, metrics = free_port(), free_port(), free_port(), free_port()
     statefulset = docs["StatefulSet", "fedge-server"]["spec"]["template"]["spec"]
     (server_container,) = statefulset["containers"]
     started = time.perf_counter()
@@ -209,15 +209,21 @@ def run_all(work: Path, rounds: int) -> dict[str, Any]:
         "fedge-bench-server", statefulset, server_container,
         {"state": empty["state"], "models": empty["models"], "app": app,
          "certs": server_certs, "tmp": empty["server-tmp"]},
-        replace={"0.0.0.0:9091": f"127.0.0.1:{port}", "0.0.0.0:9094": f"127.0.0.1:{health}"},
+        replace={
+            "0.0.0.0:9091": f"127.0.0.1:{port}",
+            "0.0.0.0:9094": f"127.0.0.1:{health}",
+            "--metrics-port=9464": f"--metrics-port={metrics}",
+            "--metrics-host=0.0.0.0": "--metrics-host=127.0.0.1",
+        },
         extra=("--out=/var/lib/fedge/state/results.json",),
     )  # fmt: skip
     wait(lambda: healthy(server), "the server container's health check", 120)
     serving = time.perf_counter() - started
+    server_metrics = scrape(metrics, "fedge_build_info")
 
     daemonset = docs["DaemonSet", "fedge-node"]["spec"]["template"]["spec"]
     (init,), (node_container,) = daemonset["initContainers"], daemonset["containers"]
-    nodes = []
+    nodes, node_metrics = [], []
     for node in EDGE:
         volumes = {
             "app": app, "cids": cids, "node-certs": node_certs,
@@ -226,7 +232,12 @@ def run_all(work: Path, rounds: int) -> dict[str, Any]:
         }  # fmt: skip
         env = {"NODE_NAME": node, "FEDGE_SERVER": f"127.0.0.1:{port}"}
         start(f"fedge-bench-init-{node}", daemonset, init, volumes, env, detach=False)
-        nodes.append(start(f"fedge-bench-{node}", daemonset, node_container, volumes, env))
+        node_metrics.append(free_port())
+        replace = {
+            "--metrics-port=9465": f"--metrics-port={node_metrics[-1]}",
+            "--metrics-host=0.0.0.0": "--metrics-host=127.0.0.1",
+        }
+        nodes.append(start(f"fedge-bench-{node}", daemonset, node_container, volumes, env, replace))
     nodes_healthy = all(healthy(n) for n in nodes)
     code = int(podman("wait", server, timeout=600))
     elapsed = time.perf_counter() - started
@@ -236,6 +247,7 @@ def run_all(work: Path, rounds: int) -> dict[str, Any]:
     records = history["rounds"]
     assert [r["round"] for r in records] == list(range(1, rounds + 1)), records
     assert all(r["participants"] == [0, 1] for r in records), records
+    joins = [scrape(m, "fedge_node_joins_total") for m in node_metrics]
 
     deployment = docs["Deployment", "fedge-serve"]["spec"]["template"]["spec"]
     (serve_container,) = deployment["containers"]
@@ -253,9 +265,21 @@ def run_all(work: Path, rounds: int) -> dict[str, Any]:
         "accuracy_initial": history["initial_metrics"]["accuracy"],
         "accuracy_final": records[-1]["metrics"]["accuracy"],
         "nodes_healthy": nodes_healthy,
+        "server_build_info": server_metrics,
+        "node_joins": joins,
         "serve_healthy": healthy(serve),
         "serve_outputs": outputs,
     }
+
+
+def scrape(port: int, series: str) -> float:
+    """The value of `series` (no labels, or its first sample) at /metrics on `port`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    for line in text.splitlines():
+        if line.startswith(series) and line[len(series)] in " {":
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {series} in /metrics on port {port}")
 
 
 def infer(port: int) -> dict[str, list[int]]:
@@ -325,7 +349,8 @@ def main() -> None:
     print(
         f"server healthy after {run['server_ready_s']:.1f} s; {run['rounds']} rounds in "
         f"{run['run_s']:.1f} s from the server's start; accuracy {run['accuracy_initial']:.3f}"
-        f" -> {run['accuracy_final']:.3f}; nodes healthy: {run['nodes_healthy']}; serve "
+        f" -> {run['accuracy_final']:.3f}; nodes healthy: {run['nodes_healthy']}; node joins "
+        f"(their /metrics): {run['node_joins']}; serve "
         f"healthy: {run['serve_healthy']}, outputs {run['serve_outputs']}"
     )
 

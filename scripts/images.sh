@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make images`: build fedge's container images with Podman (deploy/Containerfile).
-#   localhost/fedge-node:VERSION  the edge node (the core; NODE_EXTRAS adds extras)
+#   localhost/fedge-node:VERSION  the edge node (the core and prometheus-client: NODE_EXTRAS,
+#                                 default "observe")
 #   localhost/fedge:VERSION       server and serve (EXTRAS, default "serve")
 # Installs podman and mmdebstrap (apt) if missing, makes the Debian base image
 # (scripts/base-image.sh), and lets pip in the build use this machine's package index
@@ -54,6 +55,6 @@ build() {  # build TAG EXTRAS
         --build-arg "BASE=$base" --build-arg "EXTRAS=$2" \
         "${build_args[@]}" "${mounts[@]}" -t "$1" .
 }
-build "localhost/fedge-node:$version" "${NODE_EXTRAS:-}"
+build "localhost/fedge-node:$version" "${NODE_EXTRAS:-observe}"
 build "localhost/fedge:$version" "${EXTRAS:-serve}"
 podman image ls --filter reference='localhost/fedge*'

@@ -227,7 +227,13 @@ def test_containers_run_fedge_with_options_it_takes(docs: tuple[dict[str, Any], 
     server, given = commands["server"]
     health = int(given["--health-address"].rpartition(":")[2])
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"grpc": int(given["--address"].rpartition(":")[2]), "health": health}
+    metrics = int(given["--metrics-port"])
+    assert ports == {
+        "grpc": int(given["--address"].rpartition(":")[2]),
+        "health": health,
+        "metrics": metrics,
+    }
+    assert given["--metrics-host"] == "0.0.0.0"  # scraped from other pods
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == health  # not the mTLS port: no TLS in probes
 
@@ -238,6 +244,15 @@ def test_containers_run_fedge_with_options_it_takes(docs: tuple[dict[str, Any], 
 
     node, given = commands["node"]
     assert given["--name"] == "$NODE_NAME" and given["--server"] == "$FEDGE_SERVER"
+    assert [p["containerPort"] for p in node["ports"]] == [int(given["--metrics-port"])]
+    for workload in of_kind(docs, *WORKLOADS):  # what Prometheus discovery is told
+        template = workload["spec"]["template"]
+        (port,) = [
+            p["containerPort"]
+            for p in template["spec"]["containers"][0]["ports"]
+            if p["name"] in ("metrics", "http")
+        ]
+        assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
     env = {e["name"]: e for e in node["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     host, _, port = env["FEDGE_SERVER"]["value"].rpartition(":")
@@ -280,6 +295,17 @@ def mounts_resolve(docs: tuple[dict[str, Any], ...], workload: dict[str, Any]) -
     return external
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector's verdict (matchLabels, and matchExpressions with In)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for term in selector.get("matchExpressions", []):
+        assert term["operator"] == "In", term  # the only operator the manifests use
+        if labels.get(term["key"]) not in term["values"]:
+            return False
+    return True
+
+
 def test_volumes_services_and_policies_fit_together(docs: tuple[dict[str, Any], ...]) -> None:
     external = set()
     for workload in of_kind(docs, *WORKLOADS):
@@ -289,8 +315,13 @@ def test_volumes_services_and_policies_fit_together(docs: tuple[dict[str, Any], 
         assert name in guide, f"docs/deploy.md does not say how to make {name}"
 
     pods = {w["metadata"]["name"]: w["spec"]["template"] for w in of_kind(docs, *WORKLOADS)}
-    ports = {
-        name: {p["containerPort"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+    ports = {  # numbers and names
+        name: {
+            key
+            for c in t["spec"]["containers"]
+            for p in c.get("ports", [])
+            for key in (p["containerPort"], p["name"])
+        }
         for name, t in pods.items()
     }
     for service in of_kind(docs, "Service"):
@@ -312,13 +343,23 @@ def test_volumes_services_and_policies_fit_together(docs: tuple[dict[str, Any], 
     assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in deny and "egress" not in deny
     for policy in policies.values():
-        selector = policy["podSelector"].get("matchLabels", {})
+        if not policy["podSelector"]:
+            continue
         for name, template in pods.items():
-            if not selector or not selector.items() <= template["metadata"]["labels"].items():
+            if not selects(policy["podSelector"], template["metadata"]["labels"]):
                 continue
             for rule in policy.get("ingress", []):
                 for port in rule["ports"]:
                     assert port["port"] in ports[name], (policy, name)
+    scraped = {  # every metrics port is open to Prometheus
+        p["containerPort"]
+        for t in pods.values()
+        for c in t["spec"]["containers"]
+        for p in c.get("ports", [])
+        if p["name"] == "metrics"
+    }
+    (rule,) = policies["metrics-ingress"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == ["metrics"] and scraped == {9464, 9465}
     node_out = policies["node-egress"]["egress"][0]
     assert node_out["ports"] == [{"protocol": "TCP", "port": 9091}]
     assert node_out["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
