@@ -434,3 +434,62 @@ def test_the_deployed_app_is_a_fedge_app() -> None:
     ]  # a name with kustomize's hash of the content: pods roll when it changes
     assert sorted(map(int, cids.values())) == list(range(cfg.run.num_clients))
     assert app.evaluate_fn is not None and cfg.store.url.startswith("file:///var/lib/fedge/")
+
+
+USAGES = {"server auth": "SERVER_AUTH", "client auth": "CLIENT_AUTH"}
+
+
+def test_cert_manager_shaped_certificates_load_in_fedge(tmp_path: Path) -> None:
+    """Each Certificate of the overlay, signed the way cert-manager's CA Issuer signs
+    (its fields, an EC key, tls.crt = leaf then the issuer), is what fedge accepts:
+    chain, key and role checked as the server and nodes check them at start."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from fedge.security import init_ca
+    from fedge.security.pki import load_credentials, role_of
+
+    init_ca(tmp_path)
+    pem = serialization.Encoding.PEM
+    issuer_key: Any = serialization.load_pem_private_key(
+        (tmp_path / "issuing.key").read_bytes(), None
+    )
+    issuer = x509.load_pem_x509_certificate((tmp_path / "issuing.crt").read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    for cert in of_kind(rendered("overlays/cert-manager"), "Certificate"):
+        spec = cert["spec"]
+        assert spec["privateKey"]["algorithm"] == "ECDSA" and spec["privateKey"]["size"] == 256
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = [
+            *(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u)
+              for u in spec["subject"]["organizationalUnits"]),
+            x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"]),
+        ]  # fmt: skip
+        usages = [getattr(ExtendedKeyUsageOID, USAGES[u]) for u in spec["usages"] if u in USAGES]
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(subject))
+            .issuer_name(issuer.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(hours=int(spec["duration"].rstrip("h"))))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in spec["dnsNames"]]),
+                critical=False,
+            )
+            .sign(issuer_key, hashes.SHA256())
+        )
+        name = spec["commonName"]
+        (tmp_path / f"{name}.crt").write_bytes(leaf.public_bytes(pem) + issuer.public_bytes(pem))
+        (tmp_path / f"{name}.key").write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        load_credentials(tmp_path, name)
+        assert role_of(leaf) == ("server" if name == "server" else "node")
