@@ -124,7 +124,15 @@ class GrpcTransport:
         """grpc.health.v1 alone, in plaintext: the kubelet's gRPC probe has no TLS, and
         the mTLS port asks every client for a certificate. It tells only SERVING or
         NOT_SERVING, so it may listen beyond loopback; nothing else is served there."""
-        server = grpc.aio.server(options=[("grpc.max_allowed_incoming_connections", 16)])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_allowed_incoming_connections", 16),
+                # a probe connects, asks and leaves: a connection held open is let go
+                ("grpc.max_connection_idle_ms", 10_000),
+                ("grpc.max_connection_age_ms", 60_000),
+                ("grpc.max_connection_age_grace_ms", 5_000),
+            ]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
             self.health_port = server.add_insecure_port(self.health_address)
