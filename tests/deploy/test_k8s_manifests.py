@@ -493,3 +493,16 @@ def test_cert_manager_shaped_certificates_load_in_fedge(tmp_path: Path) -> None:
         )
         load_credentials(tmp_path, name)
         assert role_of(leaf) == ("server" if name == "server" else "node")
+
+
+def test_shell_in_the_manifests_and_scripts_parses() -> None:
+    """`sh -n` on the DaemonSet's scripts (the image's /bin/sh is Debian's dash, as here)
+    and `bash -n` on the image scripts: a syntax error fails here, not on a device."""
+    for workload in of_kind(rendered("overlays/k3s-edge"), *WORKLOADS):
+        for c in containers(workload["spec"]["template"]["spec"]):
+            if c.get("command", [None])[0] == "/bin/sh":
+                run = subprocess.run(["sh", "-n", "-c", c["args"][-1]], capture_output=True)
+                assert run.returncode == 0, (c["name"], run.stderr)
+    for script in ("base-image.sh", "images.sh", "podman-conf.sh"):
+        run = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True)
+        assert run.returncode == 0, (script, run.stderr)
