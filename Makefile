@@ -63,6 +63,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/secagg_bench.py
 	$(BIN)/python benchmarks/metrics_bench.py
 	$(BIN)/python benchmarks/dashboard_bench.py
+	$(BIN)/python benchmarks/byzantine_bench.py
 # against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
 	$(BIN)/python benchmarks/secagg_flower_bench.py
 	$(BIN)/python benchmarks/flower_sim_bench.py
