@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM := $(VENV)/.system
 
-.PHONY: demo test lint bench clean bytecode
+.PHONY: demo test test-ceph lint bench clean bytecode
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
 # Eclipse Mosquitto, the MQTT broker of the MQTT transport's tests and demo; iproute2 and
-# nftables for the fault drills (network namespaces, packet loss).
+# nftables for the fault drills (network namespaces, packet loss); Ceph's monitor, OSD and
+# RADOS Gateway for the model registry on a real Ceph RGW.
 $(SYSTEM): scripts/system-deps.sh | $(STAMP)
 	scripts/system-deps.sh
 	touch $@
@@ -30,6 +31,11 @@ demo: $(STAMP) bytecode
 
 test: $(STAMP) $(SYSTEM) lint bytecode
 	$(BIN)/python -m pytest -q tests
+
+# The model registry against a real single-node Ceph RADOS Gateway (fedge.store.cephrgw,
+# ~15 s to start); make test runs these too.
+test-ceph: $(STAMP) $(SYSTEM) bytecode
+	$(BIN)/python -m pytest -q -m ceph tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check --no-cache src tests benchmarks examples

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond Python: a software TPM 2.0 (swtpm) and tpm2-tools,
 # for enrollment with TPM attestation; Eclipse Mosquitto, the MQTT broker; iproute2 and
-# nftables, for the fault drills' lab network (fedge.netlab). Installs only what is
-# missing (apt, as root or sudo).
+# nftables, for the fault drills' lab network (fedge.netlab); a monitor, an OSD and the
+# RADOS Gateway of Ceph, for the model registry's tests on a real single-node Ceph RGW
+# (fedge.store.cephrgw). Installs only what is missing (apt, as root or sudo).
 set -euo pipefail
-packages=(swtpm swtpm-tools tpm2-tools mosquitto iproute2 nftables)
+packages=(swtpm swtpm-tools tpm2-tools mosquitto iproute2 nftables
+          ceph-mon ceph-osd radosgw ceph-common)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
