@@ -99,6 +99,11 @@ class CephRGW:
             "AWS_ENDPOINT_URL": self.endpoint,
         }
 
+    @property
+    def pids(self) -> list[int]:
+        """The daemons (monitor, OSD, gateway), for measuring what they cost."""
+        return [proc.pid for proc in self._procs.values()]
+
     def __enter__(self) -> CephRGW:
         self.start()
         return self
