@@ -12,6 +12,7 @@ one directory, which `stop` removes after killing the daemons. From a shell::
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -81,11 +82,14 @@ rgw enable usage log = false
 
 class CephRGW:
     """The cluster under `root` (created by `start`, removed by `stop`); `env` is what an
-    S3 client needs to reach it, as for `fedge.store.s3server.S3Server`."""
+    S3 client needs to reach it, as for `fedge.store.s3server.S3Server`. Its daemons die
+    with the process that started them unless `detached` (the shell script's case), so a
+    test run killed outright leaves no cluster behind."""
 
-    def __init__(self, root: Path, *, block_gib: int = 10) -> None:
+    def __init__(self, root: Path, *, block_gib: int = 10, detached: bool = False) -> None:
         self.root = root
         self.block_gib = block_gib
+        self.detached = detached
         self.conf = root / "ceph.conf"
         self.endpoint = ""
         self.access_key = self.secret_key = ""
@@ -205,6 +209,7 @@ class CephRGW:
             self._procs[name] = subprocess.Popen(
                 [argv[0], "-c", str(self.conf), *argv[1:]],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=None if self.detached else _die_with_parent,
             )  # fmt: skip
         with (self.root / "pids").open("a") as f:
             f.write(f"{self._procs[name].pid} {name}\n")
@@ -247,6 +252,12 @@ class CephRGW:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when its parent dies (Linux's prctl)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -275,7 +286,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("start", "stop"):
         print("usage: ceph-rgw.sh start|stop DIR", file=sys.stderr)
         return 2
-    cluster = CephRGW(Path(argv[1]).resolve())
+    cluster = CephRGW(Path(argv[1]).resolve(), detached=True)
     try:
         if argv[0] == "start":
             cluster.start()
