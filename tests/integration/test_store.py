@@ -260,6 +260,9 @@ def test_a_real_server_checks_the_credentials(
     registry = open_registry(url)
     published = registry.publish("m", model_file(tmp_path, 2.0), "v1")
     assert registry.pull("m", "latest", tmp_path / "out.safetensors") == published
+    # boto3's upload_file wraps the server's refusal in an exception of its own
+    with pytest.raises(StoreError, match="s3://no-such-bucket/x: bucket 'no-such-bucket' does"):
+        open_registry("s3://no-such-bucket/x").publish("m", model_file(tmp_path, 3.0), "v1")
 
 
 def test_an_unreachable_store_is_a_precise_error(
