@@ -29,7 +29,7 @@ from fedge.errors import FedgeError
 from fedge.store.s3server import _free_port
 
 PACKAGES = "ceph-mon ceph-osd radosgw ceph-common"
-TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "ceph-authtool")
+TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "ceph-authtool", "monmaptool")
 
 # Quirks of a one-OSD cluster on a shared machine: one replica, few placement groups (the
 # gateway creates about ten pools), no free-space alarms from the host's disk, CRC rather
@@ -182,7 +182,9 @@ class CephRGW:
                 log = self._tail("client.admin")
                 raise FedgeError(f"radosgw did not listen on {rgw_port} in time:\n{log}")
             time.sleep(0.05)
-        (root / "env").write_text("".join(f"export {k}={v}\n" for k, v in self.env.items()))
+        env = root / "env"
+        env.touch(mode=0o600)  # holds the secret key
+        env.write_text("".join(f"export {k}={v}\n" for k, v in self.env.items()))
 
     def _run(self, deadline: float, *argv: str, stdin: str = "") -> str:
         """One of Ceph's tools, run to completion against this cluster: its output."""
