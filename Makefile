@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 
-bench: $(STAMP) bytecode
+bench: $(STAMP) $(SYSTEM) bytecode
 	$(BIN)/python benchmarks/aggregate_bench.py
 	$(BIN)/python benchmarks/sim_bench.py
 	$(BIN)/python benchmarks/fedprox_bench.py
@@ -58,7 +58,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/fedbuff_bench.py
 	$(BIN)/python benchmarks/faults_bench.py
 	$(BIN)/python benchmarks/export_bench.py
-	$(BIN)/python benchmarks/store_bench.py
+	$(BIN)/python benchmarks/store_bench.py --ceph
 	$(BIN)/python benchmarks/fedbuff_fleet_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/privacy_bench.py
