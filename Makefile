@@ -8,7 +8,7 @@ SYSTEM := $(VENV)/.system
 FLOWER_VENV ?= /work/flower-venv
 export FLOWER_VENV
 
-.PHONY: demo test lint bench clean bytecode flower-venv images test-images
+.PHONY: demo test test-ceph lint bench clean bytecode flower-venv images test-images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
 # Eclipse Mosquitto, the MQTT broker of the MQTT transport's tests and demo; iproute2 and
-# nftables for the fault drills (network namespaces, packet loss); Chromium for the
-# dashboard's browser tests.
+# nftables for the fault drills (network namespaces, packet loss); promtool (Debian's
+# prometheus) for the alert rules; Chromium for the dashboard's browser tests; Ceph's
+# monitor, OSD and RADOS Gateway for the model registry on a real Ceph RGW.
 $(SYSTEM): scripts/system-deps.sh | $(STAMP)
 	scripts/system-deps.sh
 	touch $@
@@ -35,12 +36,17 @@ demo: $(STAMP) bytecode
 test: $(STAMP) $(SYSTEM) lint bytecode
 	$(BIN)/python -m pytest -q tests
 
+# The model registry against a real single-node Ceph RADOS Gateway (fedge.store.cephrgw,
+# ~15 s to start); make test runs these too.
+test-ceph: $(STAMP) $(SYSTEM) bytecode
+	$(BIN)/python -m pytest -q -m ceph tests/integration
+
 lint: $(STAMP)
 	$(BIN)/ruff check --no-cache src tests benchmarks examples deploy
 	$(BIN)/ruff format --check src tests benchmarks examples deploy
 	$(BIN)/mypy
 
-bench: $(STAMP) bytecode
+bench: $(STAMP) $(SYSTEM) bytecode
 	$(BIN)/python benchmarks/aggregate_bench.py
 	$(BIN)/python benchmarks/sim_bench.py
 	$(BIN)/python benchmarks/fedprox_bench.py
@@ -56,13 +62,14 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/fedbuff_bench.py
 	$(BIN)/python benchmarks/faults_bench.py
 	$(BIN)/python benchmarks/export_bench.py
-	$(BIN)/python benchmarks/store_bench.py
+	$(BIN)/python benchmarks/store_bench.py --ceph
 	$(BIN)/python benchmarks/fedbuff_fleet_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/privacy_bench.py
 	$(BIN)/python benchmarks/secagg_bench.py
 	$(BIN)/python benchmarks/metrics_bench.py
 	$(BIN)/python benchmarks/dashboard_bench.py
+	$(BIN)/python benchmarks/byzantine_bench.py
 # against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
 	$(BIN)/python benchmarks/secagg_flower_bench.py
 	$(BIN)/python benchmarks/flower_sim_bench.py

@@ -164,11 +164,12 @@ class BufferedAsync:
         if accepted is None:
             return
         weights, examples, found = accepted
-        weight = examples if strategy.weight_by_examples else 1
+        counted = rnd.coordinator.example_weights(examples)
+        weight = counted if strategy.weight_by_examples else 1
         self.buffer.fold(task.task_id, weights, self.bases[task.round], weight, staleness)
         record.participants.append(task.cid)
         record.num_examples += examples
-        metrics.add(found, examples)
+        metrics.add(found, counted)
         self._forget_bases(rnd.number)
         rnd.coordinator.observer.result_received(
             rnd.number, self.buffer.count, strategy.buffer_size

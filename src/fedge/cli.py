@@ -172,6 +172,7 @@ def sim(
             dropouts=cfg.simulation.dropouts,
             max_round_retries=cfg.run.max_round_retries,
             max_examples=cfg.limits.max_examples,
+            example_weights=cfg.limits.weights(),
             workflow=user_app.workflow,
             observer=observer,
             compression=cfg.compression,

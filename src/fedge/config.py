@@ -21,6 +21,8 @@ backend = "inprocess"       # or "process"
 
 [limits]                    # bounds on what nodes may send (they may lie)
 max_examples = 1000000
+example_weights = "capped"  # or "reported", "uniform": what an example count weighs
+example_cap = 600
 
 [compression]               # how fit updates travel: none, fp16, q8, topk or auto
 mode = "q8"
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 
 from fedge.errors import ConfigError
-from fedge.limits import MAX_EXAMPLES, MAX_UPLOAD_BYTES
+from fedge.limits import MAX_EXAMPLES, MAX_UPLOAD_BYTES, ExampleMode, ExampleWeights
 
 if TYPE_CHECKING:  # a node reads the config too, and needs no strategy
     from fedge.strategy import Strategy
@@ -76,6 +78,21 @@ class SimulationSection(_Section):
 class LimitsSection(_Section):
     max_examples: Annotated[int, msgspec.Meta(ge=1)] = MAX_EXAMPLES
     max_upload_mb: Annotated[int, msgspec.Meta(ge=1)] = MAX_UPLOAD_BYTES >> 20
+    example_weights: ExampleMode = "reported"
+    """How much a result's example count weighs (`fedge.limits.ExampleWeights`)."""
+    example_cap: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """With example_weights = "capped": the most examples one result counts for."""
+
+    def __post_init__(self) -> None:
+        self.weights()  # the policy's own checks
+        if self.example_cap is not None and self.example_cap > self.max_examples:
+            raise ValueError(
+                f"example_cap = {self.example_cap} exceeds max_examples = {self.max_examples}, "
+                "which refuses larger counts anyway"
+            )
+
+    def weights(self) -> ExampleWeights:
+        return ExampleWeights(self.example_weights, self.example_cap)
 
 
 Encoding = Literal["fp16", "q8", "topk", "stc"]
@@ -189,7 +206,10 @@ class RunConfig(_Section):
         fields = [f for f in self.__struct_fields__ if f not in ("base_dir", "store", "metrics")]
         if not self.secure_aggregation.enabled:  # as runs recorded before it existed
             fields.remove("secure_aggregation")
-        return {f: msgspec.to_builtins(getattr(self, f)) for f in fields}
+        settings = {f: msgspec.to_builtins(getattr(self, f)) for f in fields}
+        if self.limits.example_weights == "reported":  # as runs recorded before the policy
+            del settings["limits"]["example_weights"], settings["limits"]["example_cap"]
+        return settings
 
 
 def load_config(path: Path | str, *, strategy: bool = True) -> RunConfig:

@@ -34,7 +34,7 @@ from fedge.client import EVALUATE, FIT, Config, EvaluateResult, FitResult, Resul
 from fedge.compression import decode
 from fedge.errors import QuorumError, WeightsError
 from fedge.history import RoundRecord
-from fedge.limits import MAX_EXAMPLES
+from fedge.limits import MAX_EXAMPLES, ExampleWeights
 from fedge.metrics import Metrics, WeightedMetrics, as_float, normalize
 from fedge.strategy.base import RoundContext, Strategy
 from fedge.weights import (
@@ -167,6 +167,8 @@ class Coordinator:
     """One deadline per round: waiting for clients, fit and evaluation all fit in it."""
     max_round_retries: int = 2
     max_examples: int = MAX_EXAMPLES
+    example_weights: ExampleWeights = field(default_factory=ExampleWeights)
+    """What a valid example count weighs in every strategy's aggregate and metric means."""
     run_id: str = "run"
     observer: Observer = field(default_factory=Observer)
     state: State = field(default_factory=dict)
@@ -428,10 +430,11 @@ class Round:
         if accepted is None:
             return
         weights, num_examples, found = accepted
-        aggregator.add(weights, num_examples, outcome.task.cid)
+        weight = self.coordinator.example_weights(num_examples)
+        aggregator.add(weights, weight, outcome.task.cid)
         self.record.participants.append(outcome.task.cid)
         self.record.num_examples += num_examples
-        metrics.add(found, num_examples)
+        metrics.add(found, weight)
 
     def accept_fit(
         self, outcome: Outcome, base: Mapping[str, Array] | None = None
@@ -498,7 +501,7 @@ class Round:
                     continue
                 assert isinstance(result, EvaluateResult)
                 found = normalize({"loss": result.loss, **result.metrics}, source=f"client {cid}")
-                metrics.add(found, int(result.num_examples))
+                metrics.add(found, self.coordinator.example_weights(int(result.num_examples)))
         for cid in set(cids) - answered:
             self.record.evaluate_failures[cid] = NO_RESULT
         return metrics.mean()

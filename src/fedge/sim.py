@@ -49,7 +49,7 @@ from fedge.coordinator import (
 )
 from fedge.errors import ConfigError, QuorumError, WeightsError
 from fedge.history import History, RoundRecord
-from fedge.limits import MAX_EXAMPLES
+from fedge.limits import MAX_EXAMPLES, ExampleWeights
 from fedge.metrics import Metrics
 from fedge.strategy.base import Strategy
 from fedge.strategy.fedavg import FedAvg
@@ -346,6 +346,7 @@ def simulate(
     dropouts: float = 0.0,
     max_round_retries: int = 2,
     max_examples: int = MAX_EXAMPLES,
+    example_weights: ExampleWeights | None = None,
     workflow: Workflow | None = None,
     observer: Observer | None = None,
     compression: CompressionSection | None = None,
@@ -358,7 +359,8 @@ def simulate(
     `speed_spread` > 1 (`spread_task_times`); each round's record then carries the
     simulated time (``sim_time``). An asynchronous strategy (FedBuff) always runs on the
     simulated clock, its clients equally fast unless told otherwise. The default
-    workflow is the strategy's (`fedge.asynchronous.workflow_for`)."""
+    workflow is the strategy's (`fedge.asynchronous.workflow_for`). `example_weights`
+    caps what the example count a client reports weighs (default: as reported)."""
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     strategy = strategy or FedAvg()
@@ -376,6 +378,7 @@ def simulate(
         evaluate_config=evaluate_config,
         max_round_retries=max_round_retries,
         max_examples=max_examples,
+        example_weights=example_weights or ExampleWeights(),
         run_id="sim",
         observer=observer or Observer(),
         workflow=workflow or workflow_for(strategy),

@@ -17,6 +17,7 @@ import pytest
 
 from fedge.launch import FEDGE, Launcher, wait_for
 from fedge.node.link import Link
+from fedge.store.cephrgw import CephRGW
 from fedge.store.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +63,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 server (moto's server mode) in its own process, for one test module."""
     with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephRGW]:
+    """A real single-node Ceph cluster with a RADOS Gateway, for the whole session (it
+    takes ~15 s to start): tests that take it are marked ``ceph`` (``make test-ceph``)."""
+    with CephRGW(tmp_path_factory.mktemp("ceph") / "cluster") as cluster:
+        yield cluster
 
 
 @pytest.fixture(params=TRANSPORTS)

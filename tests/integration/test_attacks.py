@@ -240,6 +240,52 @@ def test_huge_finite_values_cannot_overflow_the_aggregate(tmp_path: Path, transp
     assert np.all(np.isfinite(weights)) and np.all(weights > 2.9e38)  # dominated, not Inf
 
 
+COUNTING_APP = textwrap.dedent(
+    """
+    import numpy as np
+    from fedge import App
+    from fedge.client import Client, FitResult
+
+
+    class Step(Client):
+        def fit(self, weights, config):
+            return FitResult({"w": weights["w"] + np.float32(1.0)}, 10)
+
+
+    def create_app(num_clients, seed):
+        return App(lambda cid: Step(), {"w": np.zeros(4, dtype=np.float32)})
+    """
+)
+
+
+def test_a_node_lying_about_its_example_count_buys_no_influence(tmp_path: Path) -> None:
+    """Two honest nodes step +1 reporting 10 examples; a liar steps +4 claiming a
+    million. Capped at 10, the liar weighs as an honest node: (1 + 1 + 4) / 3 = 2 (as
+    reported, it would be 4 - 6e-5 x 3 = 3.9999)."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "counting.py").write_text(COUNTING_APP)
+    config = tmp_path / "app" / "fedge.toml"
+    config.write_text(
+        '[app]\ntarget = "counting:create_app"\n[run]\nnum_clients = 3\nrounds = 1\n'
+        '[limits]\nexample_weights = "capped"\nexample_cap = 10\n'
+    )
+    with Launcher(tmp_path, config) as fleet:
+        out = tmp_path / "out.json"
+        server = fleet.server("--wait-for", "3", "--out", out)
+        fleet.node(0)
+        fleet.node(1)
+        wait_for(fleet.status, "the server")
+        liar = Hostile(attacker(fleet, "grpc", "liar"), 2)
+        task = liar.task()
+        lie = to_bytes({"w": liar.model(task)["w"] + np.float32(4.0)})
+        assert liar.upload(task, lie, num_examples=1_000_000).accepted
+        finished(server, fleet)
+        weights = latest_weights(fleet)["w"]
+    np.testing.assert_array_equal(weights, np.full(4, 2.0, np.float32))
+    (record,) = json.loads(out.read_text())["rounds"]
+    assert record["participants"] == [0, 1, 2] and record["num_examples"] == 1_000_020
+
+
 def test_a_node_cannot_forge_lines_in_the_servers_log(fleet: Launcher, transport: str) -> None:
     fleet.server("--wait-for", "4", before=("--log-level", "info"))
     wait_for(fleet.status, "the server")

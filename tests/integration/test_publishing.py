@@ -1,5 +1,6 @@
 """A server publishes its models to the registry as `[store]` says — signed, pruned,
-tagged latest and best — and an unreachable store never stops training."""
+tagged latest and best, to moto's S3 server and to a real Ceph RGW — and an unreachable
+store never stops training."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import cli, finished, latest_weights, write_config
 from fedge.adapters.numpy import softmax_logits
 from fedge.launch import Launcher
 from fedge.store import NotFound, open_registry
+from fedge.store.cephrgw import CephRGW
 from fedge.store.s3server import S3Server
 from fedge.weights import read_file
 
@@ -36,9 +38,11 @@ def store_config(tmp_path: Path, url: str, endpoint: str, rounds: int = 4) -> Pa
     )
 
 
+@pytest.mark.parametrize("store", ["s3", pytest.param("ceph", marks=pytest.mark.ceph)])
 def test_a_run_publishes_signed_models_and_the_cli_reads_them(
-    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    s3: S3Server | CephRGW = request.getfixturevalue(store)  # moto, or a real Ceph RGW
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     s3.create_bucket("published")

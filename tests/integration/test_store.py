@@ -1,6 +1,7 @@
-"""The model registry on a directory and on a real S3 server (moto's server mode, in its
-own process): versions, tags and rollback, signatures, tampering, interrupted and
-concurrent publishing, an unreachable store."""
+"""The model registry on a directory, on a real S3 server (moto's server mode, in its own
+process) and on a real single-node Ceph RADOS Gateway: versions, tags and rollback,
+signatures, tampering, interrupted and concurrent publishing, refused credentials, an
+unreachable store."""
 
 from __future__ import annotations
 
@@ -20,17 +21,19 @@ from fedge.launch import wait_for
 from fedge.security import init_ca
 from fedge.security.pki import release_key
 from fedge.store import Registry, StoreError, Unreachable, open_registry
+from fedge.store.backends import S3Backend
+from fedge.store.cephrgw import CephRGW
 from fedge.store.s3server import S3Server
 from fedge.weights import to_bytes
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", pytest.param("ceph", marks=pytest.mark.ceph)])
 def url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "file":
         return f"file://{tmp_path / 'store'}"
-    server: S3Server = request.getfixturevalue("s3")
+    server: S3Server | CephRGW = request.getfixturevalue(request.param)
     for key, value in server.env.items():
         monkeypatch.setenv(key, value)
     bucket = f"models-{request.node.name.split('[')[0][-20:].replace('_', '-')}"
@@ -89,6 +92,7 @@ def test_versions_tags_and_rollback(url: str, tmp_path: Path, keys: Path) -> Non
     assert len(with_blobs) == 3
 
 
+@pytest.mark.parametrize("url", ["file", "s3"], indirect=True)  # many reads, nothing new on Ceph
 def test_a_staged_rollout_moves_a_canary_first_then_everyone(url: str, tmp_path: Path) -> None:
     registry = open_registry(url)
     for v in ("v1", "v2", "v3"):
@@ -178,7 +182,8 @@ def test_an_interrupted_publish_leaves_no_version(url: str, tmp_path: Path) -> N
         root = Path(url[len("file://") :])
         wait_for(lambda: any(root.rglob(".*.tmp")), "the upload to start", 30, 0.005)
     else:
-        wait_for(lambda: _multipart_started(url), "the upload to start", 30, 0.005)
+        assert isinstance(registry.backend, S3Backend)
+        wait_for(lambda: _multipart_started(registry.backend), "the upload to start", 30, 0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert registry.versions("big") == []
@@ -188,11 +193,8 @@ def test_an_interrupted_publish_leaves_no_version(url: str, tmp_path: Path) -> N
     assert registry.check("big", "latest") == published
 
 
-def _multipart_started(url: str) -> bool:
-    import boto3
-
-    bucket, prefix = url[len("s3://") :].split("/", 1)
-    uploads = boto3.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+def _multipart_started(backend: S3Backend) -> bool:
+    uploads = backend.client.list_multipart_uploads(Bucket=backend.bucket, Prefix=backend.prefix)
     return bool(uploads.get("Uploads"))
 
 
@@ -232,6 +234,35 @@ def test_concurrent_publishers_and_readers(url: str, tmp_path: Path) -> None:
     assert versions == {"seed"} | {f"w{w}-v{i}" for w in range(3) for i in range(5)}
     assert registry.tags("m")["latest"] in versions
     assert len(registry.tag_moves("m", "latest")) == 16  # no move lost
+
+
+@pytest.mark.ceph
+def test_a_real_server_checks_the_credentials(
+    ceph: CephRGW, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ceph RGW, unlike moto, checks the keys: wrong ones are a precise error, and a
+    registry opened after the environment changed signs with the new keys, not with
+    those an earlier client in this process found."""
+    ceph.create_bucket("credentials")
+    url = "s3://credentials/fleet"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ceph.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ceph.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StoreError, match=rf"{url}: the store refused the credentials \(Sign"):
+        open_registry(url).versions("m")
+    with pytest.raises(StoreError, match=rf"{url}/blobs/sha256/.*: access denied \(403\)"):
+        open_registry(url).publish("m", model_file(tmp_path, 1.0), "v1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEY")
+    with pytest.raises(StoreError, match=r"refused the credentials \(InvalidAccessKeyId\)"):
+        open_registry(url).tags("m")
+    for key, value in ceph.env.items():
+        monkeypatch.setenv(key, value)
+    registry = open_registry(url)
+    published = registry.publish("m", model_file(tmp_path, 2.0), "v1")
+    assert registry.pull("m", "latest", tmp_path / "out.safetensors") == published
+    # boto3's upload_file wraps the server's refusal in an exception of its own
+    with pytest.raises(StoreError, match="s3://no-such-bucket/x: bucket 'no-such-bucket' does"):
+        open_registry("s3://no-such-bucket/x").publish("m", model_file(tmp_path, 3.0), "v1")
 
 
 def test_an_unreachable_store_is_a_precise_error(

@@ -117,6 +117,7 @@ def test_registry_maps_lower_case_names_to_classes() -> None:
         "krum",
         "multikrum",
         "bulyan",
+        "centeredclip",
         "fedbuff",
     }
     for key, cls in STRATEGIES.items():

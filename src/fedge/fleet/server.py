@@ -89,6 +89,7 @@ class Aggregator(Observer):
             round_timeout=config.run.round_timeout or 600.0,
             max_round_retries=config.run.max_round_retries,
             max_examples=config.limits.max_examples,
+            example_weights=config.limits.weights(),
             run_id=runs.run_id,
             observer=self,
             state=dict(self.resume.state or {}),

@@ -182,7 +182,10 @@ class S3Backend:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self.client = boto3.client(
+        # A session of its own: boto3's default one resolves credentials once per process
+        # and keeps them, so a backend made after the environment changed (another store,
+        # renewed keys) would sign with stale keys, which only a real server refuses.
+        self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint or None,
             region_name=region or None,
@@ -196,6 +199,7 @@ class S3Backend:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, key: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
@@ -205,18 +209,36 @@ class S3Backend:
                 f"{self.url}: no S3 credentials (set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
             ) from exc
+        except S3UploadFailedError as exc:  # upload_file wraps the server's refusal
+            if isinstance(exc.__context__, ClientError):
+                raise self._refused(key, exc.__context__) from exc
+            raise StoreError(f"{self.url}/{key}: {exc}") from exc
         except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
-                raise NotFound(f"{self.url}/{key} does not exist") from exc
-            if code == "NoSuchBucket":
-                raise StoreError(f"{self.url}: bucket {self.bucket!r} does not exist") from exc
-            if code.startswith("5") or code in ("SlowDown", "ServiceUnavailable"):
-                raise Unreachable(f"{self.url}/{key}: {code} {error.get('Message', '')}") from exc
-            raise StoreError(f"{self.url}/{key}: {code} {error.get('Message', '')}") from exc
+            raise self._refused(key, exc) from exc
         except BotoCoreError as exc:
             raise Unreachable(f"{self.url}: {exc}") from exc
+
+    def _refused(self, key: str, exc: Any) -> StoreError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        said = f"{code} {error.get('Message') or ''}".strip()
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return NotFound(f"{self.url}/{key} does not exist")
+        if code == "NoSuchBucket":
+            return StoreError(f"{self.url}: bucket {self.bucket!r} does not exist")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return StoreError(
+                f"{self.url}: the store refused the credentials ({code}): check "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
+        if code in ("403", "AccessDenied"):  # a HEAD's refusal has no body, only the status
+            return StoreError(
+                f"{self.url}/{key}: access denied ({code}): check the credentials "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's policy"
+            )
+        if code.startswith("5") or code in ("SlowDown", "ServiceUnavailable"):
+            return Unreachable(f"{self.url}/{key}: {said}")
+        return StoreError(f"{self.url}/{key}: {said}")
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)

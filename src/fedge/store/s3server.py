@@ -37,6 +37,11 @@ class S3Server:
         """What a client process needs to reach this server."""
         return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
 
+    @property
+    def pids(self) -> list[int]:
+        """The server's process, for measuring what it costs."""
+        return [self._proc.pid] if self._proc is not None else []
+
     def __enter__(self) -> S3Server:
         self.start()
         return self

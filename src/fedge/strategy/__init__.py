@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fedge.strategy.base import RoundContext, Strategy, StrategyWrapper
 from fedge.strategy.bulyan import Bulyan
+from fedge.strategy.centered_clip import CenteredClip
 from fedge.strategy.clip import ClipUpdates
 from fedge.strategy.dp import DifferentialPrivacy
 from fedge.strategy.fedavg import FedAvg
@@ -33,6 +34,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Krum,
         MultiKrum,
         Bulyan,
+        CenteredClip,
         FedBuff,
     )
 }
@@ -45,6 +47,7 @@ __all__ = [
     "STRATEGIES",
     "WRAPPERS",
     "Bulyan",
+    "CenteredClip",
     "ClipUpdates",
     "DifferentialPrivacy",
     "FedAdagrad",
