@@ -102,8 +102,8 @@ def test_the_validator_refuses_what_kubernetes_would() -> None:
     """The check above can fail: a misspelt field and a wrong type are refused."""
     server = named(rendered("base"), "StatefulSet", "fedge-server")
     broken = yaml.safe_load(yaml.safe_dump(server))
-    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
-    with pytest.raises(kubernetes_validate.ValidationError):
+    broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonroot"] = True
+    with pytest.raises(kubernetes_validate.ValidationError, match="'runAsNonroot' was unexpected"):
         kubernetes_validate.validate(broken, KUBERNETES, strict=True)
     broken = yaml.safe_load(yaml.safe_dump(server))
     broken["spec"]["replicas"] = "one"
