@@ -395,6 +395,7 @@ def test_cert_manager_certificates_are_what_fedge_issues() -> None:
     # each node's Secret is projected as NAME.crt / NAME.key; no hand-made node Secret
     node = named(docs, "DaemonSet", "fedge-node")["spec"]["template"]["spec"]
     assert "initContainers" not in node
+    assert [v["name"] for v in node["volumes"]] == ["app", "cids", "certs", "cache", "tmp"]
     (certs,) = [v for v in node["volumes"] if v["name"] == "certs"]
     paths = {
         item["path"]: (source["secret"]["name"], item["key"])
