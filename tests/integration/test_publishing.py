@@ -148,9 +148,11 @@ def test_a_node_serves_the_newest_published_model_and_status_shows_it(tmp_path: 
     from fedge.launch import free_port, wait_for
 
     url = f"file://{tmp_path / 'store'}"
+    # enough rounds that the run is still on when `fedge status` (a new process, slow to
+    # start on a loaded machine) asks, after node-0 served its second version
     config = write_config(
-        tmp_path / "app", rounds=6, fraction_evaluate=0.0, fit_delay=0.4,
-        extra=f'[store]\nurl = "{url}"\nmodel = "digits"\nkeep = 10\n',
+        tmp_path / "app", rounds=10, fraction_evaluate=0.0, fit_delay=0.4,
+        extra=f'[store]\nurl = "{url}"\nmodel = "digits"\nkeep = 12\n',
     )  # fmt: skip
     port = free_port()
     with Launcher(tmp_path, config) as fleet:
@@ -186,7 +188,7 @@ def test_a_node_serves_the_newest_published_model_and_status_shows_it(tmp_path: 
             answer = http.post("/v2/models/digits/infer", json=body).json()
             scraped = http.get("/metrics").text  # the node's metrics beside the server's
         assert 'fedge_node_info{cid="0",node="node-0"' in scraped, scraped
-        assert 'fedge_node_task_duration_seconds_count{kind="fit",outcome="ok"} 6.0' in scraped
+        assert 'fedge_node_task_duration_seconds_count{kind="fit",outcome="ok"} 10.0' in scraped
         assert 'fedge_serve_requests_total{code="200",endpoint="infer"} 1.0' in scraped
         assert "process_resident_memory_bytes" in scraped
         logits = np.array(answer["outputs"][0]["data"], np.float32).reshape(3, 10)
