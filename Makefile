@@ -70,6 +70,7 @@ bench: $(STAMP) $(SYSTEM) bytecode
 	$(BIN)/python benchmarks/metrics_bench.py
 	$(BIN)/python benchmarks/dashboard_bench.py
 	$(BIN)/python benchmarks/byzantine_bench.py
+	$(BIN)/python benchmarks/byzantine_bench.py --secure
 # against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
 	$(BIN)/python benchmarks/secagg_flower_bench.py
 	$(BIN)/python benchmarks/flower_sim_bench.py
