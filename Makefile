@@ -10,7 +10,7 @@ SYSTEM := $(VENV)/.system
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,privacy,dp-sgd,ray]"
 	touch $@
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
