@@ -133,8 +133,8 @@ def _app_of(cfg: RunConfig, *, node: bool = False) -> App:
 
 @dataclass(frozen=True)
 class _ConfiguredClients:
-    """The app's clients, built where a Ray actor runs: each actor loads the app once
-    (which must be importable there) instead of unpickling the driver's clients."""
+    """The app's clients, built where a Ray actor runs: on a cluster each actor loads the
+    app once (it must be importable there, its data at hand), as a node does."""
 
     cfg: RunConfig
 
@@ -177,6 +177,13 @@ def sim(
         cfg.simulation.ray_address = ray_address
     cfg.base_dir = cfg.base_dir.resolve()  # where Ray actors load the app from
     user_app = _app_of(cfg)
+    factory = None
+    if cfg.simulation.backend == "ray" and cfg.simulation.ray_address is not None:
+        factory = _ConfiguredClients(cfg)
+    elif cfg.simulation.backend == "ray":  # a local Ray: client_fn, data and all, once
+        from fedge.sim_ray import send_by_value
+
+        send_by_value(cfg.app.target.partition(":")[0])
     started()
     with ProgressObserver(cfg.run.rounds, _console(), disable=quiet) as observer:
         history = simulate(
@@ -201,7 +208,7 @@ def sim(
             task_times=cfg.simulation.task_times,
             speed_spread=cfg.simulation.speed_spread,
             ray_address=cfg.simulation.ray_address,
-            client_factory=_ConfiguredClients(cfg),
+            client_factory=factory,
         )
     _console(stdout=True).print(history_table(history))
     if out is not None:

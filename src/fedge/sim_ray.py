@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,6 +45,8 @@ Executed = tuple[Result | None, str | None]
 MAX_BATCH = 64
 """Tasks per actor call at most: enough to make a call's cost negligible against the
 clients' training, few enough that the last batches of a round keep every actor busy."""
+RESTARTS = 3
+"""Times an actor is restarted after its process died, before its tasks fail for good."""
 MODELS_KEPT = 3
 """Model versions an actor keeps (asynchronous rounds still train on older ones)."""
 
@@ -72,6 +75,12 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def send_by_value(module: str) -> None:
+    """Pickle what `module` (imported here) defines by value when it goes to the actors,
+    so that they need not import it: the app module of a local `fedge sim`."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[module])  # type: ignore[no-untyped-call]
+
+
 class RayPool:
     """`workers` actors (default: one per CPU of the cluster) that run `RayJob` batches."""
 
@@ -94,8 +103,10 @@ class RayPool:
                     f"simulation.workers = {count} Ray actors of one CPU each, but the Ray "
                     f"cluster has {cpus} CPUs"
                 )
-            shipped = None if client_factory is not None else ray.put(client_fn)
-            actor = ray.remote(num_cpus=1, max_restarts=0)(_Worker)
+            shipped = None if client_factory is not None else _put(client_fn)
+            # an actor whose process dies (a client crashed it, out of memory) comes back,
+            # its calls then in flight failed; a few times, so a crash loop ends too
+            actor = ray.remote(num_cpus=1, max_restarts=RESTARTS)(_Worker)
             self._actors = [actor.remote(shipped, client_factory) for _ in range(count)]
             try:  # a worker that cannot build the clients fails here, with its reason
                 ray.get([a.ready.remote() for a in self._actors])
@@ -117,7 +128,7 @@ class RayPool:
         size = max(1, min(MAX_BATCH, math.ceil(len(jobs) / (4 * len(self._actors)))))
         batches = [jobs[i : i + size] for i in range(0, len(jobs), size)]
         window = 4 * len(self._actors)  # batches run or held at once: bounds the memory
-        free = deque(a for a in self._actors for _ in range(2))  # two calls queued each
+        free = deque(a for _ in range(2) for a in self._actors)  # two calls queued each
         running: dict[ray.ObjectRef[list[Executed]], tuple[int, Any]] = {}
         finished: dict[int, list[Executed]] = {}
         submitted = yielded = 0
@@ -159,6 +170,20 @@ class RayPool:
         if self._owner:
             ray.shutdown()
             self._owner = False
+
+
+def _put(client_fn: ClientFn) -> ray.ObjectRef[ClientFn]:
+    try:
+        return ray.put(client_fn)
+    except (TypeError, AttributeError, pickle.PicklingError) as exc:
+        cause: BaseException = exc  # Ray's message is a page long; the first cause says it
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        raise ConfigError(
+            f"client_fn cannot be sent to the Ray workers: {cause} (give simulate a "
+            f"client_factory that builds it where they run; fedge sim does so on a cluster, "
+            f"with --ray-address)"
+        ) from exc
 
 
 def _writable(result: Result | None) -> Result | None:

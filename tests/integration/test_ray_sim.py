@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -199,6 +200,27 @@ def test_a_client_exception_is_a_failure_of_that_client_only(session: str) -> No
     np.testing.assert_array_equal(history.weights["bias"], np.full(3, 2, np.float32))
 
 
+class KillsItsWorker(Client):
+    def __init__(self, cid: int) -> None:
+        self.cid = cid
+
+    def fit(self, weights: Weights, config: Config) -> FitResult:
+        if self.cid == 1:
+            os._exit(3)  # as a segfault or the OOM killer would: the actor's process ends
+        return FitResult(weights, 10)
+
+
+def test_a_worker_that_dies_fails_its_tasks_and_comes_back(session: str) -> None:
+    history = fedge.simulate(KillsItsWorker, 4, 2, initial_weights=INITIAL, backend="ray")
+    assert [r.status for r in history.rounds] == ["ok", "ok"]
+    for record in history.rounds:
+        assert 1 in record.failures and {0, 2} <= set(record.participants)
+        assert sorted([*record.participants, *record.failures]) == [0, 1, 2, 3]
+        for cid, reason in record.failures.items():  # client 1, and any queued behind it
+            assert reason.startswith(f"client {cid}: the Ray worker failed"), reason
+    assert idle()
+
+
 def test_workers_that_cannot_build_the_clients_say_why(session: str) -> None:
     def factory() -> ClientFn:
         raise ImportError("No module named 'sensors'")
@@ -209,9 +231,10 @@ def test_workers_that_cannot_build_the_clients_say_why(session: str) -> None:
         )
     assert "the Ray workers could not build the clients" in str(raised.value)
     assert "No module named 'sensors'" in str(raised.value)
-    with pytest.raises(
-        ConfigError, match="3 Ray actors of one CPU each, but the Ray cluster has 2"
-    ):
+    lock = threading.Lock()
+    with pytest.raises(ConfigError, match=r"Ray workers: cannot pickle '_thread\.lock'"):
+        fedge.simulate(lambda c: lock and softmax(c), 2, 1, initial_weights=INITIAL, backend="ray")
+    with pytest.raises(ConfigError, match="3 Ray actors of one CPU each, but the Ray cluster"):
         fedge.simulate(softmax, 2, 1, initial_weights=INITIAL, backend="ray", workers=3)
     assert idle()
 
