@@ -10,8 +10,9 @@ object store PSS splits between them) every 0.25 s and keeps the peak.
 Rows: `setup` is what comes before the first round (data generation excluded: the app
 builds it once in the driver in every row), `round` the median round's wall time,
 `total` the whole `simulate` call. Ray rows: `ray` ships `client_fn` through the object
-store (its data arrays zero-copy in shared memory), `ray-build` has each actor build the
-clients itself (as `fedge sim` does: every actor generates the data again). A last
+store (its data arrays zero-copy in shared memory; what a local `fedge sim` does),
+`ray-build` has each actor build the clients itself (what `fedge sim --ray-address` does
+on a cluster: every actor generates the data again). A last
 section times one round of fits without the coordinator: Ray tasks (one per batch of
 clients, `client_fn` read from the object store by every task) against the actor pool.
 
@@ -154,15 +155,33 @@ def ray_tasks_vs_actors(clients: int) -> list[dict[str, Any]]:
 
 
 class Sampler(threading.Thread):
-    """Peak summed PSS (MiB) of a process and all its descendants."""
+    """Peak summed PSS (MiB) of a process and all its descendants, and their CPU time
+    (user + system, as last seen for each process: the machine is shared, so CPU seconds
+    say more about a backend's cost than wall time does)."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid, self.peak_mib, self.done = pid, 0.0, threading.Event()
+        self.cpu: dict[int, float] = {}
 
     def run(self) -> None:
         while not self.done.wait(0.25):
-            self.peak_mib = max(self.peak_mib, sum(_pss_kib(p) for p in _tree(self.pid)) / 1024)
+            tree = _tree(self.pid)
+            self.peak_mib = max(self.peak_mib, sum(_pss_kib(p) for p in tree) / 1024)
+            for pid in tree:
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), _cpu_s(pid))
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _tree(root: int) -> list[int]:
@@ -205,6 +224,7 @@ def measured(*args: str) -> dict[str, Any]:
     if child.returncode != 0:
         raise SystemExit(f"{args} failed with exit code {child.returncode}")
     row: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    row["cpu_s"] = sampler.cpu_s
     row["peak_pss_mib"] = sampler.peak_mib
     return row
 
@@ -213,6 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each, interleaved")
     parser.add_argument(
         "--backends", nargs="+", default=["inprocess", "process", "ray", "ray-build"]
     )
@@ -225,11 +246,19 @@ def main() -> None:
     if args.fits:
         print(json.dumps(ray_tasks_vs_actors(args.fits)))
         return
-    rows = []
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for clients in args.clients:
-        for backend in args.backends:
-            rows.append(measured("--one", backend, str(clients), str(args.rounds)))
-            print(rows[-1], flush=True)
+        for repeat in range(args.repeat):  # the other way round each time: load drifts
+            for backend in args.backends[:: -1 if repeat % 2 else 1]:
+                run = measured("--one", backend, str(clients), str(args.rounds))
+                runs.setdefault((clients, backend), []).append(run)
+                print(run, flush=True)
+    rows = []
+    for same in runs.values():  # the run of median round time, and the range of them all
+        same.sort(key=lambda r: float(r["round_s"]))
+        row = dict(same[(len(same) - 1) // 2])
+        row["round_s_range"] = f"{same[0]['round_s']:.1f}–{same[-1]['round_s']:.1f}"
+        rows.append(row)
     fits = []
     for clients in args.clients:
         run = subprocess.run(

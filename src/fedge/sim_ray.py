@@ -70,8 +70,17 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = "start a local Ray" if address is None else f"join the Ray cluster at {address!r}"
-        raise ConfigError(f"simulation.ray_address: cannot {where}: {exc}") from exc
+        if address is None:
+            raise ConfigError(f"cannot start a local Ray: {exc}") from exc
+        hint = (
+            ""
+            if os.environ.get("RAY_AUTH_MODE") == "token"
+            else " (a cluster with token authentication needs RAY_AUTH_MODE=token here, "
+            "and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        )
+        raise ConfigError(
+            f"simulation.ray_address: cannot join the Ray cluster at {address!r}: {exc}{hint}"
+        ) from exc
     return True
 
 

@@ -254,10 +254,13 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Weights]:
 
 
 def sim(where: Path, *args: str | Path, marker: str = "") -> subprocess.CompletedProcess[str]:
+    # RAY_AUTH_MODE=token, as docs/simulation.md says a shell joining a cluster needs
+    # (the session's Ray authenticates with the token in ~/.ray/auth_token)
+    env = {**os.environ, MARKER: marker, "RAY_AUTH_MODE": "token"}
     run = subprocess.run(
         [sys.executable, "-m", "fedge", "sim", "-c", where / "fedge.toml", "-q", *map(str, args)],
         cwd=where,
-        env={**os.environ, MARKER: marker},
+        env=env,
         capture_output=True,
         text=True,
         check=False,
