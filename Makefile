@@ -57,6 +57,7 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/privacy_bench.py
 	$(BIN)/python benchmarks/secagg_bench.py
+	$(BIN)/python benchmarks/ray_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
