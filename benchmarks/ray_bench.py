@@ -16,7 +16,13 @@ on a cluster: every actor generates the data again). A last
 section times one round of fits without the coordinator: Ray tasks (one per batch of
 clients, `client_fn` read from the object store by every task) against the actor pool.
 
-Usage: python benchmarks/ray_bench.py [--clients 1000 10000] [--rounds 3]
+Ray starts its actors with OMP_NUM_THREADS=1 (OpenBLAS then runs one thread); the other
+backends run OpenBLAS's default, a thread per core, which on these tiny matmuls costs
+2-3x on 2 shared cores. `--blas-threads 1` gives every backend one thread: the fair
+comparison (results/ray_blas1.json); without it, the defaults a user gets (ray.json).
+
+Usage: python benchmarks/ray_bench.py [--clients 1000 10000] [--rounds 3] [--repeat 2]
+       [--blas-threads 1] [--no-fits]
 """
 
 from __future__ import annotations
@@ -211,10 +217,10 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def measured(*args: str) -> dict[str, Any]:
+def measured(*args: str, env: dict[str, str]) -> dict[str, Any]:
     """Run `args` of this script in a child process, sampling its memory."""
     child = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=os.environ
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env
     )
     sampler = Sampler(child.pid)
     sampler.start()
@@ -237,6 +243,12 @@ def main() -> None:
     parser.add_argument(
         "--backends", nargs="+", default=["inprocess", "process", "ray", "ray-build"]
     )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        help="OPENBLAS_NUM_THREADS and OMP_NUM_THREADS for every run (Ray's actors get 1)",
+    )
+    parser.add_argument("--no-fits", action="store_true", help="skip tasks against actors")
     parser.add_argument("--one", nargs=3, metavar=("BACKEND", "CLIENTS", "ROUNDS"))
     parser.add_argument("--fits", type=int, metavar="CLIENTS")
     args = parser.parse_args()
@@ -246,11 +258,16 @@ def main() -> None:
     if args.fits:
         print(json.dumps(ray_tasks_vs_actors(args.fits)))
         return
+    env, name = dict(os.environ), "ray"
+    if args.blas_threads:
+        threads = str(args.blas_threads)
+        env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+        name = f"ray_blas{threads}"
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for clients in args.clients:
         for repeat in range(args.repeat):  # the other way round each time: load drifts
             for backend in args.backends[:: -1 if repeat % 2 else 1]:
-                run = measured("--one", backend, str(clients), str(args.rounds))
+                run = measured("--one", backend, str(clients), str(args.rounds), env=env)
                 runs.setdefault((clients, backend), []).append(run)
                 print(run, flush=True)
     rows = []
@@ -259,6 +276,11 @@ def main() -> None:
         row = dict(same[(len(same) - 1) // 2])
         row["round_s_range"] = f"{same[0]['round_s']:.1f}–{same[-1]['round_s']:.1f}"
         rows.append(row)
+    blas = f", {args.blas_threads} BLAS thread(s)" if args.blas_threads else ""
+    title = f"Simulation backends at scale: Synthetic(1,1), FedAvg, 2 workers{blas}"
+    report(name, title, rows)
+    if args.no_fits:
+        return
     fits = []
     for clients in args.clients:
         run = subprocess.run(
@@ -268,7 +290,6 @@ def main() -> None:
             text=True,
         )
         fits.extend(json.loads(run.stdout.strip().splitlines()[-1]))
-    report("ray", "Simulation backends at scale: Synthetic(1,1), FedAvg, 2 workers", rows)
     report("ray_fits", "One round of fits: Ray tasks vs actors", fits)
 
 
