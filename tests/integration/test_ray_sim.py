@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -76,8 +77,18 @@ def idle(within: float = 20.0) -> bool:
     return True
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_tmpdir() -> Iterator[Path]:
+    """Ray's session files (logs, sockets) of this module's Rays, removed afterwards."""
+    where = Path(tempfile.mkdtemp(prefix="fedge-ray-"))  # short: Ray's sockets live there
+    os.environ["RAY_TMPDIR"] = str(where)
+    yield where
+    del os.environ["RAY_TMPDIR"]
+    shutil.rmtree(where, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def session() -> Iterator[str]:
+def session(ray_tmpdir: Path) -> Iterator[str]:
     """A local Ray for the module; its address. Afterwards, none of its processes runs."""
     marker = uuid.uuid4().hex
     os.environ[MARKER] = marker  # inherited by Ray's processes, not kept by this one
@@ -86,6 +97,7 @@ def session() -> Iterator[str]:
     finally:
         del os.environ[MARKER]
     assert marked(marker), "Ray's processes should carry the marker"
+    assert list(ray_tmpdir.glob("ray/session_*")), "Ray should keep its files there"
     yield str(ray.get_runtime_context().gcs_address)
     ray.shutdown()
     assert gone(marker) == []
