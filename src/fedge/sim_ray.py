@@ -104,6 +104,7 @@ class RayPool:
         self._owner = start(address, workers)
         self._actors: list[Any] = []
         self._models: dict[str, ray.ObjectRef[Weights]] = {}
+        self._shipped: ray.ObjectRef[ClientFn] | None = None  # kept: a restart reads it again
         try:
             cpus = int(ray.cluster_resources().get("CPU", 0))  # type: ignore[no-untyped-call]
             count = workers or max(1, cpus)
@@ -112,11 +113,11 @@ class RayPool:
                     f"simulation.workers = {count} Ray actors of one CPU each, but the Ray "
                     f"cluster has {cpus} CPUs"
                 )
-            shipped = None if client_factory is not None else _put(client_fn)
+            self._shipped = None if client_factory is not None else _put(client_fn)
             # an actor whose process dies (a client crashed it, out of memory) comes back,
             # its calls then in flight failed; a few times, so a crash loop ends too
             actor = ray.remote(num_cpus=1, max_restarts=RESTARTS)(_Worker)
-            self._actors = [actor.remote(shipped, client_factory) for _ in range(count)]
+            self._actors = [actor.remote(self._shipped, client_factory) for _ in range(count)]
             try:  # a worker that cannot build the clients fails here, with its reason
                 ray.get([a.ready.remote() for a in self._actors])
             except RayError as exc:
@@ -168,14 +169,15 @@ class RayPool:
         try:
             results: list[Executed] = ray.get(ref)
         except RayError as exc:  # the worker died (killed, out of memory, lost node)
-            return [(None, f"client {job[1]}: the Ray worker failed: {exc}") for job in batch]
+            reason = str(exc).strip().splitlines()[0]  # the rest: Ray's advice, pids, ids
+            return [(None, f"client {job[1]}: the Ray worker failed: {reason}") for job in batch]
         return [(_writable(result), error) for result, error in results]
 
     def close(self) -> None:
         """Stop the actors, and Ray itself if `start` started it here."""
         for actor in self._actors:
             ray.kill(actor)
-        self._actors, self._models = [], {}
+        self._actors, self._models, self._shipped = [], {}, None
         if self._owner:
             ray.shutdown()
             self._owner = False
