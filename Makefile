@@ -13,7 +13,7 @@ export FLOWER_VENV
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,dashboard,privacy,dp-sgd,observe,deploy]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sklearn,mnist1d,torch,mqtt,s3,serve,dashboard,privacy,dp-sgd,observe,deploy,ray]"
 	touch $@
 
 # System packages (apt): a software TPM and tpm2-tools, for the TPM enrollment tests;
@@ -71,6 +71,7 @@ bench: $(STAMP) $(SYSTEM) bytecode
 	$(BIN)/python benchmarks/dashboard_bench.py
 	$(BIN)/python benchmarks/byzantine_bench.py
 	$(BIN)/python benchmarks/byzantine_bench.py --secure
+	$(BIN)/python benchmarks/ray_bench.py
 # against Flower: each measures only fedge's side when $(FLOWER_VENV) is missing
 	$(BIN)/python benchmarks/secagg_flower_bench.py
 	$(BIN)/python benchmarks/flower_sim_bench.py

@@ -6,8 +6,9 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from fedge.app import App
+    from fedge.client import Client
     from fedge.config import RunConfig
     from fedge.fleet.server import Aggregator
     from fedge.observe.dashboard import Dashboard
@@ -73,6 +75,7 @@ OutOption = Annotated[Path | None, typer.Option("--out", help="Write per-round r
 class Backend(StrEnum):
     inprocess = "inprocess"
     process = "process"
+    ray = "ray"
 
 
 class CertRole(StrEnum):
@@ -130,6 +133,17 @@ def _app_of(cfg: RunConfig, *, node: bool = False) -> App:
     return secured(app, settings, None if node else cfg.build_strategy())
 
 
+@dataclass(frozen=True)
+class _ConfiguredClients:
+    """The app's clients, built where a Ray actor runs: on a cluster each actor loads the
+    app once (it must be importable there, its data at hand), as a node does."""
+
+    cfg: RunConfig
+
+    def __call__(self) -> Callable[[int], Client]:
+        return _app_of(self.cfg).client_fn
+
+
 @app.command()
 def sim(
     config: ConfigOption = Path("fedge.toml"),
@@ -137,7 +151,15 @@ def sim(
     model_out: ModelOutOption = None,
     rounds: Annotated[int | None, typer.Option(help="Override run.rounds.")] = None,
     backend: Annotated[
-        Backend | None, typer.Option(help="Run clients in this process or a pool.")
+        Backend | None,
+        typer.Option(help="Run clients in this process, a process pool or Ray actors."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="--backend ray: join this Ray cluster ('auto' or HOST:PORT) instead of "
+            "starting a local Ray (simulation.ray_address)."
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress view.")] = False,
 ) -> None:
@@ -153,7 +175,17 @@ def sim(
         cfg.run.rounds = rounds
     if backend is not None:
         cfg.simulation.backend = backend.value
+    if ray_address is not None:
+        cfg.simulation.ray_address = ray_address
+    cfg.base_dir = cfg.base_dir.resolve()  # where Ray actors load the app from
     user_app = _app_of(cfg)
+    factory = None
+    if cfg.simulation.backend == "ray" and cfg.simulation.ray_address is not None:
+        factory = _ConfiguredClients(cfg)
+    elif cfg.simulation.backend == "ray":  # a local Ray: client_fn, data and all, once
+        from fedge.sim_ray import send_by_value
+
+        send_by_value(cfg.app.target.partition(":")[0])
     started()
     with ProgressObserver(cfg.run.rounds, _console(), disable=quiet) as observer:
         history = simulate(
@@ -178,6 +210,8 @@ def sim(
             compression=cfg.compression,
             task_times=cfg.simulation.task_times,
             speed_spread=cfg.simulation.speed_spread,
+            ray_address=cfg.simulation.ray_address,
+            client_factory=factory,
         )
     _console(stdout=True).print(history_table(history))
     if out is not None:

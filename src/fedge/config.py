@@ -67,8 +67,10 @@ class RunSection(_Section):
 
 
 class SimulationSection(_Section):
-    backend: Literal["inprocess", "process"] = "inprocess"
+    backend: Literal["inprocess", "process", "ray"] = "inprocess"
     workers: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    ray_address: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    """backend "ray": the cluster to join ("auto", "HOST:PORT"); unset: a local Ray."""
     stragglers: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     dropouts: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     speed_spread: Annotated[float, msgspec.Meta(ge=1)] = 1.0

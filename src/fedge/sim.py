@@ -1,10 +1,11 @@
-"""Simulation: the coordinator driving clients in this process or in a process pool.
+"""Simulation: the coordinator driving clients in this process, a process pool, or Ray.
 
-Both backends run tasks in task order and fold results in that order, so they give
-bit-identical models for the same seed. Stragglers and dropouts are drawn per (seed,
-round, attempt, client) for experiments: a dropout sends nothing; a straggler misses the
-deadline, unless the strategy keeps partial work (FedProx), in which case it trains with
-``config["work_fraction"]`` in (0, 1) and its result is kept.
+Every backend runs tasks in task order and folds results in that order, so they give
+bit-identical models for the same seed (the Ray backend is `fedge.sim_ray`). Stragglers
+and dropouts are drawn per (seed, round, attempt, client) for experiments: a dropout
+sends nothing; a straggler misses the deadline, unless the strategy keeps partial work
+(FedProx), in which case it trains with ``config["work_fraction"]`` in (0, 1) and its
+result is kept.
 
 With compression, fit results are encoded here, in this process, by one `Compressor` per
 client (its error-feedback residual lives as long as the simulation, whichever worker
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -56,10 +57,15 @@ from fedge.strategy.fedavg import FedAvg
 from fedge.strategy.fedbuff import FedBuff
 from fedge.weights import State, Weights, validate
 
+if TYPE_CHECKING:
+    from fedge.sim_ray import RayPool
+
 log = logging.getLogger(__name__)
 
 ClientFn = Callable[[int], Client]
-Backend = Literal["inprocess", "process"]
+ClientFactory = Callable[[], ClientFn]
+Backend = Literal["inprocess", "process", "ray"]
+BACKENDS: tuple[Backend, ...] = ("inprocess", "process", "ray")
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class LocalFleet:
         faults: Faults = Faults(),
         compression: CompressionSection | None = None,
         task_times: Sequence[float] | None = None,
+        ray_address: str | None = None,
+        client_factory: ClientFactory | None = None,
     ) -> None:
         if num_clients < 1:
             raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
@@ -113,8 +121,8 @@ class LocalFleet:
                 f"simulation.task_times must be {num_clients} positive numbers (one per "
                 f"client), got {list(task_times)!r}"
             )
-        if backend not in ("inprocess", "process"):
-            raise ConfigError(f"backend must be 'inprocess' or 'process', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be 'inprocess', 'process' or 'ray', got {backend!r}")
         self.client_fn, self.num_clients, self.seed, self.faults = (
             client_fn,
             num_clients,
@@ -132,7 +140,14 @@ class LocalFleet:
         self._finish: dict[str, tuple[float, int]] = {}
         self._opened = 0
         self._pool: Pool | None = None
-        if backend == "process":
+        self._ray: RayPool | None = None
+        if backend == "ray":
+            from fedge.sim_ray import RayPool
+
+            self._ray = RayPool(
+                client_fn, workers=workers, address=ray_address, client_factory=client_factory
+            )
+        elif backend == "process":
             # fork: client_fn (often a lambda) is inherited, never pickled
             context = multiprocessing.get_context("fork")
             self._pool = context.Pool(
@@ -154,6 +169,8 @@ class LocalFleet:
         for old in list(self._models)[:-2]:
             if old not in used:
                 del self._models[old]
+        if self._ray is not None:
+            self._ray.publish(version, weights, keep=list(self._models))
         return version
 
     def open(self, tasks: Sequence[Task]) -> None:
@@ -185,15 +202,25 @@ class LocalFleet:
                 jobs.append((task, config))
             else:
                 skipped[task.task_id] = reason
-        args = [
-            (task.kind, task.cid, self._models.get(task.model or ""), config, task.payload or {})
-            for task, config in jobs
-        ]
-        runs: Iterator[Executed] = (
-            self._pool.imap(_execute_packed, args)
-            if self._pool is not None
-            else (_execute(*_private_copy(a), client_fn=self.client_fn) for a in args)
-        )
+        runs: Iterator[Executed]
+        if self._ray is not None:
+            runs = self._ray.imap([_ray_job(task, config) for task, config in jobs])
+        else:
+            args = [
+                (
+                    task.kind,
+                    task.cid,
+                    self._models.get(task.model or ""),
+                    config,
+                    task.payload or {},
+                )
+                for task, config in jobs
+            ]
+            runs = (
+                self._pool.imap(_execute_packed, args)
+                if self._pool is not None
+                else (_execute(*_private_copy(a), client_fn=self.client_fn) for a in args)
+            )
         for task in tasks:
             if task.task_id in skipped:
                 yield Outcome(task, error=skipped[task.task_id])
@@ -227,6 +254,9 @@ class LocalFleet:
             config, reason = self._apply_faults(task)
             if reason is not None:
                 yield Outcome(task, error=reason)
+                continue
+            if self._ray is not None:
+                yield self._outcome(task, *self._ray.run(_ray_job(task, config)))
                 continue
             args = (
                 task.kind,
@@ -264,10 +294,18 @@ class LocalFleet:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+        if self._ray is not None:
+            self._ray.close()
+            self._ray = None
 
 
 Executed = tuple[Result | None, str | None]
 Job = tuple[str, int, Weights | None, Config, Weights]
+
+
+def _ray_job(task: Task, config: Config) -> tuple[str, int, str | None, Config, Weights]:
+    """A task as the Ray backend sends it: the model by version, not by value."""
+    return task.kind, task.cid, task.model, config, task.payload or {}
 
 
 def _execute(
@@ -352,6 +390,8 @@ def simulate(
     compression: CompressionSection | None = None,
     task_times: Sequence[float] | None = None,
     speed_spread: float = 1.0,
+    ray_address: str | None = None,
+    client_factory: ClientFactory | None = None,
 ) -> History:
     """Run `rounds` of federated training over `num_clients` simulated clients.
 
@@ -360,7 +400,14 @@ def simulate(
     simulated time (``sim_time``). An asynchronous strategy (FedBuff) always runs on the
     simulated clock, its clients equally fast unless told otherwise. The default
     workflow is the strategy's (`fedge.asynchronous.workflow_for`). `example_weights`
-    caps what the example count a client reports weighs (default: as reported)."""
+    caps what the example count a client reports weighs (default: as reported).
+
+    ``backend="ray"`` runs the clients in Ray actors (`fedge.sim_ray`): a local Ray is
+    started and stopped for the run, or the session this process already has is used, or
+    the cluster at `ray_address` (``"auto"``, ``HOST:PORT``) is joined. Each actor gets
+    `client_fn` through the object store (cloudpickle: closures by value, module-level
+    functions and classes by reference, so their module must be importable where the
+    actors run), or calls `client_factory` once to build its own."""
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     strategy = strategy or FedAvg()
@@ -394,6 +441,8 @@ def simulate(
         faults=Faults(stragglers, dropouts),
         compression=compression,
         task_times=task_times,
+        ray_address=ray_address,
+        client_factory=client_factory,
     ) as fleet:
         try:
             coordinator.run(fleet, _Clocked(history, fleet))

@@ -133,7 +133,8 @@ APP = '[app]\ntarget = "app:create_app"\n'
     [
         (APP + "[run]\nnum_clients = 0", "'run.num_clients' = 0"),
         (APP + "[run]\nround_timeout = -1.0", "'run.round_timeout' = -1.0"),
-        (APP + "[simulation]\nbackend = 'ray'", "'simulation.backend' = 'ray'"),
+        (APP + "[simulation]\nbackend = 'dask'", "'simulation.backend' = 'dask'"),
+        (APP + "[simulation]\nray_address = ''", "'simulation.ray_address' = ''"),
         (APP + "[simulation]\nworkers = 0", "'simulation.workers' = 0"),
         (APP + "[simulation]\ndropouts = -0.5", "'simulation.dropouts' = -0.5"),
         (APP + "opts = {}", "unknown key 'app.opts'"),

@@ -241,7 +241,7 @@ def test_faults_are_deterministic_per_seed() -> None:
         (lambda: LocalFleet(softmax_client, 0), "num_clients must be >= 1, got 0"),
         (
             lambda: LocalFleet(softmax_client, 2, backend="threads"),  # type: ignore[arg-type]
-            "backend must be 'inprocess' or 'process', got 'threads'",
+            "backend must be 'inprocess', 'process' or 'ray', got 'threads'",
         ),
         (
             lambda: Faults(stragglers=2.0),
