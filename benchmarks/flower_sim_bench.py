@@ -13,10 +13,10 @@ Flower's `run_simulation` (the same, its apps' loading too). The final accuracy 
 are the server's evaluation after round 5: the same model on both sides gives the same
 numbers.
 
-Backends: --backends inprocess,process (default); a backend may name the fedge sources to
+Backends: --backends inprocess,process,ray (default); a backend may name the fedge sources to
 run it from, e.g. `ray:/work/wt-ray/src` (put first on PYTHONPATH).
 
-Usage: python benchmarks/flower_sim_bench.py [--repeats 3] [--backends inprocess,process]
+Usage: python benchmarks/flower_sim_bench.py [--repeats 3] [--backends inprocess,process,ray]
 [--flower-cpus default,1] [--flower-python /work/flower-venv/bin/python]
 """
 
@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--backends", default="inprocess,process", help="fedge backends: NAME or NAME:SRC, ..."
+        "--backends", default="inprocess,process,ray", help="fedge backends: NAME or NAME:SRC, ..."
     )
     parser.add_argument(
         "--flower-cpus", default="default,1", help="CPUs per Flower client actor, a run each"
