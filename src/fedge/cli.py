@@ -262,8 +262,10 @@ def export(
 
             name = model or cfg.store.model
             registry = open_registry(
-                store, endpoint=cfg.store.endpoint, verify_keys=release_key or ()
-            )
+                store, endpoint=cfg.store.endpoint, region=cfg.store.region,
+                profile=cfg.store.profile, credentials_file=cfg.store.credentials_file,
+                verify_keys=release_key or (),
+            )  # fmt: skip
             weights = Path(tmp) / "model.safetensors"
             manifest = registry.pull(name, version, weights)
             source = f"{store} {name}/{manifest.version}"
@@ -785,6 +787,8 @@ def _serve_beside(
         cache_dir=edge.cache.models.parent / "serve",
         endpoint=cfg.store.endpoint,
         region=cfg.store.region,
+        profile=cfg.store.profile,
+        credentials_file=cfg.store.credentials_file,
     )
     source = open_source(settings)
     assert isinstance(source, ModelFollower)  # a store is followed, never a fixed file

@@ -168,10 +168,17 @@ class StoreSection(_Section):
     endpoint: str = ""
     """An S3 API endpoint other than AWS (Ceph RGW, MinIO); AWS_ENDPOINT_URL works too."""
     region: str = ""
+    profile: str = ""
+    """A profile of the AWS shared credentials and config files; AWS_PROFILE works too."""
+    credentials_file: str = ""
+    """A shared credentials file (e.g. a mounted Secret) instead of ~/.aws/credentials:
+    the keys stay out of the run's config, which is recorded with the run."""
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("file:///", "s3://")):
             raise ValueError(f"expected file:///path or s3://bucket/prefix, got {self.url!r}")
+        if (self.profile or self.credentials_file) and not self.url.startswith("s3://"):
+            raise ValueError("profile and credentials_file are for s3:// stores only")
 
 
 class MetricsSection(_Section):

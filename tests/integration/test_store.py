@@ -265,6 +265,32 @@ def test_a_real_server_checks_the_credentials(
         open_registry("s3://no-such-bucket/x").publish("m", model_file(tmp_path, 3.0), "v1")
 
 
+@pytest.mark.ceph
+def test_keys_from_a_profile_of_a_credentials_file(
+    ceph: CephRGW, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[store] profile` and `credentials_file` (a mounted Secret, say): the registry signs
+    with that profile's keys, not with the environment's, and a missing profile or file
+    is named."""
+    ceph.create_bucket("profiles")
+    url = "s3://profiles/fleet"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ceph.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ceph.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # would be refused
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[fleet]\naws_access_key_id = {ceph.access_key}\n"
+        f"aws_secret_access_key = {ceph.secret_key}\n"
+    )
+    registry = open_registry(url, profile="fleet", credentials_file=str(credentials))
+    published = registry.publish("m", model_file(tmp_path, 1.0), "v1")
+    assert registry.pull("m", "latest", tmp_path / "out.safetensors") == published
+    with pytest.raises(StoreError, match=rf"{url}: no profile 'other' in the AWS credentials"):
+        open_registry(url, profile="other", credentials_file=str(credentials))
+    with pytest.raises(StoreError, match=rf"{url}: no credentials file {tmp_path}/missing"):
+        open_registry(url, profile="fleet", credentials_file=str(tmp_path / "missing"))
+
+
 def test_an_unreachable_store_is_a_precise_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

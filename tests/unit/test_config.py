@@ -137,6 +137,7 @@ APP = '[app]\ntarget = "app:create_app"\n'
         (APP + "[simulation]\nray_address = ''", "'simulation.ray_address' = ''"),
         (APP + "[simulation]\nworkers = 0", "'simulation.workers' = 0"),
         (APP + "[simulation]\ndropouts = -0.5", "'simulation.dropouts' = -0.5"),
+        (APP + "[store]\nurl = 'file:///m'\nprofile = 'p'", "for s3:// stores only"),
         (APP + "opts = {}", "unknown key 'app.opts'"),
         ("run = 5\n" + APP, "'run' = 5"),
     ],

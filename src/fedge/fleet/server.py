@@ -368,8 +368,9 @@ def _publisher(
     else:
         log.warning("model store %s: publishing unsigned models (no PKI directory)", section.url)
     registry = open_registry(
-        section.url, endpoint=section.endpoint, region=section.region, sign_key=key
-    )
+        section.url, endpoint=section.endpoint, region=section.region,
+        profile=section.profile, credentials_file=section.credentials_file, sign_key=key,
+    )  # fmt: skip
     spool = settings.state_dir / "runs" / runs.run_id / "publish"
     return Publisher(registry, section, runs.run_id, spool, strategy, app)
 

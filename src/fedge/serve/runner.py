@@ -38,6 +38,8 @@ class ServeSettings:
     cache_dir: Path | None = None
     endpoint: str = ""
     region: str = ""
+    profile: str = ""
+    credentials_file: str = ""
     max_body: int = DEFAULT_MAX_BODY
     threads: int = 0
 
@@ -62,6 +64,8 @@ def open_source(settings: ServeSettings) -> Source:
         settings.store,
         endpoint=settings.endpoint,
         region=settings.region,
+        profile=settings.profile,
+        credentials_file=settings.credentials_file,
         verify_keys=settings.release_keys,
     )
     follower = ModelFollower(

@@ -16,16 +16,25 @@ def open_registry(
     *,
     endpoint: str = "",
     region: str = "",
+    profile: str = "",
+    credentials_file: str = "",
     sign_key: Path | None = None,
     verify_keys: Iterable[Path] = (),
 ) -> Registry:
-    """The registry at `url`; it signs what it publishes with `sign_key` and, given
-    `verify_keys`, loads only models signed by one of them."""
+    """The registry at `url` (`endpoint` ... `credentials_file`: `open_backend`'s); it
+    signs what it publishes with `sign_key` and, given `verify_keys`, loads only models
+    signed by one of them."""
     from fedge.store.signing import Signer, Verifier
 
     keys = list(verify_keys)
     return Registry(
-        open_backend(url, endpoint=endpoint, region=region),
+        open_backend(
+            url,
+            endpoint=endpoint,
+            region=region,
+            profile=profile,
+            credentials_file=credentials_file,
+        ),
         sign=Signer(sign_key) if sign_key is not None else None,
         verify=Verifier(keys) if keys else None,
     )

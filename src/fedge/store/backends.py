@@ -52,9 +52,17 @@ class Backend(Protocol):
     def exists(self, key: str) -> bool: ...
 
 
-def open_backend(url: str, *, endpoint: str = "", region: str = "") -> Backend:
+def open_backend(
+    url: str,
+    *,
+    endpoint: str = "",
+    region: str = "",
+    profile: str = "",
+    credentials_file: str = "",
+) -> Backend:
     """A backend for ``file:///path`` or ``s3://bucket/prefix`` (`endpoint`: an S3 API
-    other than AWS, e.g. Ceph RGW or MinIO; also from ``AWS_ENDPOINT_URL``)."""
+    other than AWS, e.g. Ceph RGW or MinIO; also from ``AWS_ENDPOINT_URL``; `profile` and
+    `credentials_file`: where boto3 finds the keys, else the usual AWS variables and files)."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
@@ -63,7 +71,10 @@ def open_backend(url: str, *, endpoint: str = "", region: str = "") -> Backend:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise StoreError(f"store {url!r}: expected s3://BUCKET/PREFIX")
-        return S3Backend(parts.netloc, parts.path.strip("/"), endpoint=endpoint, region=region)
+        return S3Backend(
+            parts.netloc, parts.path.strip("/"), endpoint=endpoint, region=region,
+            profile=profile, credentials_file=credentials_file,
+        )  # fmt: skip
     raise StoreError(f"store {url!r}: expected a file:///path or s3://bucket/prefix URL")
 
 
@@ -159,16 +170,28 @@ def _os_error(url: str, key: str, exc: OSError) -> StoreError:
 
 class S3Backend:
     """Objects in an S3 bucket under a prefix, with boto3: AWS S3, Ceph RGW, MinIO.
-    Credentials and region come from the usual AWS variables and files."""
+    Credentials and region come from the usual AWS variables and files, or from the
+    `profile` of a shared `credentials_file`."""
 
     MULTIPART = 256 << 20
     """Smaller objects go in one PUT (faster than parts here); larger in 64 MiB parts."""
 
-    def __init__(self, bucket: str, prefix: str, *, endpoint: str = "", region: str = "") -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint: str = "",
+        region: str = "",
+        profile: str = "",
+        credentials_file: str = "",
+    ) -> None:
         try:
             import boto3
+            import botocore.session
             from boto3.s3.transfer import TransferConfig
             from botocore.config import Config
+            from botocore.exceptions import ProfileNotFound
         except ImportError as exc:
             raise StoreError("an s3:// store needs boto3: pip install 'fedge[s3]'") from exc
         self.bucket, self.prefix = bucket, prefix
@@ -185,7 +208,19 @@ class S3Backend:
         # A session of its own: boto3's default one resolves credentials once per process
         # and keeps them, so a backend made after the environment changed (another store,
         # renewed keys) would sign with stale keys, which only a real server refuses.
-        self.client = boto3.session.Session().client(
+        core = botocore.session.Session()
+        if credentials_file:
+            if not Path(credentials_file).is_file():
+                raise StoreError(f"{self.url}: no credentials file {credentials_file}")
+            core.set_config_variable("credentials_file", credentials_file)
+        try:
+            session = boto3.session.Session(botocore_session=core, profile_name=profile or None)
+        except ProfileNotFound as exc:
+            raise StoreError(
+                f"{self.url}: no profile {profile!r} in the AWS credentials or config files"
+                f" ({credentials_file or core.get_config_variable('credentials_file')})"
+            ) from exc
+        self.client = session.client(
             "s3",
             endpoint_url=endpoint or None,
             region_name=region or None,
