@@ -33,6 +33,11 @@ def test_health_port_answers_in_plaintext_beside_mtls(fleet: Launcher) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             stop(b"", timeout=2.0)
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # a request is a service name: a big one is refused before the servicer sees it
+        check = health_pb2_grpc.HealthStub(channel).Check
+        with pytest.raises(grpc.RpcError) as big:
+            check(health_pb2.HealthCheckRequest(service="x" * 65536), timeout=2.0)
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # the mutual-TLS port does not answer a plaintext client
     assert _check(fleet.address) is None
     done = cli(fleet, "stop", "--server", fleet.address, "--certs", fleet.certs)

@@ -34,6 +34,10 @@ RECEIVE_WINDOW = 4 << 20
 HANDSHAKE_TIMEOUT_MS = 10_000
 FDS_KEPT = 256
 """File descriptors kept for state, spools and checkpoints when connections are capped."""
+HEALTH_STREAMS = 4
+"""Streams at once on one health connection (a probe uses one; Watch holds one open)."""
+HEALTH_MESSAGE = 1024
+"""Bytes of a health request (a service name); the default would be 4 MiB."""
 OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -127,6 +131,9 @@ class GrpcTransport:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_allowed_incoming_connections", 16),
+                # a request is a service name: a few streams each, small messages
+                ("grpc.max_concurrent_streams", HEALTH_STREAMS),
+                ("grpc.max_receive_message_length", HEALTH_MESSAGE),
                 # a probe connects, asks and leaves: a connection held open is let go
                 ("grpc.max_connection_idle_ms", 10_000),
                 ("grpc.max_connection_age_ms", 60_000),
