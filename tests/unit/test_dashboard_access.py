@@ -186,3 +186,42 @@ def test_the_page_data_counts_failures_per_node_and_shows_epsilon(tmp_path: Path
         and run["total_rounds"] == page["config"]["settings"]["run"]["rounds"]
     )
     assert page["config"]["strategy"].startswith("DifferentialPrivacy")
+
+
+def test_connections_that_send_no_request_are_closed_so_a_page_still_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_CONNECTIONS idle sockets held open must not lock the dashboard out."""
+    from fedge.observe import dashboard
+
+    monkeypatch.setattr(dashboard, "REQUEST_TIMEOUT", 0.5)
+    aggregator = _aggregator(tmp_path, 1)
+
+    async def get(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = f"GET /api/snapshot HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        writer.write(request.encode())
+        status = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        return status
+
+    async def main() -> None:
+        board = dashboard.Dashboard(aggregator, "127.0.0.1:0", TOKEN)
+        await board.start()
+        try:
+            idle = [
+                await asyncio.open_connection("127.0.0.1", board.port)
+                for _ in range(dashboard.MAX_CONNECTIONS + 8)
+            ]
+            for reader, _ in idle:  # the server hangs up on each of them
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert (await get(board.port)).startswith(b"HTTP/1.1 200")
+            for _, writer in idle:
+                writer.close()
+        finally:
+            await board.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        aggregator.runs.store.close()

@@ -69,6 +69,11 @@ MIN_TOKEN = 16
 MAX_CLIENTS = 16
 """Browsers watching at once; one more gets 503."""
 MAX_CONNECTIONS = 64
+"""Open connections; one more is closed at once."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds a new connection has to send its first request's head (uvicorn times out
+only the idle time between requests, so sockets that never ask would be held forever
+and, at MAX_CONNECTIONS, lock every browser out)."""
 QUEUE = 8
 """Messages a browser may fall behind before it is dropped (it reconnects)."""
 TICK = 1.0
@@ -632,13 +637,22 @@ def parse_address(address: str) -> tuple[str, int]:
 
 class _PeerCertificates(H11Protocol):
     """uvicorn's h11 protocol, keeping the TLS peer's verified certificate in the
-    request scope's state (uvicorn passes no TLS details to the app)."""
+    request scope's state (uvicorn passes no TLS details to the app), with a bound on
+    connections and on the wait for a first request."""
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:
+            transport.close()
+            return
+        self.loop.call_later(REQUEST_TIMEOUT, self._no_request)
         cert = transport.get_extra_info("peercert")
         if cert:  # this connection's own copy of the state each request's scope starts from
             self.app_state = {**self.app_state, PEER_CERT: cert}
+
+    def _no_request(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
 
 
 class _QuietServer(uvicorn.Server):
