@@ -3,9 +3,12 @@ metrics library unless asked to."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from fedge.coordinator import NO_RESULT
@@ -72,3 +75,25 @@ def test_a_node_without_metrics_loads_no_metrics_library() -> None:
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
+def test_the_metrics_port_bounds_its_connections_and_drops_idle_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sockets that never ask take no thread for ever, and a scrape still answers."""
+    from fedge.observe import exposition
+
+    monkeypatch.setattr(exposition, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(exposition, "READ_TIMEOUT", 0.5)
+    server = exposition.serve_metrics(exposition.new_registry("node"), 0)
+    address = ("127.0.0.1", server.server_port)
+    try:
+        idle = [socket.create_connection(address, timeout=10) for _ in range(6)]
+        for sock in idle:  # beyond the bound at once, the others after READ_TIMEOUT
+            assert sock.recv(1) == b""
+            sock.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{address[1]}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"fedge_build_info" in r.read()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,10 +1,14 @@
 """A registry of fedge's metrics with the process's own (CPU, memory, open files), served
-as ``/metrics`` over HTTP by prometheus-client's threaded server."""
+as ``/metrics`` over HTTP by prometheus-client's WSGI app in a threaded server with
+bounded connections and read timeouts."""
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,7 +17,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from fedge import __version__
 from fedge.errors import FedgeError
@@ -22,6 +26,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 """Metrics show the fleet's shape: loopback unless the operator opens them up."""
+MAX_CONNECTIONS = 16
+"""Connections served at once (a thread each); one more is closed unanswered."""
+READ_TIMEOUT = 10.0
+"""Seconds a connection may send nothing: prometheus-client's own server has no bound
+on either, so idle sockets would each hold a thread for ever."""
 
 
 def new_registry(role: str) -> CollectorRegistry:
@@ -40,8 +49,44 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str = DEFAULT_HO
     """Serve ``http://HOST:PORT/metrics`` in a daemon thread; returns the HTTP server
     (``server_port`` is the port bound, `shutdown()` stops it)."""
     try:
-        server, _ = start_http_server(port, host, registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class: type[_BoundedServer] = type(
+            "_Server", (_BoundedServer,), {"address_family": family}
+        )
+        server = make_server(
+            host, port, make_wsgi_app(registry), server_class, handler_class=_Handler
+        )
     except OSError as exc:
         raise FedgeError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: a request from %s failed", client_address, exc_info=True)
+
+
+class _Handler(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(READ_TIMEOUT)
+
+    def log_message(self, format: str, *args: Any) -> None:  # no line per scrape
+        pass
