@@ -225,3 +225,20 @@ def test_connections_that_send_no_request_are_closed_so_a_page_still_loads(
         asyncio.run(main())
     finally:
         aggregator.runs.store.close()
+
+
+def test_the_events_list_leaves_out_what_the_rounds_show(tmp_path: Path) -> None:
+    """A finished round is in the rounds table; as an event it would be its record's
+    repr, cut to 300 characters, built on the coordinator's thread every round."""
+    from fedge.history import RoundRecord
+    from fedge.observe.dashboard import Feed
+
+    aggregator = _aggregator(tmp_path, 3)
+    try:
+        feed = Feed(aggregator)
+        aggregator.events.emit("round.finished", record=RoundRecord(1, selected=[0, 1]))
+        aggregator.events.emit("checkpoint.written", round=1, seconds=0.01, size=1234)
+        assert [e["name"] for e in feed.events] == ["checkpoint.written"]
+        assert feed.events[0]["fields"] == {"round": 1, "seconds": 0.01, "size": 1234}
+    finally:
+        aggregator.runs.store.close()

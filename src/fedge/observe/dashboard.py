@@ -83,6 +83,8 @@ the loop ~20 ms for 1,000 nodes (`benchmarks/dashboard_bench.py`), so above 1,00
 nodes the interval grows with the fleet (`NODES_PER_SECOND`)."""
 NODES_PER_SECOND = 500
 EVENTS_KEPT = 50
+SHOWN_BY_ROUNDS = frozenset({"upload.accepted", "round.finished"})
+"""Events left out of the list: one per result, or per round, which the rounds show."""
 FAILURES_SHOWN = 20
 """Failure reasons kept per round (all are counted)."""
 MISSING_SHOWN = 50
@@ -418,7 +420,7 @@ class Feed:
         )  # fmt: skip
 
     def _on_event(self, event: Event) -> None:
-        if event.name == "upload.accepted":  # one per result: the rounds say it
+        if event.name in SHOWN_BY_ROUNDS:
             return
         fields = {
             k: v if isinstance(v, int | float) else str(v)[:TEXT] for k, v in event.fields.items()
