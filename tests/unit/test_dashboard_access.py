@@ -242,3 +242,29 @@ def test_the_events_list_leaves_out_what_the_rounds_show(tmp_path: Path) -> None
         assert feed.events[0]["fields"] == {"round": 1, "seconds": 0.01, "size": 1234}
     finally:
         aggregator.runs.store.close()
+
+
+def test_a_sign_in_whose_form_never_arrives_is_answered_408(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedge.observe import dashboard
+
+    monkeypatch.setattr(dashboard, "REQUEST_TIMEOUT", 0.5)
+    aggregator = _aggregator(tmp_path, 1)
+
+    async def main() -> bytes:
+        board = dashboard.Dashboard(aggregator, "127.0.0.1:0", TOKEN)
+        await board.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", board.port)
+            writer.write(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ntok")
+            status = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            return status
+        finally:
+            await board.stop()
+
+    try:
+        assert asyncio.run(main()).startswith(b"HTTP/1.1 408")
+    finally:
+        aggregator.runs.store.close()

@@ -71,9 +71,9 @@ MAX_CLIENTS = 16
 MAX_CONNECTIONS = 64
 """Open connections; one more is closed at once."""
 REQUEST_TIMEOUT = 10.0
-"""Seconds a new connection has to send its first request's head (uvicorn times out
-only the idle time between requests, so sockets that never ask would be held forever
-and, at MAX_CONNECTIONS, lock every browser out)."""
+"""Seconds a new connection has to send its first request's head, and a sign-in its
+form (uvicorn times out only the idle time between requests, so sockets that never ask
+would be held forever and, at MAX_CONNECTIONS, lock every browser out)."""
 QUEUE = 8
 """Messages a browser may fall behind before it is dropped (it reconnects)."""
 TICK = 1.0
@@ -470,12 +470,21 @@ def create_app(feed: Feed, access: Access, *, secure: bool = False) -> ASGIApp:
             return denied(request)
         return Response(index, media_type="text/html; charset=utf-8")
 
-    async def sign_in(request: Request) -> Response:
+    async def read_form(request: Request) -> bytes | None:
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_LOGIN_BODY:
-                return Response("login form too large", 413)
+                return None
+        return body
+
+    async def sign_in(request: Request) -> Response:
+        try:  # a form sent a byte at a time would hold one of the connections
+            body = await asyncio.wait_for(read_form(request), REQUEST_TIMEOUT)
+        except TimeoutError:
+            return Response(f"login form not sent within {REQUEST_TIMEOUT:g} s", 408)
+        if body is None:
+            return Response("login form too large", 413)
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0].strip()
         if not token or not access.token_ok(token):
             return denied(request, "That is not the admin token." if token else "")
