@@ -212,7 +212,8 @@ class Feed:
     def __init__(self, aggregator: Aggregator) -> None:
         self.aggregator = aggregator
         self.clients: set[asyncio.Queue[bytes | None]] = set()
-        self.config = _event("config", self._config())
+        self.settings = self._config()
+        self.config = _event("config", self.settings)
         self.rounds: list[dict[str, Any]] = []
         self.failures: Counter[int] = Counter()
         self.last_failure: dict[int, str] = {}
@@ -289,7 +290,7 @@ class Feed:
         """The whole page as one JSON-ready dict (``GET /api/snapshot``)."""
         await self._fresh()
         return {
-            "config": msgspec.json.decode(self.config.split(b"data: ", 1)[1]),
+            "config": self.settings,
             "run": self.run,
             "rounds": self.rounds,
             "nodes": self.nodes,
