@@ -9,6 +9,7 @@ from conftest import cli, finished
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedge.launch import Launcher, free_port, wait_for
+from fedge.transport.grpc.server import HEALTH_STREAMS
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +39,18 @@ def test_health_port_answers_in_plaintext_beside_mtls(fleet: Launcher) -> None:
         with pytest.raises(grpc.RpcError) as big:
             check(health_pb2.HealthCheckRequest(service="x" * 65536), timeout=2.0)
         assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # one connection holds at most HEALTH_STREAMS streams: Watch calls held open
+        # leave a further call waiting, not served
+        watches = [
+            health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            for _ in range(HEALTH_STREAMS)
+        ]
+        assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+        with pytest.raises(grpc.RpcError) as held:
+            check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        assert held.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for watch in watches:
+            watch.cancel()
     # the mutual-TLS port does not answer a plaintext client
     assert _check(fleet.address) is None
     done = cli(fleet, "stop", "--server", fleet.address, "--certs", fleet.certs)
