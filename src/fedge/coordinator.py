@@ -178,6 +178,9 @@ class Coordinator:
         self.ended_early = ""
         """Why the run ended before its last round (the strategy's `stop_reason`), or ""."""
         self.spec: Spec = spec_of(self.weights)
+        self.last_published: tuple[Fleet, Weights, str] | None = None
+        """The fleet, model and version published last: a round's evaluated aggregate
+        is the next round's model, and goes out once."""
         if not self.state:
             self.state = self.strategy.init_state(self.weights)
 
@@ -321,7 +324,13 @@ class Round:
         """The published version of `weights` (default: the round's global weights)."""
         weights = self.weights if weights is None else weights
         if id(weights) not in self._versions:
-            self._versions[id(weights)] = self.fleet.publish(weights)
+            last = self.coordinator.last_published
+            if last is not None and last[0] is self.fleet and last[1] is weights:
+                version = last[2]
+            else:
+                version = self.fleet.publish(weights)
+                self.coordinator.last_published = (self.fleet, weights, version)
+            self._versions[id(weights)] = version
         return self._versions[id(weights)]
 
     def fit_config(self) -> dict[str, Any]:

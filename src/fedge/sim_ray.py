@@ -174,13 +174,16 @@ class RayPool:
         return [(_writable(result), error) for result, error in results]
 
     def close(self) -> None:
-        """Stop the actors, and Ray itself if `start` started it here."""
-        for actor in self._actors:
-            ray.kill(actor)
-        self._actors, self._models, self._shipped = [], {}, None
-        if self._owner:
-            ray.shutdown()
-            self._owner = False
+        """Stop the actors, and Ray itself if `start` started it here (even if killing
+        an actor fails: a Ray left running keeps its processes)."""
+        actors, self._actors, self._models, self._shipped = self._actors, [], {}, None
+        try:
+            for actor in actors:
+                ray.kill(actor)
+        finally:
+            if self._owner:
+                self._owner = False
+                ray.shutdown()
 
 
 def _put(client_fn: ClientFn) -> ray.ObjectRef[ClientFn]:

@@ -188,6 +188,34 @@ def test_clients_receive_the_current_global_model() -> None:
         np.testing.assert_allclose(call.weights["w"], np.full(3, weighted_mean_of([0, 1])))
 
 
+def test_an_evaluated_aggregate_is_published_once_for_evaluation_and_the_next_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    published: list[Weights] = []
+    tasks: list[tuple[str, int, str | None]] = []
+    publish, open_ = LocalFleet.publish, LocalFleet.open
+
+    def counting_publish(fleet: LocalFleet, weights: Weights) -> str:
+        published.append(weights)
+        return publish(fleet, weights)
+
+    def recording_open(fleet: LocalFleet, opened: Any) -> None:
+        tasks.extend((t.kind, t.round, t.model) for t in opened)
+        open_(fleet, opened)
+
+    monkeypatch.setattr(LocalFleet, "publish", counting_publish)
+    monkeypatch.setattr(LocalFleet, "open", recording_open)
+    clients = Clients()
+    simulate(clients, num_clients=2, rounds=3, strategy=FedAvg(fraction_evaluate=1.0))
+    assert len(published) == 4, "the initial model and each round's aggregate, once each"
+    for rnd in (1, 2):
+        evaluated = {m for kind, r, m in tasks if kind == "evaluate" and r == rnd}
+        fitted = {m for kind, r, m in tasks if kind == "fit" and r == rnd + 1}
+        assert evaluated == fitted and len(fitted) == 1
+    for call in clients.fits(round=2):
+        np.testing.assert_allclose(call.weights["w"], np.full(3, weighted_mean_of([0, 1])))
+
+
 # --- who trains --------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from fedge.errors import FedgeError
-from fedge.store.s3server import _free_port
+from fedge.launch import free_port
 
 PACKAGES = "ceph-mon ceph-osd radosgw ceph-common"
 TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "ceph-authtool", "monmaptool")
@@ -138,7 +138,7 @@ class CephRGW:
         for sub in ("run", "log", "mon", "osd/ceph-0"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         fsid = str(uuid.uuid4())
-        mon_port, rgw_port = _free_port(), _free_port()
+        mon_port, rgw_port = free_port(), free_port()
         self.conf.write_text(
             CONFIG.format(
                 fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, root=root,

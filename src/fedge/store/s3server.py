@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fedge.errors import FedgeError
+from fedge.launch import free_port
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "fedge-test",
@@ -19,15 +20,9 @@ CREDENTIALS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class S3Server:
     def __init__(self, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._proc: subprocess.Popen[bytes] | None = None
