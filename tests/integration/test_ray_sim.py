@@ -224,13 +224,15 @@ class KillsItsWorker(Client):
 
 def test_a_worker_that_dies_fails_its_tasks_and_comes_back(session: str) -> None:
     # one actor, one task a call: 0 runs, 1 kills the actor (2 may be queued behind it and
-    # fail too), 3 is sent once 1 has failed, and runs on the restarted actor
+    # fail too), 3 is sent once 1 has failed, and runs on the restarted actor. Ray may
+    # lose 0's reply with the actor ("may or may not have been executed"): then 0 fails
+    # too, as a result that never arrived must
     history = fedge.simulate(
         KillsItsWorker, 4, 2, initial_weights=INITIAL, backend="ray", workers=1
     )
     assert [r.status for r in history.rounds] == ["ok", "ok"]
     for record in history.rounds:
-        assert 1 in record.failures and {0, 3} <= set(record.participants)
+        assert 1 in record.failures and 3 in record.participants
         assert sorted([*record.participants, *record.failures]) == [0, 1, 2, 3]
         for cid, reason in record.failures.items():
             assert reason.startswith(f"client {cid}: the Ray worker failed: "), reason
