@@ -16,10 +16,11 @@ on a cluster: every actor generates the data again). A last
 section times one round of fits without the coordinator: Ray tasks (one per batch of
 clients, `client_fn` read from the object store by every task) against the actor pool.
 
-Ray starts its actors with OMP_NUM_THREADS=1 (OpenBLAS then runs one thread); the other
-backends run OpenBLAS's default, a thread per core, which on these tiny matmuls costs
-2-3x on 2 shared cores. `--blas-threads 1` gives every backend one thread: the fair
-comparison (results/ray_blas1.json); without it, the defaults a user gets (ray.json).
+Ray starts its actors with OMP_NUM_THREADS=1 (OpenBLAS then runs one thread), and the
+process pool limits each worker to one thread; in-process runs OpenBLAS's default, a
+thread per core, which on these tiny matmuls costs ~1.7x on 2 shared cores.
+`--blas-threads 1` gives the driver one thread too (results/ray_blas1.json); without
+it, the defaults a user gets (ray.json).
 
 Usage: python benchmarks/ray_bench.py [--clients 1000 10000] [--rounds 3] [--repeat 2]
        [--blas-threads 1] [--no-fits]

@@ -7,6 +7,11 @@ sends nothing; a straggler misses the deadline, unless the strategy keeps partia
 (FedProx), in which case it trains with ``config["work_fraction"]`` in (0, 1) and its
 result is kept.
 
+The process pool is `workers` forked processes of one CPU each, as Ray's actors are: one
+BLAS/OpenMP thread in every worker (a thread per core in each of them oversubscribes the
+cores, and on the tiny matrix products of small clients threads only cost), and tasks
+sent in chunks (`batch_size`), the model pickled once per chunk.
+
 With compression, fit results are encoded here, in this process, by one `Compressor` per
 client (its error-feedback residual lives as long as the simulation, whichever worker
 trained): the bytes a node would send, decoded by the coordinator as the server does.
@@ -22,6 +27,7 @@ and the order is a function of the seed, so asynchronous runs are deterministic 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -66,6 +72,18 @@ ClientFn = Callable[[int], Client]
 ClientFactory = Callable[[], ClientFn]
 Backend = Literal["inprocess", "process", "ray"]
 BACKENDS: tuple[Backend, ...] = ("inprocess", "process", "ray")
+MAX_BATCH = 64
+"""Tasks sent to a pool worker at once at most: sending one costs about as much as a
+small client's fit, so one at a time spends half the round in the pool's plumbing."""
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+"""Set to 1 in every pool worker, for thread pools loaded after it started."""
+
+
+def batch_size(tasks: int, workers: int) -> int:
+    """Tasks per chunk: up to `MAX_BATCH`, and at least four chunks per worker, so that
+    the last chunks of a round keep every worker busy and ten clients still spread
+    over two workers."""
+    return max(1, min(MAX_BATCH, math.ceil(tasks / (4 * workers))))
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,7 @@ class LocalFleet:
         self._finish: dict[str, tuple[float, int]] = {}
         self._opened = 0
         self._pool: Pool | None = None
+        self._workers = workers or os.cpu_count() or 1
         self._ray: RayPool | None = None
         if backend == "ray":
             from fedge.sim_ray import RayPool
@@ -151,7 +170,7 @@ class LocalFleet:
             # fork: client_fn (often a lambda) is inherited, never pickled
             context = multiprocessing.get_context("fork")
             self._pool = context.Pool(
-                workers or os.cpu_count() or 1, initializer=_init_worker, initargs=(client_fn,)
+                self._workers, initializer=_init_worker, initargs=(client_fn,)
             )
 
     def wait_available(self, count: int, deadline: float | None = None) -> list[int]:
@@ -216,8 +235,10 @@ class LocalFleet:
                 )
                 for task, config in jobs
             ]
-            runs = (
-                self._pool.imap(_execute_packed, args)
+            runs = (  # in task order, whichever worker finished first
+                self._pool.imap(
+                    _execute_packed, args, chunksize=batch_size(len(args), self._workers)
+                )
                 if self._pool is not None
                 else (_execute(*_private_copy(a), client_fn=self.client_fn) for a in args)
             )
@@ -355,16 +376,25 @@ _worker_client_fn: ClientFn | None = None
 
 
 def _init_worker(client_fn: ClientFn) -> None:
+    """One CPU per worker: one thread in the thread pools loaded already (forked from the
+    parent, NumPy's OpenBLAS among them: too late for the environment) and in those a
+    client loads later, which read the environment."""
+    import threadpoolctl  # only here: a node never needs it
+
     global _worker_client_fn
     _worker_client_fn = client_fn
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, "1"))
+    threadpoolctl.threadpool_limits(1)
     torch = sys.modules.get("torch")
-    if torch is not None:  # two workers on two cores: one thread each
+    if torch is not None:  # its intra-op pool, whichever threading it was built with
         torch.set_num_threads(1)
 
 
 def _execute_packed(args: Job) -> Executed:
+    """A task in a worker. The tasks of a chunk share one unpickled model (pickled once
+    for the chunk), so each client gets its own copy, as in-process."""
     assert _worker_client_fn is not None
-    return _execute(*args, client_fn=_worker_client_fn)
+    return _execute(*_private_copy(args), client_fn=_worker_client_fn)
 
 
 def simulate(

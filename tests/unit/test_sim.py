@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 import fedge
 from fedge import Client, Config, FitResult, QuorumError, Weights
@@ -16,7 +18,7 @@ from fedge.adapters.numpy import SoftmaxRegressionClient, softmax_loss, softmax_
 from fedge.app import load_app
 from fedge.config import load_config
 from fedge.errors import ConfigError
-from fedge.sim import Faults, LocalFleet
+from fedge.sim import THREAD_VARIABLES, Faults, LocalFleet, batch_size
 from fedge.strategy import FedAvg, FedProx
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +153,58 @@ def test_a_client_exception_is_reported_the_same_way_by_both_backends(backend: s
         3: "client 3 raised ValueError: sensor 3 unplugged",
     }
     np.testing.assert_array_equal(history.weights["bias"], np.ones(CLASSES, np.float32))
+
+
+class TrainsInPlace(Client):
+    """Updates the weights it was given in place: a client must get its own copy."""
+
+    def __init__(self, cid: int) -> None:
+        self.cid = cid
+
+    def fit(self, weights: Weights, config: Config) -> FitResult:
+        for array in weights.values():
+            array += self.cid + 1
+        return FitResult(weights, 10 + self.cid)
+
+
+def test_chunks_of_tasks_give_each_client_its_own_model_and_keep_task_order() -> None:
+    clients = 40  # chunks of 5 tasks, each chunk's model unpickled once in a worker
+    assert batch_size(clients, 2) == 5
+    kwargs: dict[str, Any] = {"initial_weights": INITIAL, "workers": 2}
+    processes = fedge.simulate(TrainsInPlace, clients, 2, backend="process", **kwargs)
+    in_process = fedge.simulate(TrainsInPlace, clients, 2, **kwargs)
+    assert_same_weights(processes.weights, in_process.weights)
+    assert processes.rounds[-1].participants == list(range(clients))
+
+
+def test_batch_size_spreads_small_rounds_over_every_worker_and_caps_large_ones() -> None:
+    assert [batch_size(n, 2) for n in (1, 10, 100, 10_000)] == [1, 2, 13, 64]
+    assert batch_size(10, 4) == 1
+
+
+class ReportsThreads(Client):
+    """Reports the largest thread pool (BLAS, OpenMP) of the process it fits in."""
+
+    def __init__(self, cid: int) -> None:
+        self.cid = cid
+
+    def fit(self, weights: Weights, config: Config) -> FitResult:
+        pools = [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]
+        threads = {"threads": float(max(pools, default=0))}
+        environment = {name: float(os.environ.get(name, 0)) for name in THREAD_VARIABLES}
+        return FitResult(weights, 1, {**threads, **environment})
+
+
+def test_process_pool_workers_run_one_blas_thread_and_the_driver_keeps_its_own() -> None:
+    with threadpoolctl.threadpool_limits(2):  # what a worker would inherit without its limit
+        before = threadpoolctl.threadpool_info()
+        assert max(pool["num_threads"] for pool in before) == 2
+        history = fedge.simulate(
+            ReportsThreads, 4, 1, initial_weights=INITIAL, backend="process", workers=2
+        )
+        assert threadpoolctl.threadpool_info() == before
+    assert history.rounds[0].participants == [0, 1, 2, 3]
+    assert history.rounds[0].fit_metrics == dict.fromkeys(("threads", *THREAD_VARIABLES), 1.0)
 
 
 # --- simulated faults --------------------------------------------------------------------
