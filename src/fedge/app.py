@@ -10,6 +10,7 @@ inference graph (`App.onnx_model`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import sys
@@ -41,14 +42,29 @@ class App:
     by the export, so onnx is imported only there."""
 
 
+def _forget_foreign(top: str, base: Path) -> None:
+    """Drop a module `top` imported from elsewhere when `base` has its own: every example
+    names its module ``app``, and one process (a test run, a simulation's worker) may load
+    several apps; importing again would hand back the first one."""
+    cached = sys.modules.get(top)
+    if cached is None or not ((base / f"{top}.py").exists() or (base / top).is_dir()):
+        return
+    if base not in Path(getattr(cached, "__file__", None) or "/").resolve().parents:
+        for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
+            del sys.modules[name]
+
+
 def load_app(target: str, base_dir: Path, **kwargs: Any) -> App:
     """Import ``module:function`` (searching `base_dir` first) and build the App."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"app.target must look like 'module:function', got {target!r}")
     base = str(base_dir.resolve())
-    if base not in sys.path:
+    if sys.path[:1] != [base]:  # first, even when an earlier app put it further down
+        with contextlib.suppress(ValueError):
+            sys.path.remove(base)
         sys.path.insert(0, base)
+    _forget_foreign(module_name.partition(".")[0], Path(base))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

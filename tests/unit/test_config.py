@@ -278,3 +278,28 @@ def test_load_app_reports_a_module_it_cannot_import(
         load_app("no_such_module_xyz:create_app", tmp_path, num_clients=1, seed=0)
     assert "cannot import 'no_such_module_xyz'" in str(raised.value)
     assert str(tmp_path.resolve()) in str(raised.value)
+
+
+def test_apps_of_one_module_name_in_two_directories_load_each_its_own(tmp_path: Path) -> None:
+    """Every example names its module `app`: one process loading two of them (a test run,
+    a simulation's worker) gets each directory's own, whatever was imported before, and
+    a directory already on sys.path goes first again."""
+    saved_path, saved_app = list(sys.path), sys.modules.pop("app", None)
+    try:
+        dirs = [tmp_path / "one", tmp_path / "two"]
+        for number, where in enumerate(dirs, 1):
+            where.mkdir()
+            (where / "app.py").write_text(
+                "import numpy as np\nimport fedge\n"
+                "def create_app(num_clients, seed):\n"
+                f"    return fedge.App(lambda cid: None, {{'w': np.full(1, {number}.0)}})\n"
+            )
+        for where, number in [(dirs[0], 1), (dirs[1], 2), (dirs[0], 1)]:
+            app = load_app("app:create_app", where, num_clients=1, seed=0)
+            assert app.initial_weights["w"][0] == number
+            assert sys.path[0] == str(where)
+    finally:
+        sys.path[:] = saved_path
+        sys.modules.pop("app", None)
+        if saved_app is not None:
+            sys.modules["app"] = saved_app
