@@ -53,7 +53,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,6 +338,23 @@ class Norms(ClientWrapper):
         return result
 
 
+def grid(data: Data, attacks: Iterable[str]) -> Iterator[tuple[int, str | None, dict[str, Any]]]:
+    """(attackers, attack or None for the clean run, the row to fill) for every malicious
+    fraction and attack."""
+    for fraction in FRACTIONS:
+        f = round(fraction * NUM_CLIENTS)
+        for attack in (None, *attacks):
+            yield (
+                f,
+                attack,
+                {
+                    "data": data.name,
+                    "malicious": f"{f} ({fraction:.0%})",
+                    "attack": attack or "none (clean)",
+                },
+            )
+
+
 def run(data: Data, parts: list[np.ndarray], rounds: int, strategy: Strategy,
         attack: str | None, f: int, policy: ExampleWeights | None = None,
         groups: int = 0, poisoned: list[float] | None = None) -> float:  # fmt: skip
@@ -422,25 +439,18 @@ def bench(data: Data, rounds: int) -> list[dict[str, Any]]:
     bound = statistics.median(found)
     cap = max(len(p) for p in parts)
     rows = []
-    for fraction in FRACTIONS:
-        f = round(fraction * NUM_CLIENTS)
-        for attack in (None, *ATTACKS):
-            row: dict[str, Any] = {
-                "data": data.name,
-                "malicious": f"{f} ({fraction:.0%})",
-                "attack": attack or "none (clean)",
-            }
-            started = time.perf_counter()
-            for name, make in DEFENSES.items():
-                row[name] = 100 * run(data, parts, rounds, make(f, bound), attack, f)
-            if attack == "count lie":
-                policy = ExampleWeights("capped", cap)
-                row[CAPPED] = 100 * run(data, parts, rounds, FedAvg(), attack, f, policy)
-            else:
-                row[CAPPED] = row["fedavg"]
-            row["seconds"] = time.perf_counter() - started
-            print(row, flush=True)
-            rows.append(row)
+    for f, attack, row in grid(data, ATTACKS):
+        started = time.perf_counter()
+        for name, make in DEFENSES.items():
+            row[name] = 100 * run(data, parts, rounds, make(f, bound), attack, f)
+        if attack == "count lie":
+            policy = ExampleWeights("capped", cap)
+            row[CAPPED] = 100 * run(data, parts, rounds, FedAvg(), attack, f, policy)
+        else:
+            row[CAPPED] = row["fedavg"]
+        row["seconds"] = time.perf_counter() - started
+        print(row, flush=True)
+        rows.append(row)
     NORM_BOUNDS[data.name] = bound
     return rows
 
@@ -467,29 +477,22 @@ def bench_secure(data: Data, rounds: int) -> list[dict[str, Any]]:
     defense), then each robust rule across each G's group means, and the poisoned groups."""
     parts = iid(len(data.y), NUM_CLIENTS, SEED)
     rows = []
-    for fraction in FRACTIONS:
-        f = round(fraction * NUM_CLIENTS)
-        for attack in (None, *SECURE_ATTACKS):
-            row: dict[str, Any] = {
-                "data": data.name,
-                "malicious": f"{f} ({fraction:.0%})",
-                "attack": attack or "none (clean)",
-            }
-            started = time.perf_counter()
-            row["secagg fedavg"] = 100 * run(data, parts, rounds, FedAvg(), attack, f, groups=1)
-            for groups in GROUPS:
-                for name, make in SECURE.items():
-                    poisoned: list[float] = []
-                    row[f"secagg {name} G={groups}"] = 100 * run(
-                        data, parts, rounds, make(), attack, f, groups=groups, poisoned=poisoned
-                    )
-                    over = sum(round(p * groups) > tolerated(name, groups) for p in poisoned)
-                    row[f"{name} G={groups} rounds beyond"] = over / len(poisoned)
-                row[f"poisoned G={groups} mean"] = statistics.fmean(poisoned)
-                row[f"poisoned G={groups} max"] = max(poisoned)
-            row["seconds"] = time.perf_counter() - started
-            print(row, flush=True)
-            rows.append(row)
+    for f, attack, row in grid(data, SECURE_ATTACKS):
+        started = time.perf_counter()
+        row["secagg fedavg"] = 100 * run(data, parts, rounds, FedAvg(), attack, f, groups=1)
+        for groups in GROUPS:
+            for name, make in SECURE.items():
+                poisoned: list[float] = []
+                row[f"secagg {name} G={groups}"] = 100 * run(
+                    data, parts, rounds, make(), attack, f, groups=groups, poisoned=poisoned
+                )
+                over = sum(round(p * groups) > tolerated(name, groups) for p in poisoned)
+                row[f"{name} G={groups} rounds beyond"] = over / len(poisoned)
+            row[f"poisoned G={groups} mean"] = statistics.fmean(poisoned)
+            row[f"poisoned G={groups} max"] = max(poisoned)
+        row["seconds"] = time.perf_counter() - started
+        print(row, flush=True)
+        rows.append(row)
     return rows
 
 
